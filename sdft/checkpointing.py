@@ -1,0 +1,182 @@
+"""Resumable checkpoints: `checkpoint-N/` folders in the output folder.
+
+A checkpoint holds the trained weights in diffusers format (`unet/`, `unet_ema/`, or
+`pytorch_lora_weights.safetensors`), accelerate's optimizer, LR-scheduler, grad-scaler and RNG
+states, and `training_state.json` with the global step, the epoch, how many batches of that epoch
+were consumed and the data seed. With the data order a function of (seed, epoch), that is enough
+for a resumed run to continue exactly where the interrupted one stopped.
+
+Saving is atomic: everything is written to a hidden `.checkpoint-N.partial` folder that is renamed
+only when complete, so a crash during a save never leaves a half-written `checkpoint-N` that
+`--resume_from_checkpoint latest` would pick, and never touches older checkpoints. Old checkpoints
+are rotated out only after the new one is in place.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+import shutil
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+from accelerate import Accelerator
+
+from sdft.ema import EMA
+from sdft.lora import load_lora, save_lora
+
+logger = logging.getLogger(__name__)
+
+CHECKPOINT_NAME = re.compile(r"^checkpoint-(\d+)$")
+STATE_FILE = "training_state.json"
+
+
+@dataclass
+class Position:
+    global_step: int = 0
+    epoch: int = 0
+    batches_in_epoch: int = 0     # dataloader batches of `epoch` already consumed (per process)
+    seed: int | None = None
+
+
+def list_checkpoints(output_dir: str | Path) -> list[tuple[int, Path]]:
+    """Complete checkpoints, oldest first; stray files and partial saves are ignored."""
+    folder = Path(output_dir)
+    if not folder.is_dir():
+        return []
+    found = []
+    for entry in folder.iterdir():
+        match = CHECKPOINT_NAME.match(entry.name)
+        if match and entry.is_dir():
+            found.append((int(match.group(1)), entry))
+    return sorted(found)
+
+
+def resolve_resume(value: str | None, output_dir: str | Path) -> Path | None:
+    """'latest' -> newest checkpoint or None; a name -> that folder (as a path or inside output_dir)."""
+    if value is None:
+        return None
+    if value == "latest":
+        found = list_checkpoints(output_dir)
+        return found[-1][1] if found else None
+    for candidate in (Path(value), Path(output_dir) / Path(value).name):
+        if candidate.is_dir():
+            return candidate
+    raise FileNotFoundError(f"--resume_from_checkpoint '{value}' does not exist.")
+
+
+def read_position(checkpoint: Path) -> Position:
+    state_file = checkpoint / STATE_FILE
+    if state_file.is_file():
+        return Position(**json.loads(state_file.read_text()))
+    # A checkpoint written by the diffusers example scripts: only the folder name tells the step.
+    match = CHECKPOINT_NAME.match(checkpoint.name)
+    if not match:
+        raise ValueError(f"{checkpoint} has no {STATE_FILE} and its name is not checkpoint-<step>.")
+    return Position(global_step=int(match.group(1)))
+
+
+def rotate(output_dir: str | Path, keep: int) -> list[Path]:
+    """Delete the oldest checkpoints so that `keep` remain."""
+    found = list_checkpoints(output_dir)
+    removed = [path for _, path in found[: max(0, len(found) - keep)]]
+    for path in removed:
+        shutil.rmtree(path)
+    if removed:
+        logger.info("Removed old checkpoints: %s", ", ".join(p.name for p in removed))
+    return removed
+
+
+@dataclass
+class TrainedWeights:
+    """What training changes, by role, and how it is written in diffusers format."""
+
+    pipeline_cls: type
+    modules: dict[str, torch.nn.Module]     # role -> unwrapped model
+    lora: bool
+    ema: EMA | None = None
+
+    def save(self, directory: Path) -> None:
+        if self.lora:
+            save_lora(self.pipeline_cls, directory, self.modules)
+        else:
+            for role, module in self.modules.items():
+                module.save_pretrained(directory / role)
+        if self.ema is not None:
+            self.ema.save(directory)
+
+    def load(self, directory: Path) -> None:
+        if self.lora:
+            load_lora(self.pipeline_cls, directory, self.modules)
+        else:
+            for role, module in self.modules.items():
+                saved = type(module).from_pretrained(directory / role, **_dtype_kwarg(module))
+                module.load_state_dict(saved.state_dict())
+                del saved
+        if self.ema is not None:
+            self.ema.load(directory)
+
+
+def _dtype_kwarg(module: torch.nn.Module) -> dict:
+    # diffusers 0.42 renamed torch_dtype to dtype; transformers 5 takes dtype as well.
+    return {"dtype": next(module.parameters()).dtype}
+
+
+def _keep_weights_out_of_accelerate_state(models, weights, output_dir) -> None:
+    # The diffusers-format copy written by TrainedWeights is the only copy of the weights.
+    weights.clear()
+
+
+def _load_weights_ourselves(models, input_dir) -> None:
+    models.clear()
+
+
+class Checkpointer:
+    def __init__(self, accelerator: Accelerator, output_dir: str | Path, total_limit: int | None,
+                 weights: TrainedWeights):
+        self.accelerator = accelerator
+        self.output_dir = Path(output_dir)
+        self.total_limit = total_limit
+        self.weights = weights
+        accelerator.register_save_state_pre_hook(_keep_weights_out_of_accelerate_state)
+        accelerator.register_load_state_pre_hook(_load_weights_ourselves)
+
+    def save(self, position: Position) -> Path:
+        """Called on every process: each one writes its own RNG state."""
+        final = self.output_dir / f"checkpoint-{position.global_step}"
+        partial = self.output_dir / f".{final.name}.partial"
+        if self.accelerator.is_main_process and partial.exists():
+            shutil.rmtree(partial)  # left over from a crash during an earlier save
+        self.accelerator.wait_for_everyone()
+        self.accelerator.save_state(str(partial))
+        if self.accelerator.is_main_process:
+            self.weights.save(partial)
+            (partial / STATE_FILE).write_text(json.dumps(asdict(position), indent=2))
+        self.accelerator.wait_for_everyone()
+        if self.accelerator.is_main_process:
+            _replace_dir(partial, final)
+            if self.total_limit is not None:
+                rotate(self.output_dir, self.total_limit)
+            logger.info("Saved %s", final)
+        self.accelerator.wait_for_everyone()
+        return final
+
+    def load(self, checkpoint: Path) -> Position:
+        self.accelerator.load_state(str(checkpoint))
+        self.weights.load(checkpoint)
+        return read_position(checkpoint)
+
+
+def _replace_dir(source: Path, target: Path) -> None:
+    if target.exists():
+        # Saving the same step twice (e.g. after resuming from it): swap, then drop the old copy.
+        old = target.with_name(f".{target.name}.old")
+        shutil.rmtree(old, ignore_errors=True)
+        os.replace(target, old)
+        os.replace(source, target)
+        shutil.rmtree(old)
+    else:
+        os.replace(source, target)

@@ -1,0 +1,371 @@
+"""Command-line flags shared by the three training scripts.
+
+Each flag is declared once, in the argument-group function it belongs to. A script builds its
+parser from the groups it needs and sets its own defaults visibly with `set_defaults`. Flag names,
+types, defaults and choices follow the matching diffusers example scripts
+(`tests/unit/test_cli_parity.py` holds the parsers to that contract).
+
+`check_*` functions raise `CliError` with a message that names the flag, so a bad command line
+fails before any model is loaded.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import os
+import sys
+from pathlib import Path
+from typing import Callable, Iterable, Sequence
+
+INTERPOLATION_MODES = ["bicubic", "bilinear", "box", "hamming", "lanczos", "nearest", "nearest_exact"]
+LR_SCHEDULERS = [
+    "linear", "cosine", "cosine_with_restarts", "polynomial",
+    "constant", "constant_with_warmup", "piecewise_constant",
+]
+TRACKERS = ["tensorboard", "wandb", "comet_ml", "all", "none"]
+
+
+class CliError(ValueError):
+    """A command line that cannot work; the message names the flag."""
+
+
+# --------------------------------------------------------------------------- argument groups
+
+
+def add_model_args(parser: argparse.ArgumentParser) -> None:
+    g = parser.add_argument_group("model and output")
+    g.add_argument("--pretrained_model_name_or_path", type=str, default=None, required=True,
+                   help="Hub id or local folder of the base diffusers pipeline.")
+    g.add_argument("--revision", type=str, default=None, help="Hub revision of the base model.")
+    g.add_argument("--variant", type=str, default=None,
+                   help="Weight-file variant of the base model, e.g. 'fp16'.")
+    g.add_argument("--cache_dir", type=str, default=None,
+                   help="Where downloaded models and datasets are cached (default: the HF cache).")
+    g.add_argument("--output_dir", type=str, default="sd-model-finetuned",
+                   help="Where checkpoints, logs, validation images and the final model are written.")
+    g.add_argument("--seed", type=int, default=None,
+                   help="Seed for noise, shuffling and augmentation. Default: a random seed, "
+                        "recorded in checkpoints so a resumed run continues the same stream.")
+
+
+def add_vae_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--pretrained_vae_model_name_or_path", type=str, default=None,
+                        help="Another VAE (a folder or Hub id without subfolder), e.g. an fp16-safe SDXL VAE.")
+
+
+def add_dataset_args(parser: argparse.ArgumentParser) -> None:
+    g = parser.add_argument_group("dataset")
+    g.add_argument("--dataset_name", type=str, default=None,
+                   help="A Hub dataset id or a local dataset folder (loadable by datasets.load_dataset "
+                        "or saved with save_to_disk).")
+    g.add_argument("--dataset_config_name", type=str, default=None, help="Config name of --dataset_name.")
+    g.add_argument("--train_data_dir", type=str, default=None,
+                   help="A local image folder: with metadata.jsonl/metadata.csv holding captions, or "
+                        "images with same-name .txt caption files.")
+    g.add_argument("--image_column", type=str, default="image", help="Dataset column holding images.")
+    g.add_argument("--caption_column", type=str, default="text",
+                   help="Dataset column holding captions (a string, or a list: one is picked at random).")
+    g.add_argument("--max_train_samples", type=int, default=None,
+                   help="Keep only this many samples (shuffled with --seed first); for debugging.")
+
+
+def add_image_args(parser: argparse.ArgumentParser) -> None:
+    g = parser.add_argument_group("image preprocessing")
+    g.add_argument("--resolution", type=int, default=512,
+                   help="Training resolution in pixels: the shorter side is resized to it, then a square is cropped.")
+    g.add_argument("--center_crop", action="store_true", help="Crop the centre (default: a random crop).")
+    g.add_argument("--random_flip", action="store_true", help="Flip images horizontally with probability 0.5.")
+    g.add_argument("--image_interpolation_mode", type=str, default="lanczos", choices=INTERPOLATION_MODES,
+                   help="Resampling filter used when resizing.")
+    g.add_argument("--dataloader_num_workers", type=int, default=0,
+                   help="Data-loading worker processes (0 loads in the main process).")
+
+
+def add_training_args(parser: argparse.ArgumentParser) -> None:
+    g = parser.add_argument_group("training loop")
+    g.add_argument("--train_batch_size", type=int, default=16, help="Batch size per device.")
+    g.add_argument("--num_train_epochs", type=int, default=100,
+                   help="Epochs to train; ignored when --max_train_steps is given.")
+    g.add_argument("--max_train_steps", type=int, default=None,
+                   help="Total optimizer steps; overrides --num_train_epochs.")
+    g.add_argument("--gradient_accumulation_steps", type=int, default=1,
+                   help="Micro-batches accumulated into one optimizer step.")
+    g.add_argument("--gradient_checkpointing", action="store_true",
+                   help="Recompute activations in the backward pass to save memory.")
+    g.add_argument("--max_grad_norm", type=float, default=1.0, help="Clip the gradient norm to this value.")
+    g.add_argument("--local_rank", type=int, default=-1,
+                   help="Set by launchers; the LOCAL_RANK environment variable wins.")
+
+
+def add_optimizer_args(parser: argparse.ArgumentParser) -> None:
+    g = parser.add_argument_group("optimizer and learning rate")
+    g.add_argument("--learning_rate", type=float, default=1e-4, help="Peak learning rate (after warmup).")
+    g.add_argument("--scale_lr", action="store_true",
+                   help="Multiply the learning rate by accumulation steps x batch size x processes.")
+    g.add_argument("--lr_scheduler", type=str, default="constant",
+                   help=f"Learning-rate schedule, one of: {', '.join(LR_SCHEDULERS)}.")
+    g.add_argument("--lr_warmup_steps", type=int, default=500,
+                   help="Warmup in optimizer steps (the 'constant' schedule has none).")
+    g.add_argument("--lr_num_cycles", type=int, default=1, help="Cycles of cosine_with_restarts.")
+    g.add_argument("--lr_power", type=float, default=1.0, help="Power of the polynomial schedule.")
+    g.add_argument("--use_8bit_adam", action="store_true", help="Use bitsandbytes' 8-bit AdamW.")
+    g.add_argument("--adam_beta1", type=float, default=0.9, help="Adam beta1.")
+    g.add_argument("--adam_beta2", type=float, default=0.999, help="Adam beta2.")
+    g.add_argument("--adam_weight_decay", type=float, default=1e-2, help="Decoupled weight decay.")
+    g.add_argument("--adam_epsilon", type=float, default=1e-08, help="Adam epsilon.")
+
+
+def add_precision_args(parser: argparse.ArgumentParser) -> None:
+    g = parser.add_argument_group("precision and speed")
+    g.add_argument("--mixed_precision", type=str, default=None, choices=["no", "fp16", "bf16"],
+                   help="Mixed precision; overrides the accelerate config. Frozen models are cast to it.")
+    g.add_argument("--allow_tf32", action="store_true", help="Allow TF32 matmuls on Ampere+ GPUs.")
+    g.add_argument("--enable_xformers_memory_efficient_attention", action="store_true",
+                   help="Use xformers attention (needs xformers and CUDA); PyTorch SDPA is used otherwise.")
+
+
+def add_ddpm_objective_args(parser: argparse.ArgumentParser, *, prediction_types: Sequence[str]) -> None:
+    g = parser.add_argument_group("DDPM objective")
+    g.add_argument("--prediction_type", type=str, default=None,
+                   help=f"Override the scheduler's prediction type ({', '.join(prediction_types)}); "
+                        "default: the model's own.")
+    g.add_argument("--snr_gamma", type=float, default=None,
+                   help="Min-SNR loss weighting with this gamma (5.0 is recommended); default: off.")
+    g.add_argument("--noise_offset", type=float, default=0,
+                   help="Scale of the per-channel noise offset; 0 disables it.")
+    parser.set_defaults(_prediction_types=list(prediction_types))
+
+
+def add_t2i_objective_extras(parser: argparse.ArgumentParser) -> None:
+    g = parser.add_argument_group("SD 1.x/2.x objective extras")
+    g.add_argument("--input_perturbation", type=float, default=0,
+                   help="Input perturbation of the noise (0.1 is recommended); 0 disables it.")
+    g.add_argument("--dream_training", action="store_true",
+                   help="DREAM training (arXiv 2312.00210); epsilon prediction only.")
+    g.add_argument("--dream_detail_preservation", type=float, default=1.0,
+                   help="DREAM detail-preservation exponent p.")
+
+
+def add_ema_args(parser: argparse.ArgumentParser, *, offload: bool) -> None:
+    g = parser.add_argument_group("EMA")
+    g.add_argument("--use_ema", action="store_true",
+                   help="Keep an exponential moving average of the weights; the saved model is the EMA.")
+    if offload:
+        g.add_argument("--offload_ema", action="store_true",
+                       help="Keep the EMA weights in pinned CPU memory between updates.")
+        g.add_argument("--foreach_ema", action="store_true", help="Update the EMA with torch._foreach ops.")
+        g.add_argument("--non_ema_revision", type=str, default=None,
+                       help="Hub revision to load the trained (non-EMA) denoiser from; default: --revision.")
+
+
+def add_lora_args(parser: argparse.ArgumentParser) -> None:
+    g = parser.add_argument_group("LoRA")
+    g.add_argument("--use_lora", action="store_true",
+                   help="Train LoRA adapters instead of the full model; writes pytorch_lora_weights.safetensors.")
+    g.add_argument("--rank", type=int, default=4, help="LoRA rank (lora_alpha equals the rank).")
+    parser.set_defaults(_lora_only=["rank"])
+
+
+def add_checkpoint_args(parser: argparse.ArgumentParser) -> None:
+    g = parser.add_argument_group("checkpoints")
+    g.add_argument("--checkpointing_steps", type=int, default=500,
+                   help="Save a resumable checkpoint-N folder every N optimizer steps.")
+    g.add_argument("--checkpoints_total_limit", type=int, default=None,
+                   help="Keep at most this many checkpoint folders (oldest removed); default: all.")
+    g.add_argument("--resume_from_checkpoint", type=str, default=None,
+                   help="A checkpoint folder (a path, or a name inside --output_dir) or 'latest'.")
+
+
+def add_validation_args(parser: argparse.ArgumentParser, *, prompt_list: bool) -> None:
+    g = parser.add_argument_group("validation")
+    if prompt_list:
+        g.add_argument("--validation_prompts", type=str, default=None, nargs="+",
+                       help="Prompts rendered once each at every validation.")
+    g.add_argument("--validation_prompt", type=str, default=None,
+                   help="A prompt rendered --num_validation_images times at every validation.")
+    g.add_argument("--num_validation_images", type=int, default=4,
+                   help="Images generated for --validation_prompt.")
+    g.add_argument("--validation_epochs", type=int, default=5, help="Validate every N epochs.")
+
+
+def add_logging_args(parser: argparse.ArgumentParser, *, project_flag: bool) -> None:
+    g = parser.add_argument_group("logging")
+    g.add_argument("--report_to", type=str, default="tensorboard",
+                   help=f"Tracker: {', '.join(TRACKERS)}.")
+    g.add_argument("--logging_dir", type=str, default="logs", help="Tracker folder, relative to --output_dir.")
+    if project_flag:
+        g.add_argument("--tracker_project_name", type=str, default="text2image-fine-tune",
+                       help="Project name given to the tracker.")
+
+
+def add_hub_args(parser: argparse.ArgumentParser) -> None:
+    g = parser.add_argument_group("Hugging Face Hub")
+    g.add_argument("--push_to_hub", action="store_true",
+                   help="Upload the output folder (without checkpoint folders) to the Hub at the end.")
+    g.add_argument("--hub_token", type=str, default=None, help="Hub token; default: the cached login.")
+    g.add_argument("--hub_model_id", type=str, default=None,
+                   help="Hub repository id; default: the name of --output_dir.")
+
+
+# --------------------------------------------------------------------------- parsing
+
+
+def parse(parser: argparse.ArgumentParser, input_args: Sequence[str] | None,
+          checks: Iterable[Callable[[argparse.Namespace], None]]) -> argparse.Namespace:
+    """Parse, apply LOCAL_RANK, then run the script's checks; a CliError becomes parser.error."""
+    argv = list(sys.argv[1:] if input_args is None else input_args)
+    args = parser.parse_args(argv)
+    env_rank = int(os.environ.get("LOCAL_RANK", -1))
+    if env_rank != -1:
+        args.local_rank = env_rank
+    args._given = given_flags(parser, argv)
+    try:
+        for check in checks:
+            check(args)
+    except CliError as err:
+        parser.error(str(err))
+    return args
+
+
+_UNSET = object()
+
+
+def given_flags(parser: argparse.ArgumentParser, argv: Sequence[str]) -> set[str]:
+    """The dests the user typed on the command line (as opposed to defaults)."""
+    probe = argparse.ArgumentParser(add_help=False)
+    for action in parser._actions:
+        if action.option_strings and action.dest != "help":
+            kwargs = {"dest": action.dest, "default": _UNSET}
+            if action.nargs == 0:
+                kwargs["action"] = "store_const"
+                kwargs["const"] = True
+            else:
+                kwargs["nargs"] = action.nargs
+            probe.add_argument(*action.option_strings, **kwargs)
+    known, _ = probe.parse_known_args(argv)
+    return {k for k, v in vars(known).items() if v is not _UNSET}
+
+
+# --------------------------------------------------------------------------- checks
+
+
+def check_positive(args: argparse.Namespace) -> None:
+    for name in ("train_batch_size", "gradient_accumulation_steps", "checkpointing_steps",
+                 "resolution", "num_train_epochs", "validation_epochs"):
+        if getattr(args, name, 1) < 1:
+            raise CliError(f"--{name} must be at least 1, got {getattr(args, name)}.")
+    for name in ("max_train_steps", "checkpoints_total_limit", "max_train_samples"):
+        value = getattr(args, name, None)
+        if value is not None and value < 1:
+            raise CliError(f"--{name} must be at least 1, got {value}.")
+    if args.resolution % 8:
+        raise CliError(f"--resolution must be a multiple of 8 (the VAE downsamples by 8), got {args.resolution}.")
+    if args.learning_rate <= 0:
+        raise CliError(f"--learning_rate must be positive, got {args.learning_rate}.")
+    if args.max_grad_norm is not None and args.max_grad_norm <= 0:
+        raise CliError(f"--max_grad_norm must be positive, got {args.max_grad_norm}.")
+    if args.lr_scheduler not in LR_SCHEDULERS:
+        raise CliError(f"--lr_scheduler '{args.lr_scheduler}' is unknown; choose one of: {', '.join(LR_SCHEDULERS)}.")
+    if args.dataloader_num_workers < 0:
+        raise CliError("--dataloader_num_workers cannot be negative.")
+
+
+def check_model_path(args: argparse.Namespace) -> None:
+    """A local model folder must exist and hold a diffusers pipeline; Hub ids are checked at load time."""
+    path = args.pretrained_model_name_or_path
+    if _looks_local(path) and not Path(path).expanduser().is_dir():
+        raise CliError(f"--pretrained_model_name_or_path '{path}' does not exist.")
+    if Path(path).expanduser().is_dir() and not (Path(path).expanduser() / "model_index.json").is_file():
+        raise CliError(f"--pretrained_model_name_or_path '{path}' is not a diffusers pipeline folder "
+                       "(no model_index.json).")
+    vae = getattr(args, "pretrained_vae_model_name_or_path", None)
+    if vae and _looks_local(vae) and not Path(vae).expanduser().is_dir():
+        raise CliError(f"--pretrained_vae_model_name_or_path '{vae}' does not exist.")
+
+
+def _looks_local(path: str) -> bool:
+    return path.startswith(("/", "./", "../", "~")) or path.count("/") > 1 or os.path.isdir(path)
+
+
+def check_t2i_dataset(args: argparse.Namespace) -> None:
+    if args.dataset_name is None and args.train_data_dir is None:
+        raise CliError("Give a dataset: --dataset_name (Hub id or local dataset) or --train_data_dir (image folder).")
+    if args.train_data_dir is not None and not Path(args.train_data_dir).is_dir():
+        raise CliError(f"--train_data_dir '{args.train_data_dir}' is not a folder.")
+    if args.dataset_name is not None and _looks_local(args.dataset_name) and not Path(args.dataset_name).exists():
+        raise CliError(f"--dataset_name '{args.dataset_name}' does not exist.")
+
+
+def check_prediction_type(args: argparse.Namespace) -> None:
+    if args.prediction_type is not None and args.prediction_type not in args._prediction_types:
+        raise CliError(f"--prediction_type '{args.prediction_type}' is not supported; "
+                       f"choose one of: {', '.join(args._prediction_types)}.")
+    if args.snr_gamma is not None and args.snr_gamma <= 0:
+        raise CliError(f"--snr_gamma must be positive, got {args.snr_gamma}.")
+    if getattr(args, "dream_training", False) and args.prediction_type not in (None, "epsilon"):
+        raise CliError("--dream_training supports epsilon prediction only, not "
+                       f"--prediction_type={args.prediction_type}.")
+    if getattr(args, "input_perturbation", 0) < 0:
+        raise CliError("--input_perturbation cannot be negative.")
+
+
+def check_lora(args: argparse.Namespace) -> None:
+    if not args.use_lora:
+        typed = [name for name in args._lora_only if name in args._given]
+        if typed:
+            flags = ", ".join(f"--{n}" for n in typed)
+            raise CliError(f"{flags} only applies to LoRA training; add --use_lora.")
+        return
+    if args.rank < 1:
+        raise CliError(f"--rank must be at least 1, got {args.rank}.")
+    if getattr(args, "use_ema", False):
+        raise CliError("--use_ema is for full fine-tuning; it cannot be combined with --use_lora.")
+
+
+def check_ema(args: argparse.Namespace) -> None:
+    if not args.use_ema:
+        for name in ("offload_ema", "foreach_ema"):
+            if getattr(args, name, False):
+                print(f"warning: --{name} has no effect without --use_ema", file=sys.stderr)
+
+
+def check_resume(args: argparse.Namespace) -> None:
+    """An explicit checkpoint must exist now, not after the models are loaded."""
+    value = args.resume_from_checkpoint
+    if value is None or value == "latest":
+        return
+    candidates = [Path(value), Path(args.output_dir) / Path(value).name]
+    if not any(c.is_dir() for c in candidates):
+        raise CliError(f"--resume_from_checkpoint '{value}' does not exist "
+                       f"(looked for {candidates[0]} and {candidates[1]}).")
+
+
+def check_validation(args: argparse.Namespace) -> None:
+    if args.num_validation_images < 0:
+        raise CliError("--num_validation_images cannot be negative.")
+
+
+def check_tracking_and_hub(args: argparse.Namespace) -> None:
+    trackers = [t.strip() for t in args.report_to.split(",")]
+    for tracker in trackers:
+        if tracker not in TRACKERS:
+            raise CliError(f"--report_to '{tracker}' is unknown; choose from: {', '.join(TRACKERS)}.")
+        if tracker in ("wandb", "comet_ml", "tensorboard") and importlib.util.find_spec(tracker) is None:
+            raise CliError(f"--report_to={tracker} needs the '{tracker}' package: pip install {tracker}.")
+    if "wandb" in trackers and args.hub_token is not None:
+        raise CliError("--report_to=wandb with --hub_token would expose the token in the wandb run config; "
+                       "log in with `hf auth login` instead of passing --hub_token.")
+
+
+def check_accelerators(args: argparse.Namespace) -> None:
+    import torch
+
+    if args.enable_xformers_memory_efficient_attention:
+        if importlib.util.find_spec("xformers") is None:
+            raise CliError("--enable_xformers_memory_efficient_attention needs xformers: pip install xformers. "
+                           "Without the flag PyTorch's SDPA attention is used.")
+        if not torch.cuda.is_available():
+            raise CliError("--enable_xformers_memory_efficient_attention needs a CUDA GPU.")
+    if args.use_8bit_adam and importlib.util.find_spec("bitsandbytes") is None:
+        raise CliError("--use_8bit_adam needs bitsandbytes: pip install bitsandbytes.")

@@ -1,0 +1,81 @@
+"""The training dataset and its sampler.
+
+All randomness here (shuffle order, crop, flip, caption choice) is a pure function of
+(seed, epoch, index). A run resumed in the middle of an epoch therefore sees exactly the batches
+an uninterrupted run would have seen, whatever happened to the global RNGs in between, and the
+result does not depend on the number of data-loading workers.
+
+The epoch is set with `use_epoch` rather than `set_epoch` on purpose: accelerate calls any
+`set_epoch` it finds with its own iteration counter, which restarts at 0 for the loader that
+`skip_first_batches` returns on resume.
+"""
+
+from __future__ import annotations
+
+import random
+from typing import Iterator
+
+import torch
+from torch.utils.data import Dataset, Sampler
+
+from sdft.data.sources import CaptionedImages
+from sdft.data.transforms import ImageTransform
+
+
+def seeded_rng(seed: int, epoch: int, index: int) -> random.Random:
+    # A string seed is hashed with SHA-512 by `random`, so it is stable across processes and runs.
+    return random.Random(f"{seed}:{epoch}:{index}")
+
+
+class CaptionedImageDataset(Dataset):
+    def __init__(self, images: CaptionedImages, transform: ImageTransform, seed: int):
+        self.images = images
+        self.transform = transform
+        self.seed = seed
+        self.epoch = 0
+
+    def use_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def __getitem__(self, index: int) -> dict:
+        rng = seeded_rng(self.seed, self.epoch, index)
+        out = self.transform(self.images.open_image(index), rng)
+        return {
+            "pixel_values": out.pixels,
+            "caption": rng.choice(self.images.captions(index)),
+            "original_size": out.original_size,
+            "crop_top_left": out.crop_top_left,
+        }
+
+
+class EpochShuffleSampler(Sampler[int]):
+    """A random permutation per epoch, derived from (seed, epoch) only."""
+
+    def __init__(self, length: int, seed: int):
+        self.length = length
+        self.seed = seed
+        self.epoch = 0
+
+    def use_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return self.length
+
+    def __iter__(self) -> Iterator[int]:
+        generator = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
+        return iter(torch.randperm(self.length, generator=generator).tolist())
+
+
+def collate(examples: list[dict]) -> dict:
+    """A batch: pixel_values (B,3,H,W), captions (list), original_sizes and crop_top_lefts (B,2) as
+    (height, width) and (top, left)."""
+    return {
+        "pixel_values": torch.stack([e["pixel_values"] for e in examples]).contiguous(),
+        "captions": [e["caption"] for e in examples],
+        "original_sizes": torch.tensor([e["original_size"] for e in examples], dtype=torch.long),
+        "crop_top_lefts": torch.tensor([e["crop_top_left"] for e in examples], dtype=torch.long),
+    }

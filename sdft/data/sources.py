@@ -1,0 +1,157 @@
+"""Where captioned images come from: a Hub dataset, a local dataset folder, an image folder with
+`metadata.jsonl`/`metadata.csv`, or a plain folder of images with same-name `.txt` captions.
+
+Everything ends up as a `datasets.Dataset` whose image column holds undecoded images (a path or
+bytes), so images are decoded one at a time by the training dataset and never all held in RAM.
+Problems that can be seen without decoding every pixel (missing folders, unknown columns, missing
+or malformed captions, unreadable image files on disk) are reported here, before any model loads.
+"""
+
+from __future__ import annotations
+
+import io
+from dataclasses import dataclass
+from pathlib import Path
+
+import datasets
+from PIL import Image, UnidentifiedImageError
+
+IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
+METADATA_FILES = ("metadata.jsonl", "metadata.csv", "metadata.parquet")
+
+
+class DataError(ValueError):
+    """Bad training data; the message names the file, row or flag."""
+
+
+@dataclass(frozen=True)
+class CaptionedImages:
+    table: datasets.Dataset
+    image_column: str
+    caption_column: str
+
+    def __len__(self) -> int:
+        return len(self.table)
+
+    def describe(self, index: int) -> str:
+        value = self.table[index][self.image_column]
+        path = value if isinstance(value, str) else (value or {}).get("path")
+        return f"{path} (row {index})" if path else f"row {index}"
+
+    def open_image(self, index: int) -> Image.Image:
+        value = self.table[index][self.image_column]
+        try:
+            if isinstance(value, str):
+                image = Image.open(value)
+            elif value.get("bytes") is not None:
+                image = Image.open(io.BytesIO(value["bytes"]))
+            else:
+                image = Image.open(value["path"])
+            image.load()
+        except (OSError, UnidentifiedImageError, ValueError) as err:
+            raise DataError(f"Cannot read image {self.describe(index)}: {err}") from err
+        return image
+
+    def captions(self, index: int) -> list[str]:
+        return caption_choices(self.table[index][self.caption_column], self.describe(index), self.caption_column)
+
+
+def caption_choices(value: object, where: str, column: str) -> list[str]:
+    if isinstance(value, str):
+        return [value]
+    if isinstance(value, (list, tuple)) and value and all(isinstance(v, str) for v in value):
+        return list(value)
+    raise DataError(f"Caption of {where} in column '{column}' must be a string or a non-empty list of "
+                    f"strings, got {value!r}.")
+
+
+def load_captioned_images(*, dataset_name: str | None, dataset_config_name: str | None,
+                          train_data_dir: str | None, image_column: str, caption_column: str,
+                          cache_dir: str | None, max_train_samples: int | None, seed: int) -> CaptionedImages:
+    if dataset_name is not None:
+        table = _load_named_dataset(dataset_name, dataset_config_name, train_data_dir, cache_dir)
+    elif _has_metadata(Path(train_data_dir)):
+        table = _load_split(datasets.load_dataset("imagefolder", data_dir=train_data_dir, cache_dir=cache_dir),
+                            f"--train_data_dir '{train_data_dir}'")
+    else:
+        table = caption_files_table(Path(train_data_dir), image_column, caption_column)
+    _check_columns(table, image_column, caption_column)
+    if max_train_samples is not None:
+        table = table.shuffle(seed=seed).select(range(min(max_train_samples, len(table))))
+    if isinstance(table.features[image_column], datasets.Image):
+        table = table.cast_column(image_column, datasets.Image(decode=False))
+    images = CaptionedImages(table, image_column, caption_column)
+    check_captions(images)
+    check_local_images(images)
+    return images
+
+
+def _load_named_dataset(name: str, config: str | None, data_dir: str | None, cache_dir: str | None):
+    path = Path(name)
+    try:
+        if path.is_dir() and ((path / "dataset_dict.json").is_file() or (path / "state.json").is_file()):
+            loaded = datasets.load_from_disk(name)
+        else:
+            loaded = datasets.load_dataset(name, config, cache_dir=cache_dir, data_dir=data_dir)
+    except Exception as err:  # datasets raises many types; all mean "cannot load this name"
+        raise DataError(f"Could not load --dataset_name '{name}': {err}") from err
+    return _load_split(loaded, f"--dataset_name '{name}'")
+
+
+def _load_split(loaded, where: str) -> datasets.Dataset:
+    if isinstance(loaded, datasets.Dataset):
+        return loaded
+    if "train" not in loaded:
+        raise DataError(f"{where} has no 'train' split (splits: {', '.join(loaded)}).")
+    return loaded["train"]
+
+
+def _has_metadata(folder: Path) -> bool:
+    return any(next(folder.rglob(name), None) is not None for name in METADATA_FILES)
+
+
+def caption_files_table(folder: Path, image_column: str, caption_column: str) -> datasets.Dataset:
+    """A plain folder: every image needs a caption file with the same stem and a .txt suffix."""
+    images = sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
+    if not images:
+        raise DataError(f"--train_data_dir '{folder}' holds no images ({', '.join(sorted(IMAGE_SUFFIXES))}) "
+                        "and no metadata.jsonl.")
+    missing = [p for p in images if not p.with_suffix(".txt").is_file()]
+    if missing:
+        shown = ", ".join(str(p) for p in missing[:5]) + (" ..." if len(missing) > 5 else "")
+        raise DataError(f"{len(missing)} image(s) in --train_data_dir have no caption file "
+                        f"(same name with .txt): {shown}")
+    captions = [p.with_suffix(".txt").read_text(encoding="utf-8").strip() for p in images]
+    return datasets.Dataset.from_dict({image_column: [str(p) for p in images], caption_column: captions})
+
+
+def _check_columns(table: datasets.Dataset, image_column: str, caption_column: str) -> None:
+    columns = table.column_names
+    for flag, column in (("--image_column", image_column), ("--caption_column", caption_column)):
+        if column not in columns:
+            raise DataError(f"{flag} '{column}' is not a column of the dataset; columns are: {', '.join(columns)}.")
+    if len(table) == 0:
+        raise DataError("The dataset has no rows.")
+
+
+def check_captions(images: CaptionedImages) -> None:
+    for index, value in enumerate(images.table[images.caption_column]):
+        if not isinstance(value, str):
+            caption_choices(value, images.describe(index), images.caption_column)
+
+
+def check_local_images(images: CaptionedImages, batch_size: int = 256) -> None:
+    """Open the header of every image that lives on disk, so a corrupt file stops the run before
+    training rather than hours into it. Images embedded as bytes are checked when first decoded."""
+    first = images.table[0][images.image_column]
+    if not isinstance(first, str) and (first or {}).get("bytes") is not None:
+        return
+    for start in range(0, len(images), batch_size):
+        column = images.table[start:start + batch_size][images.image_column]
+        for offset, value in enumerate(column):
+            path = value if isinstance(value, str) else value.get("path")
+            try:
+                with Image.open(path) as image:
+                    image.verify()
+            except (OSError, UnidentifiedImageError, ValueError, SyntaxError) as err:
+                raise DataError(f"Cannot read image {path} (row {start + offset}): {err}") from err

@@ -1,0 +1,73 @@
+"""Stable Diffusion 1.x / 2.x: one CLIP text encoder, a UNet, a 4-channel VAE, DDPM objective."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from diffusers import AutoencoderKL, DDPMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+from transformers import CLIPTextModel, CLIPTokenizer
+
+from sdft.families.source import ModelSource
+
+
+@dataclass
+class SDModels:
+    tokenizer: CLIPTokenizer
+    text_encoder: CLIPTextModel
+    vae: AutoencoderKL
+    unet: UNet2DConditionModel
+    noise_scheduler: DDPMScheduler
+
+
+class StableDiffusion:
+    """The family object the trainer talks to; it holds no state of its own."""
+
+    name = "sd"
+    pipeline_cls = StableDiffusionPipeline
+    denoiser_role = "unet"
+    denoiser_cls = UNet2DConditionModel
+    lora_target_modules = ["to_k", "to_q", "to_v", "to_out.0"]
+    text_encoder_roles: list[str] = ["text_encoder"]
+    license = "creativeml-openrail-m"
+    tags = ["stable-diffusion", "stable-diffusion-diffusers", "text-to-image", "diffusers", "diffusers-training"]
+
+    def load(self, source: ModelSource, denoiser_revision: str | None = None) -> SDModels:
+        return SDModels(
+            tokenizer=CLIPTokenizer.from_pretrained(source.path, subfolder="tokenizer", **source.hub_kwargs()),
+            text_encoder=CLIPTextModel.from_pretrained(source.path, subfolder="text_encoder", **source.weight_kwargs()),
+            vae=AutoencoderKL.from_pretrained(source.path, subfolder="vae", **source.weight_kwargs()),
+            unet=self.load_denoiser(source, denoiser_revision),
+            noise_scheduler=DDPMScheduler.from_pretrained(source.path, subfolder="scheduler", **source.hub_kwargs()),
+        )
+
+    def load_denoiser(self, source: ModelSource, revision: str | None = None) -> UNet2DConditionModel:
+        kwargs = source.weight_kwargs()
+        if revision is not None:
+            kwargs["revision"] = revision
+        return UNet2DConditionModel.from_pretrained(source.path, subfolder="unet", **kwargs)
+
+    def frozen_modules(self, models: SDModels) -> dict[str, torch.nn.Module]:
+        return {"text_encoder": models.text_encoder, "vae": models.vae}
+
+    def vae_dtype(self, weight_dtype: torch.dtype, source: ModelSource) -> torch.dtype:
+        return weight_dtype
+
+    def encode_images(self, models: SDModels, pixels: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+        posterior = models.vae.encode(pixels.to(models.vae.dtype)).latent_dist
+        return posterior.sample(generator=generator) * models.vae.config.scaling_factor
+
+    def condition(self, models: SDModels, batch: dict, device: torch.device) -> dict:
+        ids = models.tokenizer(
+            batch["captions"], padding="max_length", max_length=models.tokenizer.model_max_length,
+            truncation=True, return_tensors="pt",
+        ).input_ids.to(device)
+        return {"encoder_hidden_states": models.text_encoder(ids, return_dict=False)[0]}
+
+    def predict(self, denoiser: torch.nn.Module, noisy: torch.Tensor, timesteps: torch.Tensor, cond: dict) -> torch.Tensor:
+        return denoiser(noisy, timesteps, cond["encoder_hidden_states"], return_dict=False)[0]
+
+    def pipeline_modules(self, models: SDModels) -> dict:
+        """In-memory modules a validation pipeline reuses instead of reloading them."""
+        return {"tokenizer": models.tokenizer, "text_encoder": models.text_encoder, "vae": models.vae,
+                "safety_checker": None, "feature_extractor": None, "requires_safety_checker": False}

@@ -1,0 +1,89 @@
+"""Model card and Hugging Face Hub upload.
+
+The card is written locally with no network access (the diffusers scripts first try to download an
+existing card and fail offline). The upload leaves out `checkpoint-*` folders, which are for
+resuming, not for users (diffusers PR #8225), and a failed upload never touches the local files.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from huggingface_hub import ModelCard, ModelCardData, create_repo, upload_folder
+
+logger = logging.getLogger(__name__)
+
+UPLOAD_IGNORE = ["checkpoint-*", "checkpoint-*/**", ".checkpoint-*", ".checkpoint-*/**", "*.partial/**"]
+
+
+class HubError(RuntimeError):
+    pass
+
+
+@dataclass(frozen=True)
+class CardInfo:
+    base_model: str
+    title: str
+    license: str
+    tags: list[str]
+    lora: bool
+    pipeline_class: str
+    dataset: str | None = None
+    instance_prompt: str | None = None
+    validation: list[tuple[str, str]] = field(default_factory=list)   # (relative image path, prompt)
+    training: dict = field(default_factory=dict)                        # a few headline settings
+
+
+def write_model_card(output_dir: Path, info: CardInfo) -> Path:
+    data = ModelCardData(license=info.license, base_model=info.base_model, library_name="diffusers",
+                         tags=info.tags + (["lora"] if info.lora else []),
+                         datasets=[info.dataset] if info.dataset and "/" in info.dataset else None,
+                         instance_prompt=info.instance_prompt)
+    card = ModelCard(f"---\n{data.to_yaml()}\n---\n\n{card_body(info)}")
+    path = output_dir / "README.md"
+    card.save(path)
+    return path
+
+
+def card_body(info: CardInfo) -> str:
+    kind = "LoRA adapter" if info.lora else "fine-tuned model"
+    lines = [f"# {info.title}", "", f"A {kind} trained from [{info.base_model}]"
+             f"(https://huggingface.co/{info.base_model})" + (f" on `{info.dataset}`." if info.dataset else "."), ""]
+    if info.instance_prompt:
+        lines += [f"Instance prompt: `{info.instance_prompt}`", ""]
+    if info.validation:
+        lines += ["## Samples", ""] + [f"![{prompt}]({path}) `{prompt}`" for path, prompt in info.validation] + [""]
+    lines += ["## Use", "", "```python", "import torch", f"from diffusers import {info.pipeline_class}", ""]
+    if info.lora:
+        lines += [f'pipe = {info.pipeline_class}.from_pretrained("{info.base_model}", torch_dtype=torch.float16)',
+                  'pipe.load_lora_weights("<this repo or folder>")']
+    else:
+        lines += [f'pipe = {info.pipeline_class}.from_pretrained("<this repo or folder>", torch_dtype=torch.float16)']
+    prompt = info.validation[0][1] if info.validation else (info.instance_prompt or "a photo")
+    lines += ['pipe.to("cuda")', f'image = pipe("{prompt}").images[0]', "```", ""]
+    if info.training:
+        lines += ["## Training", ""] + [f"- {k}: {v}" for k, v in info.training.items()] + [""]
+    return "\n".join(lines)
+
+
+def prepare_repo(repo_id: str, token: str | None) -> str:
+    """Create (or reuse) the Hub repo before training, so a bad token or no network fails early."""
+    try:
+        return create_repo(repo_id, exist_ok=True, token=token).repo_id
+    except Exception as err:  # network, auth and permission errors all stop the run here
+        raise HubError(f"--push_to_hub: cannot create or access the Hub repo '{repo_id}': {err}") from err
+
+
+def upload_output(output_dir: Path, repo_id: str, token: str | None) -> bool:
+    """Upload the output folder; on failure keep everything local, log why, return False."""
+    try:
+        upload_folder(repo_id=repo_id, folder_path=str(output_dir), commit_message="End of training",
+                      ignore_patterns=UPLOAD_IGNORE, token=token)
+    except Exception as err:  # the training result is safe on disk whatever went wrong
+        logger.error("Upload to the Hub repo '%s' failed: %s. Everything is kept in %s; upload it later with "
+                     "`hf upload %s %s`.", repo_id, err, output_dir, repo_id, output_dir)
+        return False
+    logger.info("Uploaded %s to https://huggingface.co/%s", output_dir, repo_id)
+    return True

@@ -1,0 +1,43 @@
+"""Optimizers and learning-rate schedules."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from diffusers.optimization import get_scheduler
+
+
+@dataclass(frozen=True)
+class AdamSettings:
+    lr: float
+    betas: tuple[float, float] = (0.9, 0.999)
+    weight_decay: float = 1e-2
+    eps: float = 1e-8
+    use_8bit: bool = False
+
+
+def build_adamw(param_groups: list[dict], settings: AdamSettings) -> torch.optim.Optimizer:
+    """`param_groups` are torch param groups; groups may override lr and weight_decay."""
+    if settings.use_8bit:
+        import bitsandbytes as bnb  # imported lazily: a heavy import that only this path needs
+
+        optimizer_cls = bnb.optim.AdamW8bit
+    else:
+        optimizer_cls = torch.optim.AdamW
+    return optimizer_cls(param_groups, lr=settings.lr, betas=settings.betas,
+                         weight_decay=settings.weight_decay, eps=settings.eps)
+
+
+def scaled_lr(lr: float, gradient_accumulation_steps: int, batch_size: int, num_processes: int) -> float:
+    """--scale_lr: keep the per-sample step size when the effective batch grows."""
+    return lr * gradient_accumulation_steps * batch_size * num_processes
+
+
+def build_lr_scheduler(name: str, optimizer: torch.optim.Optimizer, *, warmup_steps: int, total_steps: int,
+                       num_processes: int, num_cycles: int = 1, power: float = 1.0):
+    """Step counts are in optimizer steps. accelerate's prepared scheduler advances `num_processes`
+    times per optimizer step (diffusers PR #8312), so both counts are scaled by it here, in one
+    place, for every script (upstream SDXL scales by accumulation steps instead: #9633)."""
+    return get_scheduler(name, optimizer, num_warmup_steps=warmup_steps * num_processes,
+                         num_training_steps=total_steps * num_processes, num_cycles=num_cycles, power=power)

@@ -1,0 +1,484 @@
+"""The training run shared by every script.
+
+`train(args, family, make_objective)` is the only function below the scripts that reads the
+argparse namespace: it turns flags into plain objects (data, models, objective, optimizer,
+checkpointer, validation plan) and hands them to `run_epochs`, whose step reads like the maths:
+
+    latents = family.encode_images(...)
+    cond    = family.condition(...)
+    noised  = objective.noise(latents, generator)
+    pred    = family.predict(denoiser, noised.noisy, noised.timesteps, cond)
+    loss    = objective.loss(pred, noised).mean()
+
+Randomness inside a step comes from a generator derived from (seed, micro-step, process), and the
+data order from (seed, epoch), so a resumed run repeats an uninterrupted one exactly.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import math
+import random
+import sys
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import torch
+from accelerate import Accelerator
+from accelerate.utils import ProjectConfiguration, broadcast_object_list, set_seed
+from tqdm.auto import tqdm
+
+from sdft import hub
+from sdft.checkpointing import Checkpointer, Position, TrainedWeights, read_position, resolve_resume
+from sdft.cli import CliError
+from sdft.data.dataset import CaptionedImageDataset, EpochShuffleSampler, collate
+from sdft.data.sources import DataError, load_captioned_images
+from sdft.data.transforms import ImageTransform
+from sdft.ema import EMA
+from sdft.families.source import ModelSource
+from sdft.lora import add_lora, save_lora
+from sdft.objectives import DDPMObjective, timestep_bias_weights
+from sdft.optim import AdamSettings, build_adamw, build_lr_scheduler, scaled_lr
+from sdft.validation import ValidationPlan, generate, log_images, plan_prompts, save_images
+
+logger = logging.getLogger("sdft")
+
+USER_ERRORS = (CliError, DataError, hub.HubError, FileNotFoundError)
+
+
+def run(main: Callable[[argparse.Namespace], None], args: argparse.Namespace) -> int:
+    """Entry-point wrapper: a bad input ends the run with its message instead of a traceback."""
+    try:
+        main(args)
+    except USER_ERRORS as err:
+        logger.error("%s", err)
+        print(f"error: {err}", file=sys.stderr)
+        return 1
+    return 0
+
+
+# --------------------------------------------------------------------------- building blocks
+
+
+@dataclass
+class Run:
+    """Everything the loop needs, built once by `train`."""
+
+    accelerator: Accelerator
+    family: object
+    models: object
+    denoiser: torch.nn.Module              # prepared (possibly DDP-wrapped)
+    objective: object
+    optimizer: torch.optim.Optimizer
+    lr_scheduler: object
+    dataloader: torch.utils.data.DataLoader
+    dataset: CaptionedImageDataset
+    sampler: EpochShuffleSampler
+    checkpointer: Checkpointer
+    trained: TrainedWeights
+    seed: int
+    max_train_steps: int
+    num_epochs: int
+    checkpointing_steps: int
+    max_grad_norm: float
+    weight_dtype: torch.dtype
+    validation: ValidationPlan
+    validation_epochs: int
+    output_dir: Path
+    source: ModelSource
+    dream_detail_preservation: float | None = None
+    params_to_clip: list = field(default_factory=list)
+
+
+def make_accelerator(args: argparse.Namespace) -> Accelerator:
+    output_dir = Path(args.output_dir)
+    trackers = None if args.report_to == "none" else args.report_to
+    accelerator = Accelerator(
+        gradient_accumulation_steps=args.gradient_accumulation_steps,
+        mixed_precision=args.mixed_precision,
+        log_with=trackers,
+        project_config=ProjectConfiguration(project_dir=str(output_dir), logging_dir=str(output_dir / args.logging_dir)),
+    )
+    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S",
+                        level=logging.INFO if accelerator.is_local_main_process else logging.WARNING)
+    if args.allow_tf32 and torch.cuda.is_available():
+        torch.backends.cuda.matmul.allow_tf32 = True
+    return accelerator
+
+
+def resolve_seed(requested: int | None, resumed: Position | None) -> int:
+    """The data order depends on the seed, so a resumed run must keep the seed it started with."""
+    if resumed is not None and resumed.seed is not None:
+        if requested is not None and requested != resumed.seed:
+            logger.warning("Resuming with the checkpoint's seed %d, not --seed %d.", resumed.seed, requested)
+        return resumed.seed
+    if requested is not None:
+        return requested
+    chosen = [random.SystemRandom().randrange(2**31)]
+    broadcast_object_list(chosen)  # every process must shuffle the data the same way
+    return chosen[0]
+
+
+def step_generator(seed: int, micro_step: int, process_index: int, device: torch.device) -> torch.Generator:
+    return torch.Generator(device=device).manual_seed(hash((seed, micro_step, process_index)) & (2**63 - 1))
+
+
+def weight_dtype_of(accelerator: Accelerator) -> torch.dtype:
+    """From the accelerator, not the flag: fp16 set in `accelerate config` counts too (diffusers #6363)."""
+    return {"fp16": torch.float16, "bf16": torch.bfloat16}.get(accelerator.mixed_precision, torch.float32)
+
+
+def text_image_data(args: argparse.Namespace, seed: int) -> CaptionedImageDataset:
+    images = load_captioned_images(
+        dataset_name=args.dataset_name, dataset_config_name=args.dataset_config_name,
+        train_data_dir=args.train_data_dir, image_column=args.image_column, caption_column=args.caption_column,
+        cache_dir=args.cache_dir, max_train_samples=args.max_train_samples, seed=seed,
+    )
+    transform = ImageTransform(args.resolution, args.center_crop, args.random_flip, args.image_interpolation_mode)
+    return CaptionedImageDataset(images, transform, seed)
+
+
+def ddpm_objective(args: argparse.Namespace, noise_scheduler, device: torch.device) -> DDPMObjective:
+    prediction_type = args.prediction_type or noise_scheduler.config.prediction_type
+    if getattr(args, "dream_training", False) and prediction_type != "epsilon":
+        raise CliError(f"--dream_training supports epsilon prediction only; this model predicts {prediction_type}.")
+    weights = None
+    if getattr(args, "timestep_bias_strategy", "none") != "none":
+        weights = timestep_bias_weights(
+            args.timestep_bias_strategy, noise_scheduler.config.num_train_timesteps,
+            multiplier=args.timestep_bias_multiplier, begin=args.timestep_bias_begin,
+            end=args.timestep_bias_end, portion=args.timestep_bias_portion,
+        ).to(device)
+    return DDPMObjective(
+        alphas_cumprod=noise_scheduler.alphas_cumprod.to(device=device, dtype=torch.float32),
+        prediction_type=prediction_type, snr_gamma=args.snr_gamma, noise_offset=args.noise_offset,
+        input_perturbation=getattr(args, "input_perturbation", 0.0), timestep_weights=weights,
+    )
+
+
+def prepare_models(family, models, *, device: torch.device, weight_dtype: torch.dtype, source: ModelSource,
+                   lora_rank: int | None, gradient_checkpointing: bool, xformers: bool) -> torch.nn.Module:
+    """Freeze and place the frozen models; make the denoiser trainable (fully, or through LoRA)."""
+    for role, module in family.frozen_modules(models).items():
+        module.requires_grad_(False)
+        module.eval()
+        module.to(device, dtype=family.vae_dtype(weight_dtype, source) if role == "vae" else weight_dtype)
+    denoiser = getattr(models, family.denoiser_role)
+    if lora_rank is not None:
+        denoiser.requires_grad_(False)
+        denoiser.to(device, dtype=weight_dtype)
+        add_lora(denoiser, lora_rank, family.lora_target_modules)
+        # Trainable LoRA weights stay fp32 under fp16/bf16, or the grad scaler refuses them.
+        for param in denoiser.parameters():
+            if param.requires_grad:
+                param.data = param.data.float()
+    if gradient_checkpointing:
+        denoiser.enable_gradient_checkpointing()
+    if xformers:
+        denoiser.enable_xformers_memory_efficient_attention()
+    denoiser.train()
+    return denoiser
+
+
+def build_optimizer(args: argparse.Namespace, params: list, num_processes: int) -> torch.optim.Optimizer:
+    lr = args.learning_rate
+    if args.scale_lr:
+        lr = scaled_lr(lr, args.gradient_accumulation_steps, args.train_batch_size, num_processes)
+    settings = AdamSettings(lr=lr, betas=(args.adam_beta1, args.adam_beta2), weight_decay=args.adam_weight_decay,
+                            eps=args.adam_epsilon, use_8bit=args.use_8bit_adam)
+    return build_adamw([{"params": params}], settings)
+
+
+def tracker_config(args: argparse.Namespace) -> dict:
+    """Trackers take scalars only; the Hub token never leaves the process."""
+    config = {}
+    for key, value in vars(args).items():
+        if key.startswith("_") or key == "hub_token":
+            continue
+        if isinstance(value, (list, tuple)):
+            value = " | ".join(map(str, value))
+        config[key] = value if isinstance(value, (int, float, str, bool)) else str(value)
+    return config
+
+
+# --------------------------------------------------------------------------- the run
+
+
+def train(args: argparse.Namespace, family, make_objective=ddpm_objective, make_data=text_image_data,
+          tracker_name: str = "text2image-fine-tune") -> None:
+    accelerator = make_accelerator(args)
+    output_dir = Path(args.output_dir)
+    resume_dir = resolve_resume(args.resume_from_checkpoint, output_dir)
+    if args.resume_from_checkpoint and resume_dir is None:
+        logger.info("No checkpoint in %s; starting a new training run.", output_dir)
+    resumed = read_position(resume_dir) if resume_dir else None
+    seed = resolve_seed(args.seed, resumed)
+    set_seed(seed)
+
+    # Data first: a bad dataset should fail before minutes of model loading.
+    dataset = make_data(args, seed)
+    repo_id = None
+    if args.push_to_hub and accelerator.is_main_process:
+        repo_id = hub.prepare_repo(args.hub_model_id or output_dir.name, args.hub_token)
+    if accelerator.is_main_process:
+        output_dir.mkdir(parents=True, exist_ok=True)
+
+    source = ModelSource(args.pretrained_model_name_or_path, args.revision, args.variant, args.cache_dir)
+    models = load_models(family, source, getattr(args, "non_ema_revision", None))
+    weight_dtype = weight_dtype_of(accelerator)
+    denoiser = prepare_models(family, models, device=accelerator.device, weight_dtype=weight_dtype, source=source,
+                              lora_rank=args.rank if args.use_lora else None,
+                              gradient_checkpointing=args.gradient_checkpointing,
+                              xformers=args.enable_xformers_memory_efficient_attention)
+    ema = None
+    if getattr(args, "use_ema", False):
+        ema = EMA(ema_start(family, source, denoiser, args), family.denoiser_role, accelerator.device,
+                  foreach=getattr(args, "foreach_ema", False), offload=getattr(args, "offload_ema", False))
+    objective = make_objective(args, models.noise_scheduler, accelerator.device)
+
+    params = [p for p in denoiser.parameters() if p.requires_grad]
+    optimizer = build_optimizer(args, params, accelerator.num_processes)
+    sampler = EpochShuffleSampler(len(dataset), seed)
+    dataloader = accelerator.prepare(torch.utils.data.DataLoader(
+        dataset, batch_size=args.train_batch_size, sampler=sampler, collate_fn=collate,
+        num_workers=args.dataloader_num_workers))
+    updates_per_epoch = math.ceil(len(dataloader) / args.gradient_accumulation_steps)
+    max_train_steps = args.max_train_steps or args.num_train_epochs * updates_per_epoch
+    lr_scheduler = build_lr_scheduler(args.lr_scheduler, optimizer, warmup_steps=args.lr_warmup_steps,
+                                      total_steps=max_train_steps, num_processes=accelerator.num_processes,
+                                      num_cycles=args.lr_num_cycles, power=args.lr_power)
+    prepared_denoiser, optimizer, lr_scheduler = accelerator.prepare(denoiser, optimizer, lr_scheduler)
+
+    trained = TrainedWeights(family.pipeline_cls, {family.denoiser_role: denoiser}, lora=args.use_lora, ema=ema)
+    checkpointer = Checkpointer(accelerator, output_dir, args.checkpoints_total_limit, trained)
+    position = Position(seed=seed)
+    if resume_dir is not None:
+        logger.info("Resuming from %s", resume_dir)
+        position = checkpointer.load(resume_dir)
+        position.seed = seed
+
+    run_state = Run(
+        accelerator=accelerator, family=family, models=models, denoiser=prepared_denoiser, objective=objective,
+        optimizer=optimizer, lr_scheduler=lr_scheduler, dataloader=dataloader, dataset=dataset, sampler=sampler,
+        checkpointer=checkpointer, trained=trained, seed=seed, max_train_steps=max_train_steps,
+        num_epochs=math.ceil(max_train_steps / updates_per_epoch), checkpointing_steps=args.checkpointing_steps,
+        max_grad_norm=args.max_grad_norm, weight_dtype=weight_dtype,
+        validation=ValidationPlan(validation_prompts(args), seed=seed, resolution=args.resolution),
+        validation_epochs=args.validation_epochs, output_dir=output_dir, source=source,
+        dream_detail_preservation=args.dream_detail_preservation if getattr(args, "dream_training", False) else None,
+        params_to_clip=params,
+    )
+    if accelerator.is_main_process:
+        accelerator.init_trackers(getattr(args, "tracker_project_name", tracker_name), config=tracker_config(args))
+    log_plan(run_state, len(dataset), args)
+    run_epochs(run_state, position)
+    finish(run_state, args, repo_id)
+
+
+def validation_prompts(args: argparse.Namespace) -> list[str]:
+    return plan_prompts(getattr(args, "validation_prompts", None), args.validation_prompt,
+                        args.num_validation_images)
+
+
+def load_models(family, source: ModelSource, denoiser_revision: str | None):
+    try:
+        return family.load(source, denoiser_revision)
+    except OSError as err:
+        raise FileNotFoundError(f"Could not load the model '{source.path}': {err}") from err
+
+
+def ema_start(family, source: ModelSource, denoiser: torch.nn.Module, args: argparse.Namespace) -> torch.nn.Module:
+    """The EMA starts from --revision; with --non_ema_revision the trained copy came from elsewhere."""
+    if getattr(args, "non_ema_revision", None) not in (None, args.revision):
+        return family.load_denoiser(source)
+    return denoiser
+
+
+def log_plan(run_state: Run, num_examples: int, args: argparse.Namespace) -> None:
+    total_batch = args.train_batch_size * run_state.accelerator.num_processes * args.gradient_accumulation_steps
+    logger.info("***** Training *****")
+    logger.info("  examples = %d, epochs = %d, batch per device = %d, total batch = %d, accumulation = %d",
+                num_examples, run_state.num_epochs, args.train_batch_size, total_batch,
+                args.gradient_accumulation_steps)
+    logger.info("  optimizer steps = %d, seed = %d", run_state.max_train_steps, run_state.seed)
+
+
+def run_epochs(run_state: Run, position: Position) -> Position:
+    accelerator = run_state.accelerator
+    progress = tqdm(total=run_state.max_train_steps, initial=position.global_step, desc="Steps",
+                    disable=not accelerator.is_local_main_process)
+    if position.global_step >= run_state.max_train_steps:
+        logger.info("The checkpoint is at step %d, which already reaches --max_train_steps %d.",
+                    position.global_step, run_state.max_train_steps)
+    epoch = position.epoch
+    while position.global_step < run_state.max_train_steps and epoch < run_state.num_epochs:
+        skip = position.batches_in_epoch if epoch == position.epoch else 0
+        if skip >= len(run_state.dataloader):
+            epoch += 1
+            continue
+        run_epoch(run_state, position, epoch, skip, progress)
+        if run_state.validation.enabled and epoch % run_state.validation_epochs == 0:
+            validate(run_state, phase="validation", step=position.global_step, folder=f"epoch-{epoch:04d}")
+        epoch += 1
+    progress.close()
+    return position
+
+
+def run_epoch(run_state: Run, position: Position, epoch: int, skip: int, progress) -> None:
+    accelerator = run_state.accelerator
+    run_state.sampler.use_epoch(epoch)
+    run_state.dataset.use_epoch(epoch)
+    loader = accelerator.skip_first_batches(run_state.dataloader, skip) if skip else run_state.dataloader
+    position.epoch, position.batches_in_epoch = epoch, skip
+    ga = accelerator.gradient_accumulation_steps
+    loss_sum, micro_steps = torch.zeros((), device=accelerator.device), 0
+    for batch in loader:
+        micro_step = position.global_step * ga + micro_steps
+        with accelerator.accumulate(run_state.denoiser):
+            loss = training_step(run_state, batch, micro_step)
+        loss_sum += loss.detach()
+        micro_steps += 1
+        position.batches_in_epoch += 1
+        if not accelerator.sync_gradients:
+            continue
+        # One optimizer step is complete.
+        position.global_step += 1
+        mean_loss = accelerator.reduce(loss_sum / micro_steps, reduction="mean").item()
+        loss_sum, micro_steps = torch.zeros((), device=accelerator.device), 0
+        lr = run_state.lr_scheduler.get_last_lr()[0]
+        accelerator.log({"train_loss": mean_loss, "lr": lr, "epoch": epoch}, step=position.global_step)
+        progress.update(1)
+        progress.set_postfix(loss=f"{mean_loss:.4f}", lr=f"{lr:.2e}")
+        if position.global_step % run_state.checkpointing_steps == 0:
+            run_state.checkpointer.save(position)
+        if position.global_step >= run_state.max_train_steps:
+            break
+
+
+def training_step(run_state: Run, batch: dict, micro_step: int) -> torch.Tensor:
+    accelerator, family, models = run_state.accelerator, run_state.family, run_state.models
+    generator = step_generator(run_state.seed, micro_step, accelerator.process_index, accelerator.device)
+    with torch.no_grad():
+        latents = family.encode_images(models, batch["pixel_values"], generator).to(run_state.weight_dtype)
+        cond = family.condition(models, batch, accelerator.device)
+    noised = run_state.objective.noise(latents, generator)
+    if run_state.dream_detail_preservation is not None:
+        with torch.no_grad():
+            guess = family.predict(run_state.denoiser, noised.noisy, noised.timesteps, cond)
+        noised = run_state.objective.dream(noised, guess, run_state.dream_detail_preservation)
+    pred = family.predict(run_state.denoiser, noised.noisy, noised.timesteps, cond)
+    loss = run_state.objective.loss(pred, noised).mean()
+    accelerator.backward(loss)
+    if accelerator.sync_gradients and run_state.max_grad_norm:
+        accelerator.clip_grad_norm_(run_state.params_to_clip, run_state.max_grad_norm)
+    run_state.optimizer.step()
+    run_state.lr_scheduler.step()
+    run_state.optimizer.zero_grad(set_to_none=True)
+    if accelerator.sync_gradients and run_state.trained.ema is not None:
+        run_state.trained.ema.step(run_state.accelerator.unwrap_model(run_state.denoiser).parameters())
+    return loss
+
+
+# --------------------------------------------------------------------------- validation and output
+
+
+def validation_pipeline(run_state: Run):
+    family = run_state.family
+    denoiser = run_state.accelerator.unwrap_model(run_state.denoiser)
+    pipeline = family.pipeline_cls.from_pretrained(
+        run_state.source.path, **family.pipeline_modules(run_state.models), **{family.denoiser_role: denoiser},
+        revision=run_state.source.revision, variant=run_state.source.variant, dtype=run_state.weight_dtype,
+    )
+    return pipeline.to(run_state.accelerator.device)
+
+
+def validate(run_state: Run, phase: str, step: int, folder: str, pipeline=None) -> list[Path]:
+    """Main process only; the others wait at the barrier."""
+    accelerator = run_state.accelerator
+    paths = []
+    if accelerator.is_main_process:
+        logger.info("Generating %d validation image(s)", len(run_state.validation.prompts))
+        ema = run_state.trained.ema
+        denoiser = accelerator.unwrap_model(run_state.denoiser)
+        with ema.swapped_in(denoiser) if (ema is not None and pipeline is None) else nullcontext():
+            pipe = pipeline or validation_pipeline(run_state)
+            images = generate(pipe, run_state.validation, accelerator.device, accelerator.autocast())
+        del pipe
+        paths = save_images(images, run_state.validation.prompts, run_state.output_dir / "validation" / folder)
+        log_images(accelerator.trackers, images, run_state.validation.prompts, phase, step)
+    accelerator.wait_for_everyone()
+    return paths
+
+
+def finish(run_state: Run, args: argparse.Namespace, repo_id: str | None) -> None:
+    accelerator = run_state.accelerator
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        family, output_dir = run_state.family, run_state.output_dir
+        denoiser = accelerator.unwrap_model(run_state.denoiser)
+        if run_state.trained.ema is not None:
+            run_state.trained.ema.copy_to(denoiser.parameters())
+        if run_state.trained.lora:
+            save_lora(family.pipeline_cls, output_dir, run_state.trained.modules)
+            final = load_saved_lora(run_state) if run_state.validation.enabled else None
+        else:
+            final = export_pipeline(run_state, args.prediction_type)
+        samples = []
+        if run_state.validation.enabled:
+            paths = validate_final(run_state, final)
+            samples = [(str(p.relative_to(output_dir)), prompt) for p, prompt in zip(paths, run_state.validation.prompts)]
+        hub.write_model_card(output_dir, card_info(run_state, args, samples))
+        logger.info("Saved the trained model to %s", output_dir)
+    accelerator.wait_for_everyone()
+    accelerator.end_training()
+    if repo_id is not None and accelerator.is_main_process:
+        if not hub.upload_output(run_state.output_dir, repo_id, args.hub_token):
+            raise hub.HubError(f"Training finished and {run_state.output_dir} is complete, but the upload failed.")
+
+
+def validate_final(run_state: Run, pipeline) -> list[Path]:
+    accelerator = run_state.accelerator
+    images = generate(pipeline.to(accelerator.device), run_state.validation, accelerator.device, accelerator.autocast())
+    paths = save_images(images, run_state.validation.prompts, run_state.output_dir / "validation" / "final")
+    log_images(accelerator.trackers, images, run_state.validation.prompts, "test", run_state.max_train_steps)
+    return paths
+
+
+def export_pipeline(run_state: Run, prediction_type: str | None):
+    """The full pipeline: the trained denoiser plus the base model's other components as stored
+    (reloaded, so frozen parts keep their original precision rather than the training dtype)."""
+    family, source = run_state.family, run_state.source
+    denoiser = run_state.accelerator.unwrap_model(run_state.denoiser)
+    pipeline = family.pipeline_cls.from_pretrained(source.path, **{family.denoiser_role: denoiser},
+                                                   revision=source.revision, variant=source.variant)
+    if prediction_type is not None:
+        pipeline.scheduler = type(pipeline.scheduler).from_config(pipeline.scheduler.config,
+                                                                  prediction_type=prediction_type)
+    pipeline.save_pretrained(run_state.output_dir)
+    return pipeline
+
+
+def load_saved_lora(run_state: Run):
+    """The final images come from the file users get: base pipeline + load_lora_weights."""
+    source = run_state.source
+    pipeline = run_state.family.pipeline_cls.from_pretrained(
+        source.path, revision=source.revision, variant=source.variant, dtype=run_state.weight_dtype)
+    pipeline.load_lora_weights(str(run_state.output_dir))
+    return pipeline
+
+
+def card_info(run_state: Run, args: argparse.Namespace, samples: list[tuple[str, str]]) -> hub.CardInfo:
+    family = run_state.family
+    return hub.CardInfo(
+        base_model=args.pretrained_model_name_or_path, title=Path(args.output_dir).name, license=family.license,
+        tags=family.tags, lora=args.use_lora, pipeline_class=family.pipeline_cls.__name__,
+        dataset=getattr(args, "dataset_name", None), instance_prompt=getattr(args, "instance_prompt", None),
+        validation=samples,
+        training={"steps": run_state.max_train_steps, "learning rate": args.learning_rate,
+                  "batch size per device": args.train_batch_size, "resolution": args.resolution,
+                  "mixed precision": run_state.accelerator.mixed_precision,
+                  **({"LoRA rank": args.rank} if args.use_lora else {})},
+    )

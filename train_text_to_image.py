@@ -1,0 +1,57 @@
+"""Fine-tune Stable Diffusion 1.x / 2.x on captioned images: the full UNet, or LoRA adapters.
+
+    accelerate launch --mixed_precision="fp16" train_text_to_image.py \
+      --pretrained_model_name_or_path=CompVis/stable-diffusion-v1-4 \
+      --dataset_name=lambdalabs/naruto-blip-captions \
+      --use_ema --resolution=512 --center_crop --random_flip \
+      --train_batch_size=1 --gradient_accumulation_steps=4 --gradient_checkpointing \
+      --max_train_steps=15000 --learning_rate=1e-05 --max_grad_norm=1 \
+      --lr_scheduler="constant" --lr_warmup_steps=0 --output_dir="sd-naruto-model"
+
+Add `--use_lora --rank 4` (and usually `--learning_rate=1e-04`) to train LoRA adapters instead.
+The flags of diffusers' train_text_to_image.py work unchanged; `--help` lists them all.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from sdft import cli
+from sdft.families.sd import StableDiffusion
+from sdft.trainer import ddpm_objective, run, text_image_data, train
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    cli.add_model_args(parser)
+    cli.add_dataset_args(parser)
+    cli.add_image_args(parser)
+    cli.add_training_args(parser)
+    cli.add_optimizer_args(parser)
+    cli.add_precision_args(parser)
+    cli.add_ddpm_objective_args(parser, prediction_types=["epsilon", "v_prediction"])
+    cli.add_t2i_objective_extras(parser)
+    cli.add_ema_args(parser, offload=True)
+    cli.add_lora_args(parser)
+    cli.add_checkpoint_args(parser)
+    cli.add_validation_args(parser, prompt_list=True)
+    cli.add_logging_args(parser, project_flag=True)
+    cli.add_hub_args(parser)
+    parser.set_defaults(output_dir="sd-model-finetuned", resolution=512, train_batch_size=16, validation_epochs=5)
+    return parser
+
+
+def parse_args(input_args: list[str] | None = None) -> argparse.Namespace:
+    checks = [cli.check_positive, cli.check_model_path, cli.check_t2i_dataset, cli.check_prediction_type,
+              cli.check_lora, cli.check_ema, cli.check_resume, cli.check_validation, cli.check_tracking_and_hub,
+              cli.check_accelerators]
+    return cli.parse(build_parser(), input_args, checks)
+
+
+def main(args: argparse.Namespace) -> None:
+    train(args, family=StableDiffusion(), make_objective=ddpm_objective, make_data=text_image_data)
+
+
+if __name__ == "__main__":
+    sys.exit(run(main, parse_args()))
