@@ -17,6 +17,7 @@ data order from (seed, epoch), so a resumed run repeats an uninterrupted one exa
 from __future__ import annotations
 
 import argparse
+import hashlib
 import logging
 import math
 import random
@@ -28,7 +29,7 @@ from typing import Callable
 
 import torch
 from accelerate import Accelerator
-from accelerate.utils import ProjectConfiguration, broadcast_object_list, set_seed
+from accelerate.utils import ProjectConfiguration, broadcast_object_list, gather_object, set_seed
 from tqdm.auto import tqdm
 
 from sdft import hub
@@ -303,7 +304,8 @@ def log_plan(run_state: Run, num_examples: int, args: argparse.Namespace) -> Non
     logger.info("  examples = %d, epochs = %d, batch per device = %d, total batch = %d, accumulation = %d",
                 num_examples, run_state.num_epochs, args.train_batch_size, total_batch,
                 args.gradient_accumulation_steps)
-    logger.info("  optimizer steps = %d, seed = %d", run_state.max_train_steps, run_state.seed)
+    logger.info("  optimizer steps = %d, seed = %d, optimizer = %s", run_state.max_train_steps, run_state.seed,
+                type(run_state.optimizer.optimizer).__name__)
 
 
 def run_epochs(run_state: Run, position: Position) -> Position:
@@ -405,7 +407,7 @@ def validate(run_state: Run, phase: str, step: int, folder: str, pipeline=None) 
         denoiser = accelerator.unwrap_model(run_state.denoiser)
         with ema.swapped_in(denoiser) if (ema is not None and pipeline is None) else nullcontext():
             pipe = pipeline or validation_pipeline(run_state)
-            images = generate(pipe, run_state.validation, accelerator.device, accelerator.autocast())
+            images = generate(pipe, run_state.validation, accelerator.device, accelerator.autocast)
         del pipe
         paths = save_images(images, run_state.validation.prompts, run_state.output_dir / "validation" / folder)
         log_images(accelerator.trackers, images, run_state.validation.prompts, phase, step)
@@ -413,9 +415,26 @@ def validate(run_state: Run, phase: str, step: int, folder: str, pipeline=None) 
     return paths
 
 
+def check_replicas_agree(accelerator: Accelerator, modules: dict[str, torch.nn.Module]) -> None:
+    """Every process must end with the same weights; a silent desync would make the saved model
+    depend on which rank wrote it."""
+    if accelerator.num_processes == 1:
+        return
+    digest = hashlib.sha256()
+    for module in modules.values():
+        for param in module.parameters():
+            if param.requires_grad:
+                digest.update(param.detach().float().cpu().numpy().tobytes())
+    digests = gather_object([digest.hexdigest()])
+    if len(set(digests)) > 1:
+        raise RuntimeError(f"Trained weights differ between processes: {digests}")
+    logger.info("Trained weights are identical on all %d processes (sha256 %s)", len(digests), digests[0][:16])
+
+
 def finish(run_state: Run, args: argparse.Namespace, repo_id: str | None) -> None:
     accelerator = run_state.accelerator
     accelerator.wait_for_everyone()
+    check_replicas_agree(accelerator, run_state.trained.modules)
     if accelerator.is_main_process:
         family, output_dir = run_state.family, run_state.output_dir
         denoiser = accelerator.unwrap_model(run_state.denoiser)
@@ -441,7 +460,7 @@ def finish(run_state: Run, args: argparse.Namespace, repo_id: str | None) -> Non
 
 def validate_final(run_state: Run, pipeline) -> list[Path]:
     accelerator = run_state.accelerator
-    images = generate(pipeline.to(accelerator.device), run_state.validation, accelerator.device, accelerator.autocast())
+    images = generate(pipeline.to(accelerator.device), run_state.validation, accelerator.device, accelerator.autocast)
     paths = save_images(images, run_state.validation.prompts, run_state.output_dir / "validation" / "final")
     log_images(accelerator.trackers, images, run_state.validation.prompts, "test", run_state.max_train_steps)
     return paths

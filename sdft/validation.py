@@ -32,13 +32,14 @@ def plan_prompts(prompt_list: list[str] | None, prompt: str | None, num_images: 
 
 
 def generate(pipeline, plan: ValidationPlan, device: torch.device, autocast) -> list[Image.Image]:
-    """Each image gets its own seeded generator, so image i is comparable across validations."""
+    """Each image gets its own seeded generator, so image i is comparable across validations.
+    `autocast` is a factory of context managers (e.g. `accelerator.autocast`)."""
     pipeline.set_progress_bar_config(disable=True)
     images = []
     for index, prompt in enumerate(plan.prompts):
         generator = torch.Generator(device=device).manual_seed(plan.seed + index)
         size = {"height": plan.resolution, "width": plan.resolution} if plan.resolution else {}
-        with autocast, torch.no_grad():
+        with autocast(), torch.no_grad():
             result = pipeline(prompt, num_inference_steps=plan.num_inference_steps, generator=generator, **size)
         images.append(result.images[0])
     return images

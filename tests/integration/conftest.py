@@ -1,0 +1,54 @@
+"""Fixtures for real training runs: a tiny SD model and image set built offline, and a helper that
+runs a training script with `accelerate launch` the way a user would."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from sdft.tiny import build_sd, make_images
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+@pytest.fixture(scope="session")
+def tiny_sd(tmp_path_factory) -> Path:
+    return build_sd(tmp_path_factory.mktemp("models") / "tiny-sd")
+
+
+@pytest.fixture(scope="session")
+def image_folder(tmp_path_factory) -> Path:
+    return make_images(tmp_path_factory.mktemp("data") / "images", num_images=8, layout="metadata")
+
+
+def launch_env(extra: dict | None = None) -> dict:
+    env = dict(os.environ)
+    env.update({"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
+                "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false", "PYTHONPATH": str(REPO)})
+    env.update(extra or {})
+    return env
+
+
+def accelerate_launch(script: str, args: list[str], *, num_processes: int = 1, mixed_precision: str = "no",
+                      check: bool = True, env: dict | None = None) -> subprocess.CompletedProcess:
+    command = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", str(num_processes),
+               "--num_machines", "1", "--mixed_precision", mixed_precision, "--dynamo_backend", "no"]
+    if num_processes > 1:
+        command += ["--multi_gpu"]
+    command += [str(REPO / script), *map(str, args)]
+    extra = {"ACCELERATE_USE_CPU": "1"} if num_processes > 1 else {}
+    result = subprocess.run(command, cwd=REPO, env=launch_env({**extra, **(env or {})}),
+                            capture_output=True, text=True, timeout=600)
+    if check and result.returncode != 0:
+        raise AssertionError(f"{script} failed ({result.returncode}):\n{result.stdout[-4000:]}\n{result.stderr[-8000:]}")
+    return result
+
+
+def sd_args(model: Path, data: Path, output: Path, *extra) -> list[str]:
+    return ["--pretrained_model_name_or_path", model, "--train_data_dir", data, "--output_dir", output,
+            "--resolution", "32", "--train_batch_size", "2", "--learning_rate", "1e-3", "--lr_warmup_steps", "0",
+            "--seed", "0", *extra]

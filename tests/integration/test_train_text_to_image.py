@@ -1,0 +1,153 @@
+"""Real `accelerate launch train_text_to_image.py` runs on a tiny SD model, asserting what a user
+would check: the files written, a pipeline that loads and generates, checkpoints that rotate and
+resume, a resumed run equal to an uninterrupted one, and two processes that agree."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from tests.integration.conftest import accelerate_launch, sd_args
+
+pytestmark = pytest.mark.integration
+SCRIPT = "train_text_to_image.py"
+
+
+def checkpoints(folder: Path) -> set[str]:
+    return {p.name for p in folder.iterdir() if p.name.startswith("checkpoint")}
+
+
+def unet_weights(folder: Path) -> dict[str, torch.Tensor]:
+    return load_file(folder / "unet" / "diffusion_pytorch_model.safetensors")
+
+
+def generate(pipe, prompt: str = "a red circle on a blue background") -> np.ndarray:
+    pipe.set_progress_bar_config(disable=True)
+    generator = torch.Generator().manual_seed(0)
+    return pipe(prompt, num_inference_steps=2, height=32, width=32, generator=generator, output_type="np").images[0]
+
+
+def test_full_finetune_writes_a_pipeline_that_generates(tiny_sd, image_folder, tmp_path):
+    from diffusers import StableDiffusionPipeline, UNet2DConditionModel
+
+    out = tmp_path / "out"
+    accelerate_launch(SCRIPT, sd_args(
+        tiny_sd, image_folder, out, "--max_train_steps", "4", "--checkpointing_steps", "2",
+        "--validation_prompts", "a red circle", "a blue square", "--center_crop", "--random_flip",
+        "--snr_gamma", "5.0", "--noise_offset", "0.05", "--input_perturbation", "0.1", "--dream_training",
+        "--gradient_checkpointing", "--lr_scheduler", "cosine"))
+
+    assert checkpoints(out) == {"checkpoint-2", "checkpoint-4"}
+    assert (out / "unet" / "diffusion_pytorch_model.safetensors").is_file()
+    assert (out / "scheduler" / "scheduler_config.json").is_file()
+    assert sorted(p.name for p in (out / "validation" / "final").glob("*.png")) == ["00.png", "01.png"]
+    assert list((out / "validation" / "epoch-0000").glob("*.png"))
+    assert list((out / "logs").rglob("events.out.tfevents*")), "TensorBoard logs were not written"
+    card = (out / "README.md").read_text()
+    assert "base_model:" in card and "validation/final/00.png" in card
+
+    base = unet_weights(tiny_sd)
+    trained = unet_weights(out)
+    assert any(not torch.equal(base[k], trained[k]) for k in base), "training did not change the UNet"
+
+    pipe = StableDiffusionPipeline.from_pretrained(out)
+    image = generate(pipe)
+    assert image.shape == (32, 32, 3) and np.isfinite(image).all()
+    # A checkpoint's UNet drops into the base pipeline, as in the diffusers docs.
+    unet = UNet2DConditionModel.from_pretrained(out, subfolder="checkpoint-2/unet")
+    assert np.isfinite(generate(StableDiffusionPipeline.from_pretrained(tiny_sd, unet=unet))).all()
+
+
+def test_lora_under_bf16_from_accelerate_config_loads_with_load_lora_weights(tiny_sd, image_folder, tmp_path):
+    from diffusers import StableDiffusionPipeline
+
+    out = tmp_path / "lora"
+    # bf16 comes from the launcher (as from `accelerate config`), not from --mixed_precision.
+    accelerate_launch(SCRIPT, sd_args(tiny_sd, image_folder, out, "--use_lora", "--rank", "4",
+                                      "--max_train_steps", "2", "--checkpointing_steps", "2"),
+                      mixed_precision="bf16")
+
+    weights = load_file(out / "pytorch_lora_weights.safetensors")
+    assert weights and all("lora" in k and k.startswith("unet.") for k in weights)
+    assert all(v.dtype == torch.float32 for v in weights.values()), "LoRA weights must be trained in fp32"
+    assert not (out / "unet").exists(), "a LoRA run must not write a full UNet"
+    assert (out / "checkpoint-2" / "pytorch_lora_weights.safetensors").is_file()
+    assert "load_lora_weights" in (out / "README.md").read_text()
+
+    pipe = StableDiffusionPipeline.from_pretrained(tiny_sd)
+    before = generate(pipe)
+    pipe.load_lora_weights(out)
+    after = generate(pipe)
+    assert np.isfinite(after).all()
+    assert not np.allclose(before, after), "the LoRA had no effect on the generated image"
+
+
+def test_resumed_run_equals_uninterrupted_run(tiny_sd, image_folder, tmp_path):
+    """8 images, batch 2, 2 accumulation steps: 2 optimizer steps per epoch, so checkpoint-3 lies in
+    the middle of the second epoch. EMA is on, so its shadow weights must resume exactly too."""
+    common = ["--max_train_steps", "6", "--checkpointing_steps", "3", "--gradient_accumulation_steps", "2",
+              "--use_ema", "--foreach_ema", "--offload_ema", "--random_flip", "--lr_scheduler", "linear"]
+    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
+    accelerate_launch(SCRIPT, sd_args(tiny_sd, image_folder, straight, *common))
+    state = json.loads((straight / "checkpoint-3" / "training_state.json").read_text())
+    assert state == {"global_step": 3, "epoch": 1, "batches_in_epoch": 2, "seed": 0}
+
+    resumed.mkdir()
+    shutil.copytree(straight / "checkpoint-3", resumed / "checkpoint-3")
+    accelerate_launch(SCRIPT, sd_args(tiny_sd, image_folder, resumed, *common, "--resume_from_checkpoint", "latest"))
+
+    for sub in ("checkpoint-6/unet", "checkpoint-6/unet_ema", "unet"):
+        a = load_file(straight / sub / "diffusion_pytorch_model.safetensors")
+        b = load_file(resumed / sub / "diffusion_pytorch_model.safetensors")
+        assert a.keys() == b.keys()
+        assert all(torch.equal(a[k], b[k]) for k in a), f"{sub}: resumed weights differ"
+
+
+def test_lora_with_8bit_adam_resumes_exactly(tiny_sd, image_folder, tmp_path):
+    common = ["--use_lora", "--rank", "4", "--use_8bit_adam", "--max_train_steps", "4", "--checkpointing_steps", "2"]
+    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
+    first = accelerate_launch(SCRIPT, sd_args(tiny_sd, image_folder, straight, *common))
+    assert "optimizer = AdamW8bit" in first.stderr + first.stdout
+    resumed.mkdir()
+    shutil.copytree(straight / "checkpoint-2", resumed / "checkpoint-2")
+    accelerate_launch(SCRIPT, sd_args(tiny_sd, image_folder, resumed, *common,
+                                      "--resume_from_checkpoint", str(resumed / "checkpoint-2")))
+    a = load_file(straight / "pytorch_lora_weights.safetensors")
+    b = load_file(resumed / "pytorch_lora_weights.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_checkpoint_rotation_and_resume_by_name(tiny_sd, image_folder, tmp_path):
+    """The upstream pattern: {2,4}, then resume from checkpoint-4 to step 8 with a limit of 2 -> {6,8}."""
+    out = tmp_path / "out"
+    base = ["--checkpointing_steps", "2", "--prediction_type", "v_prediction", "--snr_gamma", "5.0"]
+    accelerate_launch(SCRIPT, sd_args(tiny_sd, image_folder, out, *base, "--max_train_steps", "4"))
+    assert checkpoints(out) == {"checkpoint-2", "checkpoint-4"}
+    (out / "checkpoints.txt").write_text("a stray file must not confuse rotation or 'latest'\n")
+    accelerate_launch(SCRIPT, sd_args(tiny_sd, image_folder, out, *base, "--max_train_steps", "8",
+                                      "--resume_from_checkpoint", "checkpoint-4", "--checkpoints_total_limit", "2"))
+    assert checkpoints(out) == {"checkpoint-6", "checkpoint-8", "checkpoints.txt"}
+    assert not list(out.glob(".checkpoint-*")), "a partial checkpoint was left behind"
+    scheduler = json.loads((out / "scheduler" / "scheduler_config.json").read_text())
+    assert scheduler["prediction_type"] == "v_prediction"
+
+
+def test_two_processes_agree_and_write_checkpoints_once(tiny_sd, image_folder, tmp_path):
+    from diffusers import StableDiffusionPipeline
+
+    out = tmp_path / "ddp"
+    result = accelerate_launch(SCRIPT, sd_args(tiny_sd, image_folder, out, "--max_train_steps", "3",
+                                               "--checkpointing_steps", "2"), num_processes=2)
+    assert "identical on all 2 processes" in result.stderr + result.stdout
+    assert checkpoints(out) == {"checkpoint-2"}
+    files = {p.name for p in (out / "checkpoint-2").iterdir()}
+    assert {"unet", "training_state.json", "optimizer.bin", "scheduler.bin",
+            "random_states_0.pkl", "random_states_1.pkl"} <= files
+    assert not list(out.glob(".checkpoint-*"))
+    assert np.isfinite(generate(StableDiffusionPipeline.from_pretrained(out))).all()
