@@ -36,8 +36,14 @@ class CardInfo:
     training: dict = field(default_factory=dict)                        # a few headline settings
 
 
+def on_hub(model: str) -> bool:
+    """A local folder is not a Hub id: the card must not link to it or name it as base_model."""
+    return not Path(model).expanduser().exists()
+
+
 def write_model_card(output_dir: Path, info: CardInfo) -> Path:
-    data = ModelCardData(license=info.license, base_model=info.base_model, library_name="diffusers",
+    data = ModelCardData(license=info.license, base_model=info.base_model if on_hub(info.base_model) else None,
+                         library_name="diffusers",
                          tags=info.tags + (["lora"] if info.lora else []),
                          datasets=[info.dataset] if info.dataset and "/" in info.dataset else None,
                          instance_prompt=info.instance_prompt)
@@ -49,8 +55,10 @@ def write_model_card(output_dir: Path, info: CardInfo) -> Path:
 
 def card_body(info: CardInfo) -> str:
     kind = "LoRA adapter" if info.lora else "fine-tuned model"
-    lines = [f"# {info.title}", "", f"A {kind} trained from [{info.base_model}]"
-             f"(https://huggingface.co/{info.base_model})" + (f" on `{info.dataset}`." if info.dataset else "."), ""]
+    base = (f"[{info.base_model}](https://huggingface.co/{info.base_model})" if on_hub(info.base_model)
+            else f"`{info.base_model}`")
+    lines = [f"# {info.title}", "", f"A {kind} trained from {base}"
+             + (f" on `{info.dataset}`." if info.dataset else "."), ""]
     if info.instance_prompt:
         lines += [f"Instance prompt: `{info.instance_prompt}`", ""]
     if info.validation:

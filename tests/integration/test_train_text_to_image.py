@@ -50,7 +50,7 @@ def test_full_finetune_writes_a_pipeline_that_generates(tiny_sd, image_folder, t
     assert list((out / "validation" / "epoch-0000").glob("*.png"))
     assert list((out / "logs").rglob("events.out.tfevents*")), "TensorBoard logs were not written"
     card = (out / "README.md").read_text()
-    assert "base_model:" in card and "validation/final/00.png" in card
+    assert "validation/final/00.png" in card and "StableDiffusionPipeline.from_pretrained" in card
 
     base = unet_weights(tiny_sd)
     trained = unet_weights(out)
