@@ -50,7 +50,8 @@ def parse_args(input_args: list[str] | None = None) -> argparse.Namespace:
 
 
 def main(args: argparse.Namespace) -> None:
-    train(args, family=StableDiffusion(), make_objective=ddpm_objective, make_data=text_image_data)
+    train(args, family=StableDiffusion(denoiser_revision=args.non_ema_revision),
+          make_objective=ddpm_objective, make_data=text_image_data)
 
 
 if __name__ == "__main__":

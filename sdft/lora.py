@@ -9,11 +9,14 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
-from diffusers.utils import convert_state_dict_to_diffusers, convert_state_dict_to_peft, convert_unet_state_dict_to_peft
+from diffusers.utils import (convert_all_state_dict_to_peft, convert_state_dict_to_diffusers, convert_state_dict_to_kohya,
+                            convert_state_dict_to_peft, convert_unet_state_dict_to_peft)
 from peft import LoraConfig
+from safetensors.torch import load_file, save_file
 from peft.utils import get_peft_model_state_dict, set_peft_model_state_dict
 
 WEIGHT_NAME = "pytorch_lora_weights.safetensors"
+KOHYA_WEIGHT_NAME = "pytorch_lora_weights_kohya.safetensors"
 DENOISER_ROLES = ("unet", "transformer")
 
 
@@ -57,3 +60,12 @@ def load_lora(pipeline_cls, directory: str | Path, modules: dict[str, torch.nn.M
         if unexpected:
             raise ValueError(f"LoRA weights for the {role} in {directory} do not match the model: "
                              f"unexpected keys {unexpected[:3]}...")
+
+
+def save_kohya_copy(diffusers_file: Path) -> Path:
+    """The same LoRA with kohya key names (`lora_unet_*`, `lora_te1_*`, `.lora_down`/`.lora_up`/
+    `.alpha`), the layout ComfyUI, A1111 and Forge load natively."""
+    kohya = convert_state_dict_to_kohya(convert_all_state_dict_to_peft(load_file(str(diffusers_file))))
+    target = Path(diffusers_file).with_name(KOHYA_WEIGHT_NAME)
+    save_file({k: v.contiguous() for k, v in kohya.items()}, str(target))
+    return target

@@ -17,7 +17,7 @@ data order from (seed, epoch), so a resumed run repeats an uninterrupted one exa
 from __future__ import annotations
 
 import argparse
-import hashlib
+import dataclasses
 import logging
 import math
 import random
@@ -29,20 +29,21 @@ from typing import Callable
 
 import torch
 from accelerate import Accelerator
-from accelerate.utils import ProjectConfiguration, broadcast_object_list, gather_object, set_seed
+from accelerate.utils import ProjectConfiguration, broadcast_object_list, set_seed
 from tqdm.auto import tqdm
 
 from sdft import hub
 from sdft.checkpointing import Checkpointer, Position, TrainedWeights, read_position, resolve_resume
 from sdft.cli import CliError
-from sdft.data.dataset import CaptionedImageDataset, EpochShuffleSampler, collate
+from sdft.data.dataset import CaptionedImageDataset, EpochShuffleSampler
 from sdft.data.sources import DataError, load_captioned_images
 from sdft.data.transforms import ImageTransform
 from sdft.ema import EMA
 from sdft.families.source import ModelSource
-from sdft.lora import add_lora, save_lora
-from sdft.objectives import DDPMObjective, timestep_bias_weights
+from sdft.objectives import DDPMObjective, split_prior, timestep_bias_weights
 from sdft.optim import AdamSettings, build_adamw, build_lr_scheduler, scaled_lr
+from sdft.output import check_replicas_agree, export_lora, export_pipeline, final_images, load_saved_lora
+from sdft.trainable import LoraSpec, Placement, param_groups, prepare_models, trainable_params
 from sdft.validation import ValidationPlan, generate, log_images, plan_prompts, save_images
 
 logger = logging.getLogger("sdft")
@@ -70,13 +71,15 @@ class Run:
 
     accelerator: Accelerator
     family: object
-    models: object
-    denoiser: torch.nn.Module              # prepared (possibly DDP-wrapped)
+    models: object                         # unwrapped, for validation and saving
+    train_models: object                   # the same, with trained modules as prepared (DDP-wrapped)
+    prepared: list                         # the prepared trained modules, for accumulate()
+    denoiser: torch.nn.Module              # prepared denoiser
     objective: object
     optimizer: torch.optim.Optimizer
     lr_scheduler: object
     dataloader: torch.utils.data.DataLoader
-    dataset: CaptionedImageDataset
+    dataset: torch.utils.data.Dataset
     sampler: EpochShuffleSampler
     checkpointer: Checkpointer
     trained: TrainedWeights
@@ -92,6 +95,8 @@ class Run:
     source: ModelSource
     dream_detail_preservation: float | None = None
     params_to_clip: list = field(default_factory=list)
+    train_text_encoders: bool = False
+    prior_loss_weight: float | None = None
 
 
 def make_accelerator(args: argparse.Namespace) -> Accelerator:
@@ -160,37 +165,13 @@ def ddpm_objective(args: argparse.Namespace, noise_scheduler, device: torch.devi
     )
 
 
-def prepare_models(family, models, *, device: torch.device, weight_dtype: torch.dtype, source: ModelSource,
-                   lora_rank: int | None, gradient_checkpointing: bool, xformers: bool) -> torch.nn.Module:
-    """Freeze and place the frozen models; make the denoiser trainable (fully, or through LoRA)."""
-    for role, module in family.frozen_modules(models).items():
-        module.requires_grad_(False)
-        module.eval()
-        module.to(device, dtype=family.vae_dtype(weight_dtype, source) if role == "vae" else weight_dtype)
-    denoiser = getattr(models, family.denoiser_role)
-    if lora_rank is not None:
-        denoiser.requires_grad_(False)
-        denoiser.to(device, dtype=weight_dtype)
-        add_lora(denoiser, lora_rank, family.lora_target_modules)
-        # Trainable LoRA weights stay fp32 under fp16/bf16, or the grad scaler refuses them.
-        for param in denoiser.parameters():
-            if param.requires_grad:
-                param.data = param.data.float()
-    if gradient_checkpointing:
-        denoiser.enable_gradient_checkpointing()
-    if xformers:
-        denoiser.enable_xformers_memory_efficient_attention()
-    denoiser.train()
-    return denoiser
-
-
-def build_optimizer(args: argparse.Namespace, params: list, num_processes: int) -> torch.optim.Optimizer:
+def build_optimizer(args: argparse.Namespace, groups: list[dict], num_processes: int) -> torch.optim.Optimizer:
     lr = args.learning_rate
     if args.scale_lr:
         lr = scaled_lr(lr, args.gradient_accumulation_steps, args.train_batch_size, num_processes)
     settings = AdamSettings(lr=lr, betas=(args.adam_beta1, args.adam_beta2), weight_decay=args.adam_weight_decay,
                             eps=args.adam_epsilon, use_8bit=args.use_8bit_adam)
-    return build_adamw([{"params": params}], settings)
+    return build_adamw(groups, settings)
 
 
 def tracker_config(args: argparse.Namespace) -> dict:
@@ -215,8 +196,7 @@ def train(args: argparse.Namespace, family, make_objective=ddpm_objective, make_
     resume_dir = resolve_resume(args.resume_from_checkpoint, output_dir)
     if args.resume_from_checkpoint and resume_dir is None:
         logger.info("No checkpoint in %s; starting a new training run.", output_dir)
-    resumed = read_position(resume_dir) if resume_dir else None
-    seed = resolve_seed(args.seed, resumed)
+    seed = resolve_seed(args.seed, read_position(resume_dir) if resume_dir else None)
     set_seed(seed)
 
     # Data first: a bad dataset should fail before minutes of model loading.
@@ -227,51 +207,12 @@ def train(args: argparse.Namespace, family, make_objective=ddpm_objective, make_
     if accelerator.is_main_process:
         output_dir.mkdir(parents=True, exist_ok=True)
 
-    source = ModelSource(args.pretrained_model_name_or_path, args.revision, args.variant, args.cache_dir)
-    models = load_models(family, source, getattr(args, "non_ema_revision", None))
-    weight_dtype = weight_dtype_of(accelerator)
-    denoiser = prepare_models(family, models, device=accelerator.device, weight_dtype=weight_dtype, source=source,
-                              lora_rank=args.rank if args.use_lora else None,
-                              gradient_checkpointing=args.gradient_checkpointing,
-                              xformers=args.enable_xformers_memory_efficient_attention)
-    ema = None
-    if getattr(args, "use_ema", False):
-        ema = EMA(ema_start(family, source, denoiser, args), family.denoiser_role, accelerator.device,
-                  foreach=getattr(args, "foreach_ema", False), offload=getattr(args, "offload_ema", False))
-    objective = make_objective(args, models.noise_scheduler, accelerator.device)
-
-    params = [p for p in denoiser.parameters() if p.requires_grad]
-    optimizer = build_optimizer(args, params, accelerator.num_processes)
-    sampler = EpochShuffleSampler(len(dataset), seed)
-    dataloader = accelerator.prepare(torch.utils.data.DataLoader(
-        dataset, batch_size=args.train_batch_size, sampler=sampler, collate_fn=collate,
-        num_workers=args.dataloader_num_workers))
-    updates_per_epoch = math.ceil(len(dataloader) / args.gradient_accumulation_steps)
-    max_train_steps = args.max_train_steps or args.num_train_epochs * updates_per_epoch
-    lr_scheduler = build_lr_scheduler(args.lr_scheduler, optimizer, warmup_steps=args.lr_warmup_steps,
-                                      total_steps=max_train_steps, num_processes=accelerator.num_processes,
-                                      num_cycles=args.lr_num_cycles, power=args.lr_power)
-    prepared_denoiser, optimizer, lr_scheduler = accelerator.prepare(denoiser, optimizer, lr_scheduler)
-
-    trained = TrainedWeights(family.pipeline_cls, {family.denoiser_role: denoiser}, lora=args.use_lora, ema=ema)
-    checkpointer = Checkpointer(accelerator, output_dir, args.checkpoints_total_limit, trained)
+    run_state = build_run(args, family, make_objective, accelerator, dataset, seed)
     position = Position(seed=seed)
     if resume_dir is not None:
         logger.info("Resuming from %s", resume_dir)
-        position = checkpointer.load(resume_dir)
+        position = run_state.checkpointer.load(resume_dir)
         position.seed = seed
-
-    run_state = Run(
-        accelerator=accelerator, family=family, models=models, denoiser=prepared_denoiser, objective=objective,
-        optimizer=optimizer, lr_scheduler=lr_scheduler, dataloader=dataloader, dataset=dataset, sampler=sampler,
-        checkpointer=checkpointer, trained=trained, seed=seed, max_train_steps=max_train_steps,
-        num_epochs=math.ceil(max_train_steps / updates_per_epoch), checkpointing_steps=args.checkpointing_steps,
-        max_grad_norm=args.max_grad_norm, weight_dtype=weight_dtype,
-        validation=ValidationPlan(validation_prompts(args), seed=seed, resolution=args.resolution),
-        validation_epochs=args.validation_epochs, output_dir=output_dir, source=source,
-        dream_detail_preservation=args.dream_detail_preservation if getattr(args, "dream_training", False) else None,
-        params_to_clip=params,
-    )
     if accelerator.is_main_process:
         accelerator.init_trackers(getattr(args, "tracker_project_name", tracker_name), config=tracker_config(args))
     log_plan(run_state, len(dataset), args)
@@ -279,14 +220,71 @@ def train(args: argparse.Namespace, family, make_objective=ddpm_objective, make_
     finish(run_state, args, repo_id)
 
 
+def build_run(args: argparse.Namespace, family, make_objective, accelerator: Accelerator, dataset, seed: int) -> Run:
+    source = ModelSource(args.pretrained_model_name_or_path, args.revision, args.variant, args.cache_dir)
+    models = load_models(family, source)
+    weight_dtype = weight_dtype_of(accelerator)
+    placement = Placement(accelerator.device, weight_dtype, family.vae_dtype(weight_dtype))
+    train_text_encoders = getattr(args, "train_text_encoder", False)
+    roles = [family.denoiser_role] + (family.trainable_text_encoder_roles if train_text_encoders else [])
+    trained = prepare_models(family, models, roles, placement, lora=lora_spec(args, family),
+                             gradient_checkpointing=args.gradient_checkpointing,
+                             xformers=getattr(args, "enable_xformers_memory_efficient_attention", False))
+    ema = None
+    if getattr(args, "use_ema", False):
+        ema = EMA(ema_start(family, source, trained[family.denoiser_role], args), family.denoiser_role,
+                  accelerator.device, foreach=getattr(args, "foreach_ema", False),
+                  offload=getattr(args, "offload_ema", False))
+    objective = make_objective(args, models.noise_scheduler, accelerator.device)
+    params = trainable_params(trained)
+    optimizer = build_optimizer(args, param_groups(trained, family.denoiser_role,
+                                                   getattr(args, "text_encoder_lr", None),
+                                                   getattr(args, "adam_weight_decay_text_encoder", None)),
+                                accelerator.num_processes)
+    sampler = EpochShuffleSampler(len(dataset), seed)
+    dataloader = accelerator.prepare(torch.utils.data.DataLoader(
+        dataset, batch_size=args.train_batch_size, sampler=sampler, collate_fn=dataset.collate,
+        num_workers=args.dataloader_num_workers))
+    updates_per_epoch = math.ceil(len(dataloader) / args.gradient_accumulation_steps)
+    max_train_steps = args.max_train_steps or args.num_train_epochs * updates_per_epoch
+    lr_scheduler = build_lr_scheduler(args.lr_scheduler, optimizer, warmup_steps=args.lr_warmup_steps,
+                                      total_steps=max_train_steps, num_processes=accelerator.num_processes,
+                                      num_cycles=args.lr_num_cycles, power=args.lr_power)
+    *prepared, optimizer, lr_scheduler = accelerator.prepare(*trained.values(), optimizer, lr_scheduler)
+    prepared = dict(zip(trained, prepared))
+    weights = TrainedWeights(family.pipeline_cls, trained, lora=args.use_lora, ema=ema)
+    return Run(
+        accelerator=accelerator, family=family, models=models,
+        train_models=dataclasses.replace(models, **prepared), prepared=list(prepared.values()),
+        denoiser=prepared[family.denoiser_role], objective=objective, optimizer=optimizer,
+        lr_scheduler=lr_scheduler, dataloader=dataloader, dataset=dataset, sampler=sampler,
+        checkpointer=Checkpointer(accelerator, Path(args.output_dir), args.checkpoints_total_limit, weights),
+        trained=weights, seed=seed, max_train_steps=max_train_steps,
+        num_epochs=math.ceil(max_train_steps / updates_per_epoch), checkpointing_steps=args.checkpointing_steps,
+        max_grad_norm=args.max_grad_norm, weight_dtype=weight_dtype,
+        validation=ValidationPlan(validation_prompts(args), seed=seed, resolution=args.resolution),
+        validation_epochs=args.validation_epochs, output_dir=Path(args.output_dir), source=source,
+        dream_detail_preservation=args.dream_detail_preservation if getattr(args, "dream_training", False) else None,
+        params_to_clip=params, train_text_encoders=train_text_encoders,
+        prior_loss_weight=args.prior_loss_weight if getattr(args, "with_prior_preservation", False) else None,
+    )
+
+
+def lora_spec(args: argparse.Namespace, family) -> LoraSpec | None:
+    if not args.use_lora:
+        return None
+    return LoraSpec(rank=args.rank, denoiser_targets=family.lora_target_modules,
+                    dropout=getattr(args, "lora_dropout", 0.0))
+
+
 def validation_prompts(args: argparse.Namespace) -> list[str]:
     return plan_prompts(getattr(args, "validation_prompts", None), args.validation_prompt,
                         args.num_validation_images)
 
 
-def load_models(family, source: ModelSource, denoiser_revision: str | None):
+def load_models(family, source: ModelSource):
     try:
-        return family.load(source, denoiser_revision)
+        return family.load(source)
     except OSError as err:
         raise FileNotFoundError(f"Could not load the model '{source.path}': {err}") from err
 
@@ -339,7 +337,7 @@ def run_epoch(run_state: Run, position: Position, epoch: int, skip: int, progres
     loss_sum, micro_steps = torch.zeros((), device=accelerator.device), 0
     for batch in loader:
         micro_step = position.global_step * ga + micro_steps
-        with accelerator.accumulate(run_state.denoiser):
+        with accelerator.accumulate(*run_state.prepared):
             loss = training_step(run_state, batch, micro_step)
         loss_sum += loss.detach()
         micro_steps += 1
@@ -361,10 +359,11 @@ def run_epoch(run_state: Run, position: Position, epoch: int, skip: int, progres
 
 
 def training_step(run_state: Run, batch: dict, micro_step: int) -> torch.Tensor:
-    accelerator, family, models = run_state.accelerator, run_state.family, run_state.models
+    accelerator, family, models = run_state.accelerator, run_state.family, run_state.train_models
     generator = step_generator(run_state.seed, micro_step, accelerator.process_index, accelerator.device)
     with torch.no_grad():
         latents = family.encode_images(models, batch["pixel_values"], generator).to(run_state.weight_dtype)
+    with nullcontext() if run_state.train_text_encoders else torch.no_grad():
         cond = family.condition(models, batch, accelerator.device)
     noised = run_state.objective.noise(latents, generator)
     if run_state.dream_detail_preservation is not None:
@@ -372,7 +371,11 @@ def training_step(run_state: Run, batch: dict, micro_step: int) -> torch.Tensor:
             guess = family.predict(run_state.denoiser, noised.noisy, noised.timesteps, cond)
         noised = run_state.objective.dream(noised, guess, run_state.dream_detail_preservation)
     pred = family.predict(run_state.denoiser, noised.noisy, noised.timesteps, cond)
-    loss = run_state.objective.loss(pred, noised).mean()
+    per_sample = run_state.objective.loss(pred, noised)
+    if run_state.prior_loss_weight is not None:
+        loss = split_prior(per_sample, run_state.prior_loss_weight)
+    else:
+        loss = per_sample.mean()
     accelerator.backward(loss)
     if accelerator.sync_gradients and run_state.max_grad_norm:
         accelerator.clip_grad_norm_(run_state.params_to_clip, run_state.max_grad_norm)
@@ -380,7 +383,7 @@ def training_step(run_state: Run, batch: dict, micro_step: int) -> torch.Tensor:
     run_state.lr_scheduler.step()
     run_state.optimizer.zero_grad(set_to_none=True)
     if accelerator.sync_gradients and run_state.trained.ema is not None:
-        run_state.trained.ema.step(run_state.accelerator.unwrap_model(run_state.denoiser).parameters())
+        run_state.trained.ema.step(run_state.trained.modules[family.denoiser_role].parameters())
     return loss
 
 
@@ -388,47 +391,31 @@ def training_step(run_state: Run, batch: dict, micro_step: int) -> torch.Tensor:
 
 
 def validation_pipeline(run_state: Run):
-    family = run_state.family
-    denoiser = run_state.accelerator.unwrap_model(run_state.denoiser)
+    """A pipeline around the in-memory modules (nothing reloaded from disk but configs)."""
+    family, source = run_state.family, run_state.source
     pipeline = family.pipeline_cls.from_pretrained(
-        run_state.source.path, **family.pipeline_modules(run_state.models), **{family.denoiser_role: denoiser},
-        revision=run_state.source.revision, variant=run_state.source.variant, dtype=run_state.weight_dtype,
+        source.path, **family.pipeline_modules(run_state.models), **run_state.trained.modules,
+        revision=source.revision, variant=source.variant, dtype=run_state.weight_dtype,
     )
     return pipeline.to(run_state.accelerator.device)
 
 
-def validate(run_state: Run, phase: str, step: int, folder: str, pipeline=None) -> list[Path]:
+def validate(run_state: Run, phase: str, step: int, folder: str) -> list[Path]:
     """Main process only; the others wait at the barrier."""
     accelerator = run_state.accelerator
     paths = []
     if accelerator.is_main_process:
         logger.info("Generating %d validation image(s)", len(run_state.validation.prompts))
         ema = run_state.trained.ema
-        denoiser = accelerator.unwrap_model(run_state.denoiser)
-        with ema.swapped_in(denoiser) if (ema is not None and pipeline is None) else nullcontext():
-            pipe = pipeline or validation_pipeline(run_state)
-            images = generate(pipe, run_state.validation, accelerator.device, accelerator.autocast)
-        del pipe
+        denoiser = run_state.trained.modules[run_state.family.denoiser_role]
+        with ema.swapped_in(denoiser) if ema is not None else nullcontext():
+            pipeline = validation_pipeline(run_state)
+            images = generate(pipeline, run_state.validation, accelerator.device, accelerator.autocast)
+        del pipeline
         paths = save_images(images, run_state.validation.prompts, run_state.output_dir / "validation" / folder)
         log_images(accelerator.trackers, images, run_state.validation.prompts, phase, step)
     accelerator.wait_for_everyone()
     return paths
-
-
-def check_replicas_agree(accelerator: Accelerator, modules: dict[str, torch.nn.Module]) -> None:
-    """Every process must end with the same weights; a silent desync would make the saved model
-    depend on which rank wrote it."""
-    if accelerator.num_processes == 1:
-        return
-    digest = hashlib.sha256()
-    for module in modules.values():
-        for param in module.parameters():
-            if param.requires_grad:
-                digest.update(param.detach().float().cpu().numpy().tobytes())
-    digests = gather_object([digest.hexdigest()])
-    if len(set(digests)) > 1:
-        raise RuntimeError(f"Trained weights differ between processes: {digests}")
-    logger.info("Trained weights are identical on all %d processes (sha256 %s)", len(digests), digests[0][:16])
 
 
 def finish(run_state: Run, args: argparse.Namespace, repo_id: str | None) -> None:
@@ -436,21 +423,7 @@ def finish(run_state: Run, args: argparse.Namespace, repo_id: str | None) -> Non
     accelerator.wait_for_everyone()
     check_replicas_agree(accelerator, run_state.trained.modules)
     if accelerator.is_main_process:
-        family, output_dir = run_state.family, run_state.output_dir
-        denoiser = accelerator.unwrap_model(run_state.denoiser)
-        if run_state.trained.ema is not None:
-            run_state.trained.ema.copy_to(denoiser.parameters())
-        if run_state.trained.lora:
-            save_lora(family.pipeline_cls, output_dir, run_state.trained.modules)
-            final = load_saved_lora(run_state) if run_state.validation.enabled else None
-        else:
-            final = export_pipeline(run_state, args.prediction_type)
-        samples = []
-        if run_state.validation.enabled:
-            paths = validate_final(run_state, final)
-            samples = [(str(p.relative_to(output_dir)), prompt) for p, prompt in zip(paths, run_state.validation.prompts)]
-        hub.write_model_card(output_dir, card_info(run_state, args, samples))
-        logger.info("Saved the trained model to %s", output_dir)
+        save_outputs(run_state, args)
     accelerator.wait_for_everyone()
     accelerator.end_training()
     if repo_id is not None and accelerator.is_main_process:
@@ -458,35 +431,26 @@ def finish(run_state: Run, args: argparse.Namespace, repo_id: str | None) -> Non
             raise hub.HubError(f"Training finished and {run_state.output_dir} is complete, but the upload failed.")
 
 
-def validate_final(run_state: Run, pipeline) -> list[Path]:
-    accelerator = run_state.accelerator
-    images = generate(pipeline.to(accelerator.device), run_state.validation, accelerator.device, accelerator.autocast)
-    paths = save_images(images, run_state.validation.prompts, run_state.output_dir / "validation" / "final")
-    log_images(accelerator.trackers, images, run_state.validation.prompts, "test", run_state.max_train_steps)
-    return paths
-
-
-def export_pipeline(run_state: Run, prediction_type: str | None):
-    """The full pipeline: the trained denoiser plus the base model's other components as stored
-    (reloaded, so frozen parts keep their original precision rather than the training dtype)."""
-    family, source = run_state.family, run_state.source
-    denoiser = run_state.accelerator.unwrap_model(run_state.denoiser)
-    pipeline = family.pipeline_cls.from_pretrained(source.path, **{family.denoiser_role: denoiser},
-                                                   revision=source.revision, variant=source.variant)
-    if prediction_type is not None:
-        pipeline.scheduler = type(pipeline.scheduler).from_config(pipeline.scheduler.config,
-                                                                  prediction_type=prediction_type)
-    pipeline.save_pretrained(run_state.output_dir)
-    return pipeline
-
-
-def load_saved_lora(run_state: Run):
-    """The final images come from the file users get: base pipeline + load_lora_weights."""
-    source = run_state.source
-    pipeline = run_state.family.pipeline_cls.from_pretrained(
-        source.path, revision=source.revision, variant=source.variant, dtype=run_state.weight_dtype)
-    pipeline.load_lora_weights(str(run_state.output_dir))
-    return pipeline
+def save_outputs(run_state: Run, args: argparse.Namespace) -> None:
+    family, output_dir, trained = run_state.family, run_state.output_dir, run_state.trained
+    if trained.ema is not None:
+        trained.ema.copy_to(trained.modules[family.denoiser_role].parameters())
+    extra = family.export_modules(run_state.models)
+    if trained.lora:
+        upcast = getattr(args, "upcast_before_saving", True)
+        export_lora(family, trained.modules, output_dir, kohya=getattr(args, "output_kohya_format", False),
+                    dtype=None if upcast else run_state.weight_dtype)
+        pipeline = (load_saved_lora(family, run_state.source, output_dir, run_state.weight_dtype, extra)
+                    if run_state.validation.enabled else None)
+    else:
+        pipeline = export_pipeline(family, run_state.source, trained.modules, output_dir,
+                                   getattr(args, "prediction_type", None), extra)
+    samples = []
+    if pipeline is not None and run_state.validation.enabled:
+        samples = final_images(run_state.accelerator, pipeline, run_state.validation, output_dir,
+                               run_state.max_train_steps)
+    hub.write_model_card(output_dir, card_info(run_state, args, samples))
+    logger.info("Saved the trained model to %s", output_dir)
 
 
 def card_info(run_state: Run, args: argparse.Namespace, samples: list[tuple[str, str]]) -> hub.CardInfo:
@@ -499,5 +463,6 @@ def card_info(run_state: Run, args: argparse.Namespace, samples: list[tuple[str,
         training={"steps": run_state.max_train_steps, "learning rate": args.learning_rate,
                   "batch size per device": args.train_batch_size, "resolution": args.resolution,
                   "mixed precision": run_state.accelerator.mixed_precision,
-                  **({"LoRA rank": args.rank} if args.use_lora else {})},
+                  **({"LoRA rank": args.rank} if args.use_lora else {}),
+                  **({"EMA": "yes"} if run_state.trained.ema is not None else {})},
     )

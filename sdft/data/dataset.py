@@ -28,10 +28,14 @@ def seeded_rng(seed: int, epoch: int, index: int) -> random.Random:
 
 
 class CaptionedImageDataset(Dataset):
-    def __init__(self, images: CaptionedImages, transform: ImageTransform, seed: int):
+    """`empty_caption_rate` replaces captions with "" at that rate, drawn anew every epoch
+    (SDXL's --proportion_empty_prompts; upstream draws once, when it precomputes embeddings)."""
+
+    def __init__(self, images: CaptionedImages, transform: ImageTransform, seed: int, empty_caption_rate: float = 0.0):
         self.images = images
         self.transform = transform
         self.seed = seed
+        self.empty_caption_rate = empty_caption_rate
         self.epoch = 0
 
     def use_epoch(self, epoch: int) -> None:
@@ -40,12 +44,19 @@ class CaptionedImageDataset(Dataset):
     def __len__(self) -> int:
         return len(self.images)
 
+    @staticmethod
+    def collate(examples: list[dict]) -> dict:
+        return collate(examples)
+
     def __getitem__(self, index: int) -> dict:
         rng = seeded_rng(self.seed, self.epoch, index)
         out = self.transform(self.images.open_image(index), rng)
+        caption = rng.choice(self.images.captions(index))
+        if self.empty_caption_rate and rng.random() < self.empty_caption_rate:
+            caption = ""
         return {
             "pixel_values": out.pixels,
-            "caption": rng.choice(self.images.captions(index)),
+            "caption": caption,
             "original_size": out.original_size,
             "crop_top_left": out.crop_top_left,
         }

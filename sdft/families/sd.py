@@ -21,23 +21,26 @@ class SDModels:
 
 
 class StableDiffusion:
-    """The family object the trainer talks to; it holds no state of its own."""
+    """The family object the trainer talks to. `denoiser_revision` loads the trained UNet from
+    another Hub revision (--non_ema_revision)."""
 
     name = "sd"
     pipeline_cls = StableDiffusionPipeline
     denoiser_role = "unet"
-    denoiser_cls = UNet2DConditionModel
     lora_target_modules = ["to_k", "to_q", "to_v", "to_out.0"]
-    text_encoder_roles: list[str] = ["text_encoder"]
+    trainable_text_encoder_roles = ["text_encoder"]
     license = "creativeml-openrail-m"
     tags = ["stable-diffusion", "stable-diffusion-diffusers", "text-to-image", "diffusers", "diffusers-training"]
 
-    def load(self, source: ModelSource, denoiser_revision: str | None = None) -> SDModels:
+    def __init__(self, denoiser_revision: str | None = None):
+        self.denoiser_revision = denoiser_revision
+
+    def load(self, source: ModelSource) -> SDModels:
         return SDModels(
             tokenizer=CLIPTokenizer.from_pretrained(source.path, subfolder="tokenizer", **source.hub_kwargs()),
             text_encoder=CLIPTextModel.from_pretrained(source.path, subfolder="text_encoder", **source.weight_kwargs()),
             vae=AutoencoderKL.from_pretrained(source.path, subfolder="vae", **source.weight_kwargs()),
-            unet=self.load_denoiser(source, denoiser_revision),
+            unet=self.load_denoiser(source, self.denoiser_revision),
             noise_scheduler=DDPMScheduler.from_pretrained(source.path, subfolder="scheduler", **source.hub_kwargs()),
         )
 
@@ -47,10 +50,10 @@ class StableDiffusion:
             kwargs["revision"] = revision
         return UNet2DConditionModel.from_pretrained(source.path, subfolder="unet", **kwargs)
 
-    def frozen_modules(self, models: SDModels) -> dict[str, torch.nn.Module]:
-        return {"text_encoder": models.text_encoder, "vae": models.vae}
+    def components(self, models: SDModels) -> dict[str, torch.nn.Module]:
+        return {"text_encoder": models.text_encoder, "vae": models.vae, "unet": models.unet}
 
-    def vae_dtype(self, weight_dtype: torch.dtype, source: ModelSource) -> torch.dtype:
+    def vae_dtype(self, weight_dtype: torch.dtype) -> torch.dtype:
         return weight_dtype
 
     def encode_images(self, models: SDModels, pixels: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
@@ -71,3 +74,7 @@ class StableDiffusion:
         """In-memory modules a validation pipeline reuses instead of reloading them."""
         return {"tokenizer": models.tokenizer, "text_encoder": models.text_encoder, "vae": models.vae,
                 "safety_checker": None, "feature_extractor": None, "requires_safety_checker": False}
+
+    def export_modules(self, models: SDModels) -> dict:
+        """Components the exported pipeline takes from elsewhere than the base model: none here."""
+        return {}
