@@ -56,16 +56,21 @@ def list_checkpoints(output_dir: str | Path) -> list[tuple[int, Path]]:
 
 
 def resolve_resume(value: str | None, output_dir: str | Path) -> Path | None:
-    """'latest' -> newest checkpoint or None; a name -> that folder (as a path or inside output_dir)."""
+    """'latest' -> the newest checkpoint in output_dir, or None; a bare name (`checkpoint-1500`) ->
+    that folder in output_dir (or, failing that, the current folder); a path -> that path. A path
+    that does not exist is an error, never silently swapped for another folder of the same name."""
     if value is None:
         return None
     if value == "latest":
         found = list_checkpoints(output_dir)
         return found[-1][1] if found else None
-    for candidate in (Path(value), Path(output_dir) / Path(value).name):
+    given = Path(value).expanduser()
+    candidates = [Path(output_dir) / value, given] if given.name == value else [given]
+    for candidate in candidates:
         if candidate.is_dir():
             return candidate
-    raise FileNotFoundError(f"--resume_from_checkpoint '{value}' does not exist.")
+    looked = " or ".join(str(c) for c in candidates)
+    raise FileNotFoundError(f"--resume_from_checkpoint '{value}' does not exist (looked for {looked}).")
 
 
 def read_position(checkpoint: Path) -> Position:

@@ -116,13 +116,17 @@ def add_optimizer_args(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--adam_epsilon", type=float, default=1e-08, help="Adam epsilon.")
 
 
-def add_precision_args(parser: argparse.ArgumentParser) -> None:
+def add_precision_args(parser: argparse.ArgumentParser, *, npu: bool = False, xformers: bool = True) -> None:
     g = parser.add_argument_group("precision and speed")
     g.add_argument("--mixed_precision", type=str, default=None, choices=["no", "fp16", "bf16"],
                    help="Mixed precision; overrides the accelerate config. Frozen models are cast to it.")
     g.add_argument("--allow_tf32", action="store_true", help="Allow TF32 matmuls on Ampere+ GPUs.")
-    g.add_argument("--enable_xformers_memory_efficient_attention", action="store_true",
-                   help="Use xformers attention (needs xformers and CUDA); PyTorch SDPA is used otherwise.")
+    if xformers:
+        g.add_argument("--enable_xformers_memory_efficient_attention", action="store_true",
+                       help="Use xformers attention (needs xformers and CUDA); PyTorch SDPA is used otherwise.")
+    if npu:
+        g.add_argument("--enable_npu_flash_attention", action="store_true",
+                       help="Use flash attention on Ascend NPUs (needs torch_npu).")
 
 
 def add_ddpm_objective_args(parser: argparse.ArgumentParser, *, prediction_types: Sequence[str]) -> None:
@@ -147,6 +151,26 @@ def add_t2i_objective_extras(parser: argparse.ArgumentParser) -> None:
                    help="DREAM detail-preservation exponent p.")
 
 
+def add_timestep_bias_args(parser: argparse.ArgumentParser) -> None:
+    g = parser.add_argument_group("timestep bias")
+    g.add_argument("--timestep_bias_strategy", type=str, default="none", choices=["earlier", "later", "range", "none"],
+                   help="Sample some timesteps more often: 'later' (noisier, composition), 'earlier' (less "
+                        "noise, detail), 'range' (begin..end); 'none' samples uniformly.")
+    g.add_argument("--timestep_bias_multiplier", type=float, default=1.0,
+                   help="Sampling weight of the biased timesteps relative to the others (> 0; < 1 de-emphasises).")
+    g.add_argument("--timestep_bias_begin", type=int, default=0, help="First timestep of the 'range' strategy.")
+    g.add_argument("--timestep_bias_end", type=int, default=1000,
+                   help="End of the 'range' strategy, exclusive (timesteps begin..end-1).")
+    g.add_argument("--timestep_bias_portion", type=float, default=0.25,
+                   help="Fraction of the timesteps biased by 'earlier'/'later'.")
+
+
+def add_empty_prompt_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--proportion_empty_prompts", type=float, default=0,
+                        help="Fraction of captions replaced by the empty prompt, drawn anew every epoch "
+                             "(trains unconditional generation for classifier-free guidance).")
+
+
 def add_ema_args(parser: argparse.ArgumentParser, *, offload: bool) -> None:
     g = parser.add_argument_group("EMA")
     g.add_argument("--use_ema", action="store_true",
@@ -159,12 +183,25 @@ def add_ema_args(parser: argparse.ArgumentParser, *, offload: bool) -> None:
                        help="Hub revision to load the trained (non-EMA) denoiser from; default: --revision.")
 
 
-def add_lora_args(parser: argparse.ArgumentParser) -> None:
+def add_lora_args(parser: argparse.ArgumentParser, *, text_encoder: bool = False, kohya: bool = False,
+                  debug_loss: bool = False) -> None:
     g = parser.add_argument_group("LoRA")
     g.add_argument("--use_lora", action="store_true",
                    help="Train LoRA adapters instead of the full model; writes pytorch_lora_weights.safetensors.")
     g.add_argument("--rank", type=int, default=4, help="LoRA rank (lora_alpha equals the rank).")
-    parser.set_defaults(_lora_only=["rank"])
+    lora_only = ["rank"]
+    if text_encoder:
+        g.add_argument("--train_text_encoder", action="store_true",
+                       help="Also train LoRA adapters on the text encoders (q/k/v/out projections).")
+        lora_only.append("train_text_encoder")
+    if kohya:
+        g.add_argument("--output_kohya_format", action="store_true",
+                       help="Also write pytorch_lora_weights_kohya.safetensors (ComfyUI/A1111/Forge key names).")
+        lora_only.append("output_kohya_format")
+    if debug_loss:
+        g.add_argument("--debug_loss", action="store_true",
+                       help="Also log each image's own loss, keyed by its file name.")
+    parser.set_defaults(_lora_only=lora_only)
 
 
 def add_checkpoint_args(parser: argparse.ArgumentParser) -> None:
@@ -255,6 +292,8 @@ def check_positive(args: argparse.Namespace) -> None:
                  "resolution", "num_train_epochs", "validation_epochs"):
         if getattr(args, name, 1) < 1:
             raise CliError(f"--{name} must be at least 1, got {getattr(args, name)}.")
+    if args.seed is not None and not 0 <= args.seed < 2**32:
+        raise CliError(f"--seed must be between 0 and 2**32 - 1, got {args.seed}.")
     for name in ("max_train_steps", "checkpoints_total_limit", "max_train_samples"):
         value = getattr(args, name, None)
         if value is not None and value < 1:
@@ -273,15 +312,21 @@ def check_positive(args: argparse.Namespace) -> None:
 
 def check_model_path(args: argparse.Namespace) -> None:
     """A local model folder must exist and hold a diffusers pipeline; Hub ids are checked at load time."""
-    path = args.pretrained_model_name_or_path
-    if _looks_local(path) and not Path(path).expanduser().is_dir():
-        raise CliError(f"--pretrained_model_name_or_path '{path}' does not exist.")
-    if Path(path).expanduser().is_dir() and not (Path(path).expanduser() / "model_index.json").is_file():
-        raise CliError(f"--pretrained_model_name_or_path '{path}' is not a diffusers pipeline folder "
-                       "(no model_index.json).")
+    check_pipeline_folder("--pretrained_model_name_or_path", args.pretrained_model_name_or_path, "model_index.json")
     vae = getattr(args, "pretrained_vae_model_name_or_path", None)
-    if vae and _looks_local(vae) and not Path(vae).expanduser().is_dir():
-        raise CliError(f"--pretrained_vae_model_name_or_path '{vae}' does not exist.")
+    if vae:
+        check_pipeline_folder("--pretrained_vae_model_name_or_path", vae, "config.json")
+
+
+def check_pipeline_folder(flag: str, value: str, marker: str) -> None:
+    path = Path(value).expanduser()
+    if path.exists() and not path.is_dir():
+        raise CliError(f"{flag} '{value}' is a file; a diffusers folder (with {marker}) or a Hub id is needed "
+                       "(single-file checkpoints are not supported).")
+    if path.is_dir() and not (path / marker).is_file():
+        raise CliError(f"{flag} '{value}' is not a diffusers folder (no {marker}).")
+    if not path.exists() and _looks_local(value):
+        raise CliError(f"{flag} '{value}' does not exist.")
 
 
 def _looks_local(path: str) -> bool:
@@ -332,13 +377,12 @@ def check_ema(args: argparse.Namespace) -> None:
 
 def check_resume(args: argparse.Namespace) -> None:
     """An explicit checkpoint must exist now, not after the models are loaded."""
-    value = args.resume_from_checkpoint
-    if value is None or value == "latest":
-        return
-    candidates = [Path(value), Path(args.output_dir) / Path(value).name]
-    if not any(c.is_dir() for c in candidates):
-        raise CliError(f"--resume_from_checkpoint '{value}' does not exist "
-                       f"(looked for {candidates[0]} and {candidates[1]}).")
+    from sdft.checkpointing import resolve_resume
+
+    try:
+        resolve_resume(args.resume_from_checkpoint, args.output_dir)
+    except FileNotFoundError as err:
+        raise CliError(str(err)) from err
 
 
 def check_validation(args: argparse.Namespace) -> None:
@@ -358,10 +402,25 @@ def check_tracking_and_hub(args: argparse.Namespace) -> None:
                        "log in with `hf auth login` instead of passing --hub_token.")
 
 
+def check_sdxl(args: argparse.Namespace) -> None:
+    from sdft.objectives import validate_timestep_bias
+
+    if not 0 <= args.proportion_empty_prompts <= 1:
+        raise CliError(f"--proportion_empty_prompts must be between 0 and 1, got {args.proportion_empty_prompts}.")
+    if args.timestep_bias_strategy != "none" or "timestep_bias_multiplier" in args._given:
+        try:
+            validate_timestep_bias(args.timestep_bias_strategy, args.timestep_bias_multiplier,
+                                   args.timestep_bias_begin, args.timestep_bias_end, args.timestep_bias_portion)
+        except ValueError as err:
+            raise CliError(str(err)) from err
+
+
 def check_accelerators(args: argparse.Namespace) -> None:
     import torch
 
-    if args.enable_xformers_memory_efficient_attention:
+    if getattr(args, "enable_npu_flash_attention", False) and importlib.util.find_spec("torch_npu") is None:
+        raise CliError("--enable_npu_flash_attention needs an Ascend NPU and torch_npu.")
+    if getattr(args, "enable_xformers_memory_efficient_attention", False):
         if importlib.util.find_spec("xformers") is None:
             raise CliError("--enable_xformers_memory_efficient_attention needs xformers: pip install xformers. "
                            "Without the flag PyTorch's SDPA attention is used.")

@@ -7,6 +7,7 @@ resuming, not for users (diffusers PR #8225), and a failed upload never touches 
 
 from __future__ import annotations
 
+import json
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -45,7 +46,7 @@ def write_model_card(output_dir: Path, info: CardInfo) -> Path:
     data = ModelCardData(license=info.license, base_model=info.base_model if on_hub(info.base_model) else None,
                          library_name="diffusers",
                          tags=info.tags + (["lora"] if info.lora else []),
-                         datasets=[info.dataset] if info.dataset and "/" in info.dataset else None,
+                         datasets=[info.dataset] if info.dataset and on_hub(info.dataset) else None,
                          instance_prompt=info.instance_prompt)
     card = ModelCard(f"---\n{data.to_yaml()}\n---\n\n{card_body(info)}")
     path = output_dir / "README.md"
@@ -65,12 +66,12 @@ def card_body(info: CardInfo) -> str:
         lines += ["## Samples", ""] + [f"![{prompt}]({path}) `{prompt}`" for path, prompt in info.validation] + [""]
     lines += ["## Use", "", "```python", "import torch", f"from diffusers import {info.pipeline_class}", ""]
     if info.lora:
-        lines += [f'pipe = {info.pipeline_class}.from_pretrained("{info.base_model}", torch_dtype=torch.float16)',
+        lines += [f'pipe = {info.pipeline_class}.from_pretrained({json.dumps(info.base_model)}, torch_dtype=torch.float16)',
                   'pipe.load_lora_weights("<this repo or folder>")']
     else:
         lines += [f'pipe = {info.pipeline_class}.from_pretrained("<this repo or folder>", torch_dtype=torch.float16)']
     prompt = info.validation[0][1] if info.validation else (info.instance_prompt or "a photo")
-    lines += ['pipe.to("cuda")', f'image = pipe("{prompt}").images[0]', "```", ""]
+    lines += ['pipe.to("cuda")', f"image = pipe({json.dumps(prompt)}).images[0]", "```", ""]
     if info.training:
         lines += ["## Training", ""] + [f"- {k}: {v}" for k, v in info.training.items()] + [""]
     return "\n".join(lines)

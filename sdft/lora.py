@@ -9,10 +9,10 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
-from diffusers.utils import (convert_all_state_dict_to_peft, convert_state_dict_to_diffusers, convert_state_dict_to_kohya,
-                            convert_state_dict_to_peft, convert_unet_state_dict_to_peft)
+from diffusers.utils import (convert_state_dict_to_diffusers, convert_state_dict_to_kohya, convert_state_dict_to_peft,
+                            convert_unet_state_dict_to_peft)
 from peft import LoraConfig
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from peft.utils import get_peft_model_state_dict, set_peft_model_state_dict
 
 WEIGHT_NAME = "pytorch_lora_weights.safetensors"
@@ -62,10 +62,13 @@ def load_lora(pipeline_cls, directory: str | Path, modules: dict[str, torch.nn.M
                              f"unexpected keys {unexpected[:3]}...")
 
 
-def save_kohya_copy(diffusers_file: Path) -> Path:
-    """The same LoRA with kohya key names (`lora_unet_*`, `lora_te1_*`, `.lora_down`/`.lora_up`/
-    `.alpha`), the layout ComfyUI, A1111 and Forge load natively."""
-    kohya = convert_state_dict_to_kohya(convert_all_state_dict_to_peft(load_file(str(diffusers_file))))
-    target = Path(diffusers_file).with_name(KOHYA_WEIGHT_NAME)
-    save_file({k: v.contiguous() for k, v in kohya.items()}, str(target))
+def save_kohya(directory: str | Path, modules: dict[str, torch.nn.Module], dtype: torch.dtype | None = None) -> Path:
+    """The same LoRA with kohya key names (`lora_unet_*`, `lora_te1_*`, `lora_te2_*` with
+    `.lora_down`/`.lora_up`/`.alpha`), the layout ComfyUI, A1111 and Forge load natively."""
+    peft_state = {f"{role}.{key}": value for role, module in modules.items()
+                  for key, value in get_peft_model_state_dict(module).items()}
+    kohya = convert_state_dict_to_kohya(peft_state)
+    target = Path(directory) / KOHYA_WEIGHT_NAME
+    save_file({k: (v.to(dtype) if dtype is not None and v.is_floating_point() else v).contiguous()
+               for k, v in kohya.items()}, str(target))
     return target

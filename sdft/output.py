@@ -12,7 +12,7 @@ from accelerate import Accelerator
 from accelerate.utils import gather_object
 
 from sdft import hub
-from sdft.lora import save_kohya_copy, save_lora
+from sdft.lora import save_kohya, save_lora
 from sdft.validation import generate, log_images, save_images
 
 logger = logging.getLogger("sdft")
@@ -38,7 +38,7 @@ def export_pipeline(family, source, trained: dict[str, torch.nn.Module], output_
                     prediction_type: str | None, extra_modules: dict | None = None):
     """The full pipeline: the trained modules plus the base model's other components as stored
     (reloaded, so frozen parts keep their original precision rather than the training dtype)."""
-    pipeline = family.pipeline_cls.from_pretrained(source.path, **trained, **(extra_modules or {}),
+    pipeline = family.pipeline_cls.from_pretrained(source.path, **{**(extra_modules or {}), **trained},
                                                    revision=source.revision, variant=source.variant)
     if prediction_type is not None:
         pipeline.scheduler = type(pipeline.scheduler).from_config(pipeline.scheduler.config,
@@ -51,7 +51,7 @@ def export_lora(family, trained: dict[str, torch.nn.Module], output_dir: Path, *
                 dtype: torch.dtype | None = None) -> Path:
     path = save_lora(family.pipeline_cls, output_dir, trained, dtype=dtype)
     if kohya:
-        save_kohya_copy(path)
+        save_kohya(output_dir, trained, dtype=dtype)
     return path
 
 

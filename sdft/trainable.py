@@ -28,7 +28,8 @@ class Placement:
 
 
 def prepare_models(family, models, trained_roles: list[str], placement: Placement, *, lora: LoraSpec | None,
-                   gradient_checkpointing: bool, xformers: bool) -> dict[str, torch.nn.Module]:
+                   gradient_checkpointing: bool, xformers: bool,
+                   npu_flash_attention: bool = False) -> dict[str, torch.nn.Module]:
     """Freeze and place everything not trained; make `trained_roles` trainable. Returns role -> module."""
     for role, module in family.components(models).items():
         if role in trained_roles:
@@ -50,8 +51,11 @@ def prepare_models(family, models, trained_roles: list[str], placement: Placemen
             enable_gradient_checkpointing(module, needs_input_grads=lora is not None and not is_denoiser)
         module.train()
         trained[role] = module
+    denoiser = getattr(models, family.denoiser_role)
     if xformers:
-        getattr(models, family.denoiser_role).enable_xformers_memory_efficient_attention()
+        denoiser.enable_xformers_memory_efficient_attention()
+    if npu_flash_attention:
+        denoiser.enable_npu_flash_attention()
     return trained
 
 

@@ -97,6 +97,7 @@ class Run:
     params_to_clip: list = field(default_factory=list)
     train_text_encoders: bool = False
     prior_loss_weight: float | None = None
+    debug_loss: bool = False
 
 
 def make_accelerator(args: argparse.Namespace) -> Accelerator:
@@ -144,7 +145,8 @@ def text_image_data(args: argparse.Namespace, seed: int) -> CaptionedImageDatase
         cache_dir=args.cache_dir, max_train_samples=args.max_train_samples, seed=seed,
     )
     transform = ImageTransform(args.resolution, args.center_crop, args.random_flip, args.image_interpolation_mode)
-    return CaptionedImageDataset(images, transform, seed)
+    return CaptionedImageDataset(images, transform, seed,
+                                 empty_caption_rate=getattr(args, "proportion_empty_prompts", 0.0))
 
 
 def ddpm_objective(args: argparse.Namespace, noise_scheduler, device: torch.device) -> DDPMObjective:
@@ -153,11 +155,14 @@ def ddpm_objective(args: argparse.Namespace, noise_scheduler, device: torch.devi
         raise CliError(f"--dream_training supports epsilon prediction only; this model predicts {prediction_type}.")
     weights = None
     if getattr(args, "timestep_bias_strategy", "none") != "none":
-        weights = timestep_bias_weights(
-            args.timestep_bias_strategy, noise_scheduler.config.num_train_timesteps,
-            multiplier=args.timestep_bias_multiplier, begin=args.timestep_bias_begin,
-            end=args.timestep_bias_end, portion=args.timestep_bias_portion,
-        ).to(device)
+        try:  # the checks that need the schedule's length (the others ran at parse time)
+            weights = timestep_bias_weights(
+                args.timestep_bias_strategy, noise_scheduler.config.num_train_timesteps,
+                multiplier=args.timestep_bias_multiplier, begin=args.timestep_bias_begin,
+                end=args.timestep_bias_end, portion=args.timestep_bias_portion,
+            ).to(device)
+        except ValueError as err:
+            raise CliError(str(err)) from err
     return DDPMObjective(
         alphas_cumprod=noise_scheduler.alphas_cumprod.to(device=device, dtype=torch.float32),
         prediction_type=prediction_type, snr_gamma=args.snr_gamma, noise_offset=args.noise_offset,
@@ -229,7 +234,8 @@ def build_run(args: argparse.Namespace, family, make_objective, accelerator: Acc
     roles = [family.denoiser_role] + (family.trainable_text_encoder_roles if train_text_encoders else [])
     trained = prepare_models(family, models, roles, placement, lora=lora_spec(args, family),
                              gradient_checkpointing=args.gradient_checkpointing,
-                             xformers=getattr(args, "enable_xformers_memory_efficient_attention", False))
+                             xformers=getattr(args, "enable_xformers_memory_efficient_attention", False),
+                             npu_flash_attention=getattr(args, "enable_npu_flash_attention", False))
     ema = None
     if getattr(args, "use_ema", False):
         ema = EMA(ema_start(family, source, trained[family.denoiser_role], args), family.denoiser_role,
@@ -267,6 +273,7 @@ def build_run(args: argparse.Namespace, family, make_objective, accelerator: Acc
         dream_detail_preservation=args.dream_detail_preservation if getattr(args, "dream_training", False) else None,
         params_to_clip=params, train_text_encoders=train_text_encoders,
         prior_loss_weight=args.prior_loss_weight if getattr(args, "with_prior_preservation", False) else None,
+        debug_loss=getattr(args, "debug_loss", False),
     )
 
 
@@ -338,7 +345,10 @@ def run_epoch(run_state: Run, position: Position, epoch: int, skip: int, progres
     for batch in loader:
         micro_step = position.global_step * ga + micro_steps
         with accelerator.accumulate(*run_state.prepared):
-            loss = training_step(run_state, batch, micro_step)
+            loss, per_sample = training_step(run_state, batch, micro_step)
+        if run_state.debug_loss:
+            accelerator.log({f"loss/{name}": value for name, value in zip(batch["names"], per_sample.tolist())},
+                            step=position.global_step + 1)
         loss_sum += loss.detach()
         micro_steps += 1
         position.batches_in_epoch += 1
@@ -358,7 +368,8 @@ def run_epoch(run_state: Run, position: Position, epoch: int, skip: int, progres
             break
 
 
-def training_step(run_state: Run, batch: dict, micro_step: int) -> torch.Tensor:
+def training_step(run_state: Run, batch: dict, micro_step: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """One micro-step; returns the loss and the per-sample losses (detached)."""
     accelerator, family, models = run_state.accelerator, run_state.family, run_state.train_models
     generator = step_generator(run_state.seed, micro_step, accelerator.process_index, accelerator.device)
     with torch.no_grad():
@@ -384,7 +395,7 @@ def training_step(run_state: Run, batch: dict, micro_step: int) -> torch.Tensor:
     run_state.optimizer.zero_grad(set_to_none=True)
     if accelerator.sync_gradients and run_state.trained.ema is not None:
         run_state.trained.ema.step(run_state.trained.modules[family.denoiser_role].parameters())
-    return loss
+    return loss, per_sample.detach()
 
 
 # --------------------------------------------------------------------------- validation and output
@@ -394,7 +405,7 @@ def validation_pipeline(run_state: Run):
     """A pipeline around the in-memory modules (nothing reloaded from disk but configs)."""
     family, source = run_state.family, run_state.source
     pipeline = family.pipeline_cls.from_pretrained(
-        source.path, **family.pipeline_modules(run_state.models), **run_state.trained.modules,
+        source.path, **{**family.pipeline_modules(run_state.models), **run_state.trained.modules},
         revision=source.revision, variant=source.variant, dtype=run_state.weight_dtype,
     )
     return pipeline.to(run_state.accelerator.device)

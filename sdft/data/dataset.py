@@ -59,6 +59,7 @@ class CaptionedImageDataset(Dataset):
             "caption": caption,
             "original_size": out.original_size,
             "crop_top_left": out.crop_top_left,
+            "name": self.images.name(index),
         }
 
 
@@ -89,4 +90,5 @@ def collate(examples: list[dict]) -> dict:
         "captions": [e["caption"] for e in examples],
         "original_sizes": torch.tensor([e["original_size"] for e in examples], dtype=torch.long),
         "crop_top_lefts": torch.tensor([e["crop_top_left"] for e in examples], dtype=torch.long),
+        "names": [e["name"] for e in examples],
     }

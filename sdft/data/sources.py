@@ -38,6 +38,12 @@ class CaptionedImages:
         path = value if isinstance(value, str) else (value or {}).get("path")
         return f"{path} (row {index})" if path else f"row {index}"
 
+    def name(self, index: int) -> str:
+        """A short, stable label for logs: the image's file name, else its row."""
+        value = self.table[index][self.image_column]
+        path = value if isinstance(value, str) else (value or {}).get("path")
+        return Path(path).name if path else f"row-{index}"
+
     def open_image(self, index: int) -> Image.Image:
         value = self.table[index][self.image_column]
         try:
@@ -71,8 +77,7 @@ def load_captioned_images(*, dataset_name: str | None, dataset_config_name: str 
     if dataset_name is not None:
         table = _load_named_dataset(dataset_name, dataset_config_name, train_data_dir, cache_dir)
     elif _has_metadata(Path(train_data_dir)):
-        table = _load_split(datasets.load_dataset("imagefolder", data_dir=train_data_dir, cache_dir=cache_dir),
-                            f"--train_data_dir '{train_data_dir}'")
+        table = _load_image_folder(train_data_dir, cache_dir)
     else:
         table = caption_files_table(Path(train_data_dir), image_column, caption_column)
     _check_columns(table, image_column, caption_column)
@@ -96,6 +101,14 @@ def _load_named_dataset(name: str, config: str | None, data_dir: str | None, cac
     except Exception as err:  # datasets raises many types; all mean "cannot load this name"
         raise DataError(f"Could not load --dataset_name '{name}': {err}") from err
     return _load_split(loaded, f"--dataset_name '{name}'")
+
+
+def _load_image_folder(folder: str, cache_dir: str | None) -> datasets.Dataset:
+    try:
+        loaded = datasets.load_dataset("imagefolder", data_dir=folder, cache_dir=cache_dir)
+    except Exception as err:  # pyarrow and datasets raise many types for a malformed metadata file
+        raise DataError(f"Could not read the image folder --train_data_dir '{folder}' and its metadata file: {err}") from err
+    return _load_split(loaded, f"--train_data_dir '{folder}'")
 
 
 def _load_split(loaded, where: str) -> datasets.Dataset:
@@ -129,7 +142,10 @@ def _check_columns(table: datasets.Dataset, image_column: str, caption_column: s
     columns = table.column_names
     for flag, column in (("--image_column", image_column), ("--caption_column", caption_column)):
         if column not in columns:
-            raise DataError(f"{flag} '{column}' is not a column of the dataset; columns are: {', '.join(columns)}.")
+            hint = (" (for a folder of images with .txt captions, use --train_data_dir)"
+                    if flag == "--image_column" and columns == ["text"] else "")
+            raise DataError(f"{flag} '{column}' is not a column of the dataset; columns are: "
+                            f"{', '.join(columns)}{hint}.")
     if len(table) == 0:
         raise DataError("The dataset has no rows.")
 

@@ -1,0 +1,119 @@
+"""SDXL: two CLIP text encoders (the second with a projection), a UNet conditioned on pooled text
+and on size/crop "micro-conditioning", a 4-channel VAE, DDPM objective.
+
+Conditioning is computed per batch from the batch itself (never precomputed for the whole dataset:
+upstream holds every embedding and latent in RAM, 44 GB + 20 GB for 138k images, diffusers PR #4505).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from diffusers import AutoencoderKL, DDPMScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
+from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
+
+from sdft.families.source import ModelSource
+
+
+@dataclass
+class SDXLModels:
+    tokenizer: CLIPTokenizer
+    tokenizer_2: CLIPTokenizer
+    text_encoder: CLIPTextModel
+    text_encoder_2: CLIPTextModelWithProjection
+    vae: AutoencoderKL
+    unet: UNet2DConditionModel
+    noise_scheduler: DDPMScheduler
+
+
+def micro_conditioning(original_sizes: torch.Tensor, crop_top_lefts: torch.Tensor,
+                       target_size: tuple[int, int]) -> torch.Tensor:
+    """SDXL's add_time_ids per sample: original (h, w), crop (top, left), target (h, w)
+    (Podell et al. 2023, arXiv 2307.01952, section 2.2)."""
+    target = torch.tensor(target_size, dtype=original_sizes.dtype, device=original_sizes.device)
+    return torch.cat([original_sizes, crop_top_lefts, target.expand(len(original_sizes), 2)], dim=1)
+
+
+def encode_prompts(tokenizers: list, text_encoders: list, captions: list[str], device: torch.device):
+    """Penultimate hidden states of both encoders side by side; the pooled, projected output of the
+    second. Encoders are used by position: the first is CLIP ViT-L, the second OpenCLIP bigG."""
+    hidden = []
+    for tokenizer, encoder in zip(tokenizers, text_encoders):
+        ids = tokenizer(captions, padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
+                        return_tensors="pt").input_ids.to(device)
+        output = encoder(ids, output_hidden_states=True, return_dict=True)
+        hidden.append(output.hidden_states[-2])
+    pooled = output.text_embeds
+    return torch.cat(hidden, dim=-1), pooled
+
+
+class StableDiffusionXL:
+    """`vae_path` is --pretrained_vae_model_name_or_path: a VAE used instead of the model's own."""
+
+    name = "sdxl"
+    pipeline_cls = StableDiffusionXLPipeline
+    denoiser_role = "unet"
+    lora_target_modules = ["to_k", "to_q", "to_v", "to_out.0"]
+    trainable_text_encoder_roles = ["text_encoder", "text_encoder_2"]
+    license = "openrail++"
+    tags = ["stable-diffusion-xl", "stable-diffusion-xl-diffusers", "text-to-image", "diffusers",
+            "diffusers-training"]
+
+    def __init__(self, vae_path: str | None = None):
+        self.vae_path = vae_path
+
+    def load(self, source: ModelSource) -> SDXLModels:
+        hub, weights = source.hub_kwargs(), source.weight_kwargs()
+        return SDXLModels(
+            tokenizer=CLIPTokenizer.from_pretrained(source.path, subfolder="tokenizer", **hub),
+            tokenizer_2=CLIPTokenizer.from_pretrained(source.path, subfolder="tokenizer_2", **hub),
+            text_encoder=CLIPTextModel.from_pretrained(source.path, subfolder="text_encoder", **weights),
+            text_encoder_2=CLIPTextModelWithProjection.from_pretrained(source.path, subfolder="text_encoder_2",
+                                                                       **weights),
+            vae=self.load_vae(source),
+            unet=self.load_denoiser(source),
+            noise_scheduler=DDPMScheduler.from_pretrained(source.path, subfolder="scheduler", **hub),
+        )
+
+    def load_vae(self, source: ModelSource) -> AutoencoderKL:
+        if self.vae_path is not None:
+            return AutoencoderKL.from_pretrained(self.vae_path, cache_dir=source.cache_dir)
+        return AutoencoderKL.from_pretrained(source.path, subfolder="vae", **source.weight_kwargs())
+
+    def load_denoiser(self, source: ModelSource) -> UNet2DConditionModel:
+        return UNet2DConditionModel.from_pretrained(source.path, subfolder="unet", **source.weight_kwargs())
+
+    def components(self, models: SDXLModels) -> dict[str, torch.nn.Module]:
+        return {"text_encoder": models.text_encoder, "text_encoder_2": models.text_encoder_2,
+                "vae": models.vae, "unet": models.unet}
+
+    def vae_dtype(self, weight_dtype: torch.dtype) -> torch.dtype:
+        # The stock SDXL VAE overflows in fp16 (NaN latents, black images: diffusers #4820), so it
+        # stays fp32 unless the user supplied another VAE, e.g. madebyollin/sdxl-vae-fp16-fix.
+        return torch.float32 if self.vae_path is None else weight_dtype
+
+    def encode_images(self, models: SDXLModels, pixels: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+        posterior = models.vae.encode(pixels.to(models.vae.dtype)).latent_dist
+        return posterior.sample(generator=generator) * models.vae.config.scaling_factor
+
+    def condition(self, models: SDXLModels, batch: dict, device: torch.device) -> dict:
+        prompt_embeds, pooled = encode_prompts([models.tokenizer, models.tokenizer_2],
+                                               [models.text_encoder, models.text_encoder_2],
+                                               batch["captions"], device)
+        target = tuple(batch["pixel_values"].shape[-2:])
+        time_ids = micro_conditioning(batch["original_sizes"], batch["crop_top_lefts"], target).to(device)
+        return {"encoder_hidden_states": prompt_embeds,
+                "added_cond_kwargs": {"text_embeds": pooled, "time_ids": time_ids.to(prompt_embeds.dtype)}}
+
+    def predict(self, denoiser: torch.nn.Module, noisy: torch.Tensor, timesteps: torch.Tensor, cond: dict) -> torch.Tensor:
+        return denoiser(noisy, timesteps, cond["encoder_hidden_states"], added_cond_kwargs=cond["added_cond_kwargs"],
+                        return_dict=False)[0]
+
+    def pipeline_modules(self, models: SDXLModels) -> dict:
+        return {"tokenizer": models.tokenizer, "tokenizer_2": models.tokenizer_2, "text_encoder": models.text_encoder,
+                "text_encoder_2": models.text_encoder_2, "vae": models.vae}
+
+    def export_modules(self, models: SDXLModels) -> dict:
+        """The exported pipeline carries the VAE that was trained with, as stored on disk."""
+        return {"vae": AutoencoderKL.from_pretrained(self.vae_path)} if self.vae_path is not None else {}

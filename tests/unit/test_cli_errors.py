@@ -1,0 +1,270 @@
+"""A bad command line stops at parse time (exit code 2, like argparse) with a message naming the flag."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+
+import pytest
+
+import train_text_to_image as t2i
+from sdft import cli
+
+
+@pytest.fixture()
+def workdir(tmp_path: Path, monkeypatch) -> Path:
+    # Relative defaults such as --output_dir=sd-model-finetuned must not see the repo's files.
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("LOCAL_RANK", raising=False)
+    return tmp_path
+
+
+@pytest.fixture()
+def model_dir(workdir: Path) -> Path:
+    folder = workdir / "base-model"
+    folder.mkdir()
+    (folder / "model_index.json").write_text(json.dumps({"_class_name": "StableDiffusionPipeline"}))
+    return folder
+
+
+@pytest.fixture()
+def data_dir(workdir: Path) -> Path:
+    from sdft.tiny import make_images
+
+    return make_images(workdir / "images", num_images=2)
+
+
+@pytest.fixture()
+def base(model_dir: Path, data_dir: Path) -> list[str]:
+    return [f"--pretrained_model_name_or_path={model_dir}", f"--train_data_dir={data_dir}"]
+
+
+def parse_error(argv: list[str], capsys) -> str:
+    """Parse, expect argparse's exit code 2, return stderr."""
+    with pytest.raises(SystemExit) as exc:
+        t2i.parse_args(argv)
+    assert exc.value.code == 2, f"expected a usage error (exit 2) for {argv}, got exit code {exc.value.code}"
+    err = capsys.readouterr().err
+    assert "error:" in err
+    return err
+
+
+def test_minimal_command_line_parses(base, model_dir, data_dir):
+    args = t2i.parse_args(base)
+    assert (args.pretrained_model_name_or_path, args.train_data_dir) == (str(model_dir), str(data_dir))
+
+
+def test_no_dataset(model_dir, capsys):
+    err = parse_error([f"--pretrained_model_name_or_path={model_dir}"], capsys)
+    assert "--dataset_name" in err and "--train_data_dir" in err
+
+
+def test_train_data_dir_that_does_not_exist(model_dir, workdir, capsys):
+    missing = workdir / "no-such-images"
+    err = parse_error([f"--pretrained_model_name_or_path={model_dir}", f"--train_data_dir={missing}"], capsys)
+    assert "--train_data_dir" in err and str(missing) in err
+
+
+def test_missing_model_is_required(data_dir, capsys):
+    err = parse_error([f"--train_data_dir={data_dir}"], capsys)
+    assert "--pretrained_model_name_or_path" in err
+
+
+@pytest.mark.parametrize("spelling", ["absolute", "relative"])
+def test_local_model_folder_that_does_not_exist(data_dir, workdir, capsys, spelling):
+    missing = str(workdir / "no-such-model") if spelling == "absolute" else "./no-such-model"
+    err = parse_error([f"--pretrained_model_name_or_path={missing}", f"--train_data_dir={data_dir}"], capsys)
+    assert "--pretrained_model_name_or_path" in err and missing in err and "does not exist" in err
+
+
+def test_single_file_checkpoint_is_not_reported_as_missing(data_dir, workdir, capsys):
+    # A common mistake: a single .safetensors file instead of a diffusers folder. It exists, so the
+    # message must not say it does not; it should say a pipeline folder is needed.
+    single = workdir / "v1-5-pruned-emaonly.safetensors"
+    single.write_bytes(b"\0" * 16)
+    err = parse_error([f"--pretrained_model_name_or_path={single}", f"--train_data_dir={data_dir}"], capsys)
+    assert "--pretrained_model_name_or_path" in err and str(single) in err
+    assert "does not exist" not in err
+    assert "folder" in err or "model_index.json" in err
+
+
+def test_model_folder_without_model_index(data_dir, workdir, capsys):
+    folder = workdir / "just-a-unet"
+    (folder / "unet").mkdir(parents=True)
+    err = parse_error([f"--pretrained_model_name_or_path={folder}", f"--train_data_dir={data_dir}"], capsys)
+    assert "--pretrained_model_name_or_path" in err and "model_index.json" in err and str(folder) in err
+
+
+@pytest.mark.parametrize("spelling", [["--rank", "8"], ["--rank=8"], ["--rank", "4"]])
+def test_rank_without_use_lora(base, capsys, spelling):
+    # Even the default value, when typed, shows the user expected LoRA training.
+    err = parse_error(base + spelling, capsys)
+    assert "--rank" in err and "--use_lora" in err
+
+
+def test_rank_with_use_lora_parses(base):
+    args = t2i.parse_args(base + ["--use_lora", "--rank", "8"])
+    assert args.use_lora is True and args.rank == 8
+
+
+def test_use_ema_with_use_lora(base, capsys):
+    err = parse_error(base + ["--use_ema", "--use_lora"], capsys)
+    assert "--use_ema" in err and "--use_lora" in err
+
+
+def test_resume_from_checkpoint_pointing_nowhere(base, workdir, capsys):
+    output = workdir / "out"
+    (output / "checkpoint-5").mkdir(parents=True)
+    err = parse_error(base + [f"--output_dir={output}", "--resume_from_checkpoint=checkpoint-7"], capsys)
+    assert "--resume_from_checkpoint" in err and "checkpoint-7" in err
+
+
+def test_resume_latest_without_checkpoints_parses(base, workdir):
+    args = t2i.parse_args(base + [f"--output_dir={workdir / 'fresh'}", "--resume_from_checkpoint", "latest"])
+    assert args.resume_from_checkpoint == "latest"
+
+
+def test_resume_from_named_checkpoint_in_output_dir_parses(base, workdir):
+    output = workdir / "out"
+    (output / "checkpoint-5").mkdir(parents=True)
+    args = t2i.parse_args(base + [f"--output_dir={output}", "--resume_from_checkpoint=checkpoint-5"])
+    assert args.resume_from_checkpoint == "checkpoint-5"
+
+
+def test_report_to_wandb_with_hub_token(base, capsys):
+    err = parse_error(base + ["--report_to=wandb", "--hub_token=hf_secret"], capsys)
+    assert "--report_to" in err and "wandb" in err
+    if importlib.util.find_spec("wandb") is not None:
+        assert "--hub_token" in err
+    else:
+        assert "pip install wandb" in err
+
+
+def test_unknown_report_to(base, capsys):
+    err = parse_error(base + ["--report_to=mlflw"], capsys)
+    assert "--report_to" in err and "mlflw" in err and "tensorboard" in err
+
+
+def test_unknown_lr_scheduler(base, capsys):
+    err = parse_error(base + ["--lr_scheduler=cosine_annealing"], capsys)
+    assert "--lr_scheduler" in err and "cosine_annealing" in err and "cosine_with_restarts" in err
+
+
+def test_sample_prediction_is_not_supported_for_sd1(base, capsys):
+    err = parse_error(base + ["--prediction_type=sample"], capsys)
+    assert "--prediction_type" in err and "sample" in err and "v_prediction" in err
+
+
+@pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction"])
+def test_supported_prediction_types_parse(base, prediction_type):
+    assert t2i.parse_args(base + [f"--prediction_type={prediction_type}"]).prediction_type == prediction_type
+
+
+def test_snr_gamma_zero(base, capsys):
+    err = parse_error(base + ["--snr_gamma=0"], capsys)
+    assert "--snr_gamma" in err
+
+
+def test_resolution_not_a_multiple_of_8(base, capsys):
+    err = parse_error(base + ["--resolution=100"], capsys)
+    assert "--resolution" in err and "100" in err and "8" in err
+
+
+@pytest.mark.parametrize("seed", ["-1", "4294967296"])
+def test_seed_outside_what_numpy_accepts(base, capsys, seed):
+    # accelerate's set_seed seeds numpy, which only takes 0 <= seed < 2**32; "-1" is "random" in
+    # other tools. Without a parse-time check the run dies later in a numpy traceback.
+    err = parse_error(base + [f"--seed={seed}"], capsys)
+    assert "--seed" in err
+
+
+def test_train_batch_size_zero(base, capsys):
+    err = parse_error(base + ["--train_batch_size=0"], capsys)
+    assert "--train_batch_size" in err
+
+
+def test_xformers_on_this_cpu_machine(base, capsys):
+    import torch
+
+    if importlib.util.find_spec("xformers") is not None and torch.cuda.is_available():
+        pytest.skip("xformers and CUDA are both available here, so the flag is valid")
+    err = parse_error(base + ["--enable_xformers_memory_efficient_attention"], capsys)
+    assert "--enable_xformers_memory_efficient_attention" in err
+    assert "pip install xformers" in err or "CUDA" in err
+
+
+def test_dream_training_with_v_prediction(base, capsys):
+    err = parse_error(base + ["--dream_training", "--prediction_type=v_prediction"], capsys)
+    assert "--dream_training" in err and "v_prediction" in err
+
+
+def test_dream_training_with_default_prediction_parses(base):
+    assert t2i.parse_args(base + ["--dream_training"]).dream_training is True
+
+
+# --------------------------------------------------------------------------- given_flags
+
+
+def test_given_flags_tells_typed_flags_from_defaults():
+    parser = t2i.build_parser()
+    argv = ["--pretrained_model_name_or_path=some/model", "--rank", "4", "--center_crop",
+            "--validation_prompts", "a cat", "a dog", "--resolution=512", "--learning_rate", "1e-4"]
+    given = cli.given_flags(parser, argv)
+    # Typed flags count even when the value equals the default (--rank 4, --resolution=512).
+    assert given == {"pretrained_model_name_or_path", "rank", "center_crop", "validation_prompts",
+                     "resolution", "learning_rate"}
+
+
+def test_given_flags_of_an_empty_command_line_is_empty():
+    assert cli.given_flags(t2i.build_parser(), []) == set()
+
+
+def test_parse_args_records_given_flags(base):
+    args = t2i.parse_args(base + ["--random_flip", "--use_lora"])
+    assert args._given == {"pretrained_model_name_or_path", "train_data_dir", "random_flip", "use_lora"}
+    assert args.rank == 4 and "rank" not in args._given
+
+
+# --------------------------------------------------------------------------- SDXL
+
+
+def sdxl_error(argv: list[str], capsys) -> str:
+    import train_text_to_image_sdxl as sdxl
+
+    with pytest.raises(SystemExit) as exc:
+        sdxl.parse_args(argv)
+    assert exc.value.code == 2
+    return capsys.readouterr().err
+
+
+@pytest.mark.parametrize("extra, flag", [
+    (["--timestep_bias_strategy=later", "--timestep_bias_multiplier=0"], "--timestep_bias_multiplier"),
+    (["--timestep_bias_multiplier=-1"], "--timestep_bias_multiplier"),
+    (["--timestep_bias_strategy=range", "--timestep_bias_begin=500", "--timestep_bias_end=400"],
+     "--timestep_bias_begin"),
+    (["--timestep_bias_strategy=earlier", "--timestep_bias_portion=0"], "--timestep_bias_portion"),
+    (["--proportion_empty_prompts=1.5"], "--proportion_empty_prompts"),
+    (["--output_kohya_format"], "--use_lora"),
+    (["--train_text_encoder"], "--use_lora"),
+    (["--enable_npu_flash_attention"], "--enable_npu_flash_attention"),
+    (["--pretrained_vae_model_name_or_path=./no-such-vae"], "--pretrained_vae_model_name_or_path"),
+])
+def test_sdxl_bad_flags(base, capsys, extra, flag):
+    assert flag in sdxl_error(base + extra, capsys)
+
+
+def test_sdxl_accepts_its_documented_command_line(base):
+    import train_text_to_image_sdxl as sdxl
+
+    args = sdxl.parse_args(base + [
+        "--proportion_empty_prompts=0.2", "--train_batch_size=1", "--gradient_accumulation_steps=4",
+        "--gradient_checkpointing", "--max_train_steps=10000", "--use_8bit_adam", "--learning_rate=1e-06",
+        "--lr_scheduler=constant", "--lr_warmup_steps=0", "--mixed_precision=fp16", "--prediction_type=sample",
+        "--validation_prompt=a cute Sundar Pichai creature", "--validation_epochs", "5",
+        "--checkpointing_steps=5000", "--output_dir=sdxl-naruto-model", "--snr_gamma=5.0",
+        "--timestep_bias_strategy=later", "--timestep_bias_portion=0.25",
+        "--use_lora", "--rank", "8", "--train_text_encoder", "--output_kohya_format",
+    ])
+    assert (args.resolution, args.use_lora, args.rank, args.train_text_encoder) == (1024, True, 8, True)
+    assert args.prediction_type == "sample" and args.timestep_bias_strategy == "later"

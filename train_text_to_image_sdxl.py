@@ -1,0 +1,62 @@
+"""Fine-tune SDXL on captioned images: the full UNet, or LoRA adapters (optionally on both text encoders).
+
+    accelerate launch train_text_to_image_sdxl.py \
+      --pretrained_model_name_or_path=stabilityai/stable-diffusion-xl-base-1.0 \
+      --pretrained_vae_model_name_or_path=madebyollin/sdxl-vae-fp16-fix \
+      --dataset_name=lambdalabs/naruto-blip-captions \
+      --resolution=512 --center_crop --random_flip --proportion_empty_prompts=0.2 \
+      --train_batch_size=1 --gradient_accumulation_steps=4 --gradient_checkpointing \
+      --max_train_steps=10000 --use_8bit_adam --learning_rate=1e-06 --lr_scheduler="constant" \
+      --lr_warmup_steps=0 --mixed_precision="fp16" --validation_prompt="a cute Sundar Pichai creature" \
+      --validation_epochs 5 --checkpointing_steps=5000 --output_dir="sdxl-naruto-model"
+
+Add `--use_lora --rank 8 [--train_text_encoder] [--output_kohya_format]` for LoRA. The flags of
+diffusers' train_text_to_image_sdxl.py and train_text_to_image_lora_sdxl.py work unchanged.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from sdft import cli
+from sdft.families.sdxl import StableDiffusionXL
+from sdft.trainer import ddpm_objective, run, text_image_data, train
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    cli.add_model_args(parser)
+    cli.add_vae_args(parser)
+    cli.add_dataset_args(parser)
+    cli.add_empty_prompt_args(parser)
+    cli.add_image_args(parser)
+    cli.add_training_args(parser)
+    cli.add_optimizer_args(parser)
+    cli.add_precision_args(parser, npu=True)
+    cli.add_ddpm_objective_args(parser, prediction_types=["epsilon", "v_prediction", "sample"])
+    cli.add_timestep_bias_args(parser)
+    cli.add_ema_args(parser, offload=False)
+    cli.add_lora_args(parser, text_encoder=True, kohya=True, debug_loss=True)
+    cli.add_checkpoint_args(parser)
+    cli.add_validation_args(parser, prompt_list=False)
+    cli.add_logging_args(parser, project_flag=False)
+    cli.add_hub_args(parser)
+    parser.set_defaults(output_dir="sdxl-model-finetuned", resolution=1024, train_batch_size=16, validation_epochs=1)
+    return parser
+
+
+def parse_args(input_args: list[str] | None = None) -> argparse.Namespace:
+    checks = [cli.check_positive, cli.check_model_path, cli.check_t2i_dataset, cli.check_prediction_type,
+              cli.check_sdxl, cli.check_lora, cli.check_resume, cli.check_validation, cli.check_tracking_and_hub,
+              cli.check_accelerators]
+    return cli.parse(build_parser(), input_args, checks)
+
+
+def main(args: argparse.Namespace) -> None:
+    train(args, family=StableDiffusionXL(vae_path=args.pretrained_vae_model_name_or_path),
+          make_objective=ddpm_objective, make_data=text_image_data, tracker_name="text2image-fine-tune-sdxl")
+
+
+if __name__ == "__main__":
+    sys.exit(run(main, parse_args()))
