@@ -19,7 +19,8 @@ import sys
 
 from sdft import cli
 from sdft.families.sd import StableDiffusion
-from sdft.trainer import ddpm_objective, run, text_image_data, train
+from sdft.builders import ddpm_objective, text_image_data
+from sdft.trainer import run, train
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -103,10 +103,11 @@ class TrainedWeights:
     modules: dict[str, torch.nn.Module]     # role -> unwrapped model
     lora: bool
     ema: EMA | None = None
+    lora_key_format: str = "diffusers"
 
     def save(self, directory: Path) -> None:
         if self.lora:
-            save_lora(self.pipeline_cls, directory, self.modules)
+            save_lora(self.pipeline_cls, directory, self.modules, key_format=self.lora_key_format)
         else:
             for role, module in self.modules.items():
                 module.save_pretrained(directory / role)

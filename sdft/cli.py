@@ -56,18 +56,44 @@ def add_vae_args(parser: argparse.ArgumentParser) -> None:
 
 def add_dataset_args(parser: argparse.ArgumentParser) -> None:
     g = parser.add_argument_group("dataset")
+    add_hub_dataset_args(g)
+    g.add_argument("--train_data_dir", type=str, default=None,
+                   help="A local image folder: with metadata.jsonl/metadata.csv holding captions, or "
+                        "images with same-name .txt caption files.")
+    g.add_argument("--max_train_samples", type=int, default=None,
+                   help="Keep only this many samples (shuffled with --seed first); for debugging.")
+
+
+def add_hub_dataset_args(g) -> None:
     g.add_argument("--dataset_name", type=str, default=None,
                    help="A Hub dataset id or a local dataset folder (loadable by datasets.load_dataset "
                         "or saved with save_to_disk).")
     g.add_argument("--dataset_config_name", type=str, default=None, help="Config name of --dataset_name.")
-    g.add_argument("--train_data_dir", type=str, default=None,
-                   help="A local image folder: with metadata.jsonl/metadata.csv holding captions, or "
-                        "images with same-name .txt caption files.")
     g.add_argument("--image_column", type=str, default="image", help="Dataset column holding images.")
     g.add_argument("--caption_column", type=str, default="text",
                    help="Dataset column holding captions (a string, or a list: one is picked at random).")
-    g.add_argument("--max_train_samples", type=int, default=None,
-                   help="Keep only this many samples (shuffled with --seed first); for debugging.")
+
+
+def add_dreambooth_args(parser: argparse.ArgumentParser) -> None:
+    g = parser.add_argument_group("DreamBooth data and prior preservation")
+    add_hub_dataset_args(g)
+    g.add_argument("--instance_data_dir", type=str, default=None,
+                   help="Folder of instance images (the subject); other files in it are skipped.")
+    g.add_argument("--instance_prompt", type=str, default=None, required=True,
+                   help="Prompt naming the subject, e.g. 'a photo of sks dog'; the caption of every instance "
+                        "image without its own caption.")
+    g.add_argument("--repeats", type=int, default=1, help="Repeat every instance image this many times per epoch.")
+    g.add_argument("--with_prior_preservation", action="store_true",
+                   help="Also train on class images with --class_prompt, to keep the model's idea of the class.")
+    g.add_argument("--class_data_dir", type=str, default=None,
+                   help="Folder of class images; missing ones are generated with the base model.")
+    g.add_argument("--class_prompt", type=str, default=None, help="Prompt of the class, e.g. 'a photo of dog'.")
+    g.add_argument("--prior_loss_weight", type=float, default=1.0, help="Weight of the class-image loss.")
+    g.add_argument("--num_class_images", type=int, default=100,
+                   help="Class images to have in --class_data_dir; missing ones are generated.")
+    g.add_argument("--sample_batch_size", type=int, default=4, help="Batch size when generating class images.")
+    g.add_argument("--prior_generation_precision", type=str, default=None, choices=["no", "fp32", "fp16", "bf16"],
+                   help="Precision of class-image generation (default: fp16 on a GPU, fp32 on the CPU).")
 
 
 def add_image_args(parser: argparse.ArgumentParser) -> None:
@@ -98,8 +124,12 @@ def add_training_args(parser: argparse.ArgumentParser) -> None:
                    help="Set by launchers; the LOCAL_RANK environment variable wins.")
 
 
-def add_optimizer_args(parser: argparse.ArgumentParser) -> None:
+def add_optimizer_args(parser: argparse.ArgumentParser, *, choice: bool = False) -> None:
     g = parser.add_argument_group("optimizer and learning rate")
+    if choice:
+        g.add_argument("--optimizer", type=str, default="AdamW",
+                       help="AdamW or Prodigy (case does not matter). Prodigy adapts the step size: use "
+                            "--learning_rate=1.0.")
     g.add_argument("--learning_rate", type=float, default=1e-4, help="Peak learning rate (after warmup).")
     g.add_argument("--scale_lr", action="store_true",
                    help="Multiply the learning rate by accumulation steps x batch size x processes.")
@@ -114,6 +144,33 @@ def add_optimizer_args(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--adam_beta2", type=float, default=0.999, help="Adam beta2.")
     g.add_argument("--adam_weight_decay", type=float, default=1e-2, help="Decoupled weight decay.")
     g.add_argument("--adam_epsilon", type=float, default=1e-08, help="Adam epsilon.")
+    if choice:
+        g.add_argument("--prodigy_beta3", type=float, default=None,
+                       help="Prodigy's beta3 for the step-size estimate (default: sqrt(beta2)).")
+        g.add_argument("--prodigy_decouple", type=parse_bool, default=True, help="Prodigy: decoupled weight decay.")
+        g.add_argument("--prodigy_use_bias_correction", type=parse_bool, default=True,
+                       help="Prodigy: Adam's bias correction.")
+        g.add_argument("--prodigy_safeguard_warmup", type=parse_bool, default=True,
+                       help="Prodigy: do not let the step size grow during warmup.")
+
+
+def add_text_encoder_optimizer_args(parser: argparse.ArgumentParser) -> None:
+    g = parser.add_argument_group("text-encoder training")
+    g.add_argument("--train_text_encoder", action="store_true",
+                   help="Also train the CLIP text encoders (fully, or LoRA with --use_lora); T5 stays frozen.")
+    g.add_argument("--text_encoder_lr", type=float, default=5e-6, help="Learning rate of the text encoders.")
+    g.add_argument("--adam_weight_decay_text_encoder", type=float, default=1e-03,
+                   help="Weight decay of the text encoders.")
+
+
+def parse_bool(value: str) -> bool:
+    """argparse's type=bool turns any non-empty string, "False" included, into True."""
+    lowered = value.strip().lower()
+    if lowered in ("1", "true", "yes", "y", "on"):
+        return True
+    if lowered in ("0", "false", "no", "n", "off"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected true or false, got {value!r}")
 
 
 def add_precision_args(parser: argparse.ArgumentParser, *, npu: bool = False, xformers: bool = True) -> None:
@@ -149,6 +206,23 @@ def add_t2i_objective_extras(parser: argparse.ArgumentParser) -> None:
                    help="DREAM training (arXiv 2312.00210); epsilon prediction only.")
     g.add_argument("--dream_detail_preservation", type=float, default=1.0,
                    help="DREAM detail-preservation exponent p.")
+
+
+def add_flow_objective_args(parser: argparse.ArgumentParser) -> None:
+    g = parser.add_argument_group("flow-matching objective")
+    g.add_argument("--weighting_scheme", type=str, default="logit_normal",
+                   choices=["sigma_sqrt", "logit_normal", "mode", "cosmap", "none"],
+                   help="How timesteps are sampled and the loss weighted (SD3 paper, section 3.1); "
+                        "'none' samples uniformly with weight 1.")
+    g.add_argument("--logit_mean", type=float, default=0.0,
+                   help="Mean of the logit-normal density. Note: positive values favour LOW noise here "
+                        "(the scheduler's table runs from high to low noise), the opposite of the paper.")
+    g.add_argument("--logit_std", type=float, default=1.0, help="Standard deviation of the logit-normal density.")
+    g.add_argument("--mode_scale", type=float, default=1.29, help="Scale s of the 'mode' density.")
+    g.add_argument("--precondition_outputs", type=int, default=1,
+                   help="1: compare the x0 estimate (pred * -sigma + x_t) with x0; 0: compare pred with the "
+                        "velocity (noise - x0).")
+    g.add_argument("--max_sequence_length", type=int, default=77, help="T5 tokens per prompt (at most 512).")
 
 
 def add_timestep_bias_args(parser: argparse.ArgumentParser) -> None:
@@ -202,6 +276,26 @@ def add_lora_args(parser: argparse.ArgumentParser, *, text_encoder: bool = False
         g.add_argument("--debug_loss", action="store_true",
                        help="Also log each image's own loss, keyed by its file name.")
     parser.set_defaults(_lora_only=lora_only)
+
+
+def add_sd3_lora_args(parser: argparse.ArgumentParser) -> None:
+    add_lora_args(parser)
+    g = parser.add_argument_group("SD3 LoRA")
+    g.add_argument("--lora_dropout", type=float, default=0.0, help="Dropout on the LoRA path.")
+    g.add_argument("--lora_layers", type=str, default=None,
+                   help="Comma-separated module names to adapt, e.g. 'attn.to_k,attn.to_q,attn.to_v,attn.to_out.0' "
+                        "(default: all attention projections, context ones included).")
+    g.add_argument("--lora_blocks", type=str, default=None,
+                   help="Comma-separated transformer block indices to adapt, e.g. '12,13,14' (default: all).")
+    g.add_argument("--upcast_before_saving", action="store_true",
+                   help="Save the LoRA in fp32 (default: in the training precision, as upstream).")
+    parser.set_defaults(_lora_only=["rank", "lora_dropout", "lora_layers", "lora_blocks", "upcast_before_saving"])
+
+
+def add_latent_cache_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--cache_latents", action="store_true",
+                        help="Encode every image once before training and free the VAE from the GPU; the "
+                             "augmentation (crop, flip) is then drawn once per image.")
 
 
 def add_checkpoint_args(parser: argparse.ArgumentParser) -> None:
@@ -415,6 +509,42 @@ def check_sdxl(args: argparse.Namespace) -> None:
             raise CliError(str(err)) from err
 
 
+def check_dreambooth(args: argparse.Namespace) -> None:
+    if (args.dataset_name is None) == (args.instance_data_dir is None):
+        raise CliError("Give exactly one of --instance_data_dir (a folder of images) and --dataset_name.")
+    if args.instance_data_dir is not None and not Path(args.instance_data_dir).is_dir():
+        raise CliError(f"--instance_data_dir '{args.instance_data_dir}' is not a folder.")
+    if args.with_prior_preservation:
+        if args.class_data_dir is None or args.class_prompt is None:
+            raise CliError("--with_prior_preservation needs --class_data_dir and --class_prompt.")
+    elif args.class_data_dir is not None or args.class_prompt is not None:
+        print("warning: --class_data_dir/--class_prompt have no effect without --with_prior_preservation",
+              file=sys.stderr)
+    for name in ("repeats", "num_class_images", "sample_batch_size"):
+        if getattr(args, name) < 1:
+            raise CliError(f"--{name} must be at least 1, got {getattr(args, name)}.")
+    if args.prior_loss_weight < 0:
+        raise CliError(f"--prior_loss_weight cannot be negative, got {args.prior_loss_weight}.")
+
+
+def check_sd3(args: argparse.Namespace) -> None:
+    if not 1 <= args.max_sequence_length <= 512:
+        raise CliError(f"--max_sequence_length must be between 1 and 512 (T5's limit), got {args.max_sequence_length}.")
+    if args.optimizer.lower() not in ("adamw", "prodigy"):
+        raise CliError(f"--optimizer '{args.optimizer}' is not supported; use AdamW or prodigy.")
+    if args.optimizer.lower() == "prodigy" and importlib.util.find_spec("prodigyopt") is None:
+        raise CliError("--optimizer=prodigy needs prodigyopt: pip install prodigyopt.")
+    if args.precondition_outputs not in (0, 1):
+        raise CliError(f"--precondition_outputs must be 0 or 1, got {args.precondition_outputs}.")
+    if args.text_encoder_lr <= 0:
+        raise CliError(f"--text_encoder_lr must be positive, got {args.text_encoder_lr}.")
+    if args.lora_blocks:
+        try:
+            [int(block) for block in args.lora_blocks.split(",")]
+        except ValueError as err:
+            raise CliError(f"--lora_blocks must be comma-separated block numbers, got '{args.lora_blocks}'.") from err
+
+
 def check_accelerators(args: argparse.Namespace) -> None:
     import torch
 
@@ -426,5 +556,8 @@ def check_accelerators(args: argparse.Namespace) -> None:
                            "Without the flag PyTorch's SDPA attention is used.")
         if not torch.cuda.is_available():
             raise CliError("--enable_xformers_memory_efficient_attention needs a CUDA GPU.")
+    if args.use_8bit_adam and getattr(args, "optimizer", "adamw").lower() != "adamw":
+        print("warning: --use_8bit_adam applies to AdamW only and is ignored with --optimizer="
+              f"{args.optimizer}", file=sys.stderr)
     if args.use_8bit_adam and importlib.util.find_spec("bitsandbytes") is None:
         raise CliError("--use_8bit_adam needs bitsandbytes: pip install bitsandbytes.")

@@ -29,14 +29,16 @@ def add_lora(module: torch.nn.Module, rank: int, target_modules: list[str], drop
 
 
 def save_lora(pipeline_cls, directory: str | Path, modules: dict[str, torch.nn.Module],
-              dtype: torch.dtype | None = None) -> Path:
-    """`modules` maps roles (unet, transformer, text_encoder, text_encoder_2) to unwrapped models."""
+              dtype: torch.dtype | None = None, key_format: str = "diffusers") -> Path:
+    """`modules` maps roles (unet, transformer, text_encoder, text_encoder_2) to unwrapped models.
+    `key_format` is what the family's diffusers LoRA script writes: "diffusers" (lora.down/lora.up,
+    SD and SDXL) or "peft" (lora_A/lora_B, SD3); diffusers' loaders read both."""
     layers = {}
     for role, module in modules.items():
         state = get_peft_model_state_dict(module)
         if dtype is not None:
             state = {k: v.to(dtype) for k, v in state.items()}
-        layers[f"{role}_lora_layers"] = convert_state_dict_to_diffusers(state)
+        layers[f"{role}_lora_layers"] = convert_state_dict_to_diffusers(state) if key_format == "diffusers" else state
     pipeline_cls.save_lora_weights(str(directory), safe_serialization=True, **layers)
     return Path(directory) / WEIGHT_NAME
 

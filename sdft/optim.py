@@ -41,3 +41,25 @@ def build_lr_scheduler(name: str, optimizer: torch.optim.Optimizer, *, warmup_st
     place, for every script (upstream SDXL scales by accumulation steps instead: #9633)."""
     return get_scheduler(name, optimizer, num_warmup_steps=warmup_steps * num_processes,
                          num_training_steps=total_steps * num_processes, num_cycles=num_cycles, power=power)
+
+
+@dataclass(frozen=True)
+class ProdigySettings:
+    lr: float = 1.0
+    betas: tuple[float, float] = (0.9, 0.999)
+    beta3: float | None = None
+    weight_decay: float = 1e-4
+    eps: float = 1e-8
+    decouple: bool = True
+    use_bias_correction: bool = True
+    safeguard_warmup: bool = True
+
+
+def build_prodigy(param_groups: list[dict], settings: ProdigySettings) -> torch.optim.Optimizer:
+    """Prodigy (Mishchenko & Defazio 2023, arXiv 2306.06101): AdamW with an estimated step size."""
+    import prodigyopt  # optional dependency, imported only when asked for
+
+    return prodigyopt.Prodigy(param_groups, lr=settings.lr, betas=settings.betas, beta3=settings.beta3,
+                              weight_decay=settings.weight_decay, eps=settings.eps, decouple=settings.decouple,
+                              use_bias_correction=settings.use_bias_correction,
+                              safeguard_warmup=settings.safeguard_warmup)

@@ -49,7 +49,7 @@ def export_pipeline(family, source, trained: dict[str, torch.nn.Module], output_
 
 def export_lora(family, trained: dict[str, torch.nn.Module], output_dir: Path, *, kohya: bool,
                 dtype: torch.dtype | None = None) -> Path:
-    path = save_lora(family.pipeline_cls, output_dir, trained, dtype=dtype)
+    path = save_lora(family.pipeline_cls, output_dir, trained, dtype=dtype, key_format=family.lora_key_format)
     if kohya:
         save_kohya(output_dir, trained, dtype=dtype)
     return path

@@ -34,14 +34,16 @@ from tqdm.auto import tqdm
 
 from sdft import hub
 from sdft.checkpointing import Checkpointer, Position, TrainedWeights, read_position, resolve_resume
+from sdft.builders import build_optimizer, ddpm_objective, text_image_data, tracker_config
 from sdft.cli import CliError
-from sdft.data.dataset import CaptionedImageDataset, EpochShuffleSampler
-from sdft.data.sources import DataError, load_captioned_images
-from sdft.data.transforms import ImageTransform
+from sdft.conditioning import ConditionCache
+from sdft.data.dataset import EpochShuffleSampler
+from sdft.data.latent_cache import fill_latent_cache, sample_from_moments, sample_latents
+from sdft.data.sources import DataError
 from sdft.ema import EMA
 from sdft.families.source import ModelSource
-from sdft.objectives import DDPMObjective, split_prior, timestep_bias_weights
-from sdft.optim import AdamSettings, build_adamw, build_lr_scheduler, scaled_lr
+from sdft.objectives import split_prior
+from sdft.optim import build_lr_scheduler
 from sdft.output import check_replicas_agree, export_lora, export_pipeline, final_images, load_saved_lora
 from sdft.trainable import LoraSpec, Placement, param_groups, prepare_models, trainable_params
 from sdft.validation import ValidationPlan, generate, log_images, plan_prompts, save_images
@@ -98,6 +100,8 @@ class Run:
     train_text_encoders: bool = False
     prior_loss_weight: float | None = None
     debug_loss: bool = False
+    condition_cache: ConditionCache | None = None
+    offloaded: list[str] = field(default_factory=list)   # frozen roles kept on the CPU between validations
 
 
 def make_accelerator(args: argparse.Namespace) -> Accelerator:
@@ -138,59 +142,6 @@ def weight_dtype_of(accelerator: Accelerator) -> torch.dtype:
     return {"fp16": torch.float16, "bf16": torch.bfloat16}.get(accelerator.mixed_precision, torch.float32)
 
 
-def text_image_data(args: argparse.Namespace, seed: int) -> CaptionedImageDataset:
-    images = load_captioned_images(
-        dataset_name=args.dataset_name, dataset_config_name=args.dataset_config_name,
-        train_data_dir=args.train_data_dir, image_column=args.image_column, caption_column=args.caption_column,
-        cache_dir=args.cache_dir, max_train_samples=args.max_train_samples, seed=seed,
-    )
-    transform = ImageTransform(args.resolution, args.center_crop, args.random_flip, args.image_interpolation_mode)
-    return CaptionedImageDataset(images, transform, seed,
-                                 empty_caption_rate=getattr(args, "proportion_empty_prompts", 0.0))
-
-
-def ddpm_objective(args: argparse.Namespace, noise_scheduler, device: torch.device) -> DDPMObjective:
-    prediction_type = args.prediction_type or noise_scheduler.config.prediction_type
-    if getattr(args, "dream_training", False) and prediction_type != "epsilon":
-        raise CliError(f"--dream_training supports epsilon prediction only; this model predicts {prediction_type}.")
-    weights = None
-    if getattr(args, "timestep_bias_strategy", "none") != "none":
-        try:  # the checks that need the schedule's length (the others ran at parse time)
-            weights = timestep_bias_weights(
-                args.timestep_bias_strategy, noise_scheduler.config.num_train_timesteps,
-                multiplier=args.timestep_bias_multiplier, begin=args.timestep_bias_begin,
-                end=args.timestep_bias_end, portion=args.timestep_bias_portion,
-            ).to(device)
-        except ValueError as err:
-            raise CliError(str(err)) from err
-    return DDPMObjective(
-        alphas_cumprod=noise_scheduler.alphas_cumprod.to(device=device, dtype=torch.float32),
-        prediction_type=prediction_type, snr_gamma=args.snr_gamma, noise_offset=args.noise_offset,
-        input_perturbation=getattr(args, "input_perturbation", 0.0), timestep_weights=weights,
-    )
-
-
-def build_optimizer(args: argparse.Namespace, groups: list[dict], num_processes: int) -> torch.optim.Optimizer:
-    lr = args.learning_rate
-    if args.scale_lr:
-        lr = scaled_lr(lr, args.gradient_accumulation_steps, args.train_batch_size, num_processes)
-    settings = AdamSettings(lr=lr, betas=(args.adam_beta1, args.adam_beta2), weight_decay=args.adam_weight_decay,
-                            eps=args.adam_epsilon, use_8bit=args.use_8bit_adam)
-    return build_adamw(groups, settings)
-
-
-def tracker_config(args: argparse.Namespace) -> dict:
-    """Trackers take scalars only; the Hub token never leaves the process."""
-    config = {}
-    for key, value in vars(args).items():
-        if key.startswith("_") or key == "hub_token":
-            continue
-        if isinstance(value, (list, tuple)):
-            value = " | ".join(map(str, value))
-        config[key] = value if isinstance(value, (int, float, str, bool)) else str(value)
-    return config
-
-
 # --------------------------------------------------------------------------- the run
 
 
@@ -205,7 +156,7 @@ def train(args: argparse.Namespace, family, make_objective=ddpm_objective, make_
     set_seed(seed)
 
     # Data first: a bad dataset should fail before minutes of model loading.
-    dataset = make_data(args, seed)
+    dataset = make_data(args, seed, accelerator, family)
     repo_id = None
     if args.push_to_hub and accelerator.is_main_process:
         repo_id = hub.prepare_repo(args.hub_model_id or output_dir.name, args.hub_token)
@@ -258,7 +209,10 @@ def build_run(args: argparse.Namespace, family, make_objective, accelerator: Acc
                                       num_cycles=args.lr_num_cycles, power=args.lr_power)
     *prepared, optimizer, lr_scheduler = accelerator.prepare(*trained.values(), optimizer, lr_scheduler)
     prepared = dict(zip(trained, prepared))
-    weights = TrainedWeights(family.pipeline_cls, trained, lora=args.use_lora, ema=ema)
+    weights = TrainedWeights(family.pipeline_cls, trained, lora=args.use_lora, ema=ema,
+                             lora_key_format=family.lora_key_format)
+    condition_cache, offloaded = precompute(family, models, dataset, accelerator, train_text_encoders,
+                                            cache_latents=getattr(args, "cache_latents", False))
     return Run(
         accelerator=accelerator, family=family, models=models,
         train_models=dataclasses.replace(models, **prepared), prepared=list(prepared.values()),
@@ -273,8 +227,27 @@ def build_run(args: argparse.Namespace, family, make_objective, accelerator: Acc
         dream_detail_preservation=args.dream_detail_preservation if getattr(args, "dream_training", False) else None,
         params_to_clip=params, train_text_encoders=train_text_encoders,
         prior_loss_weight=args.prior_loss_weight if getattr(args, "with_prior_preservation", False) else None,
-        debug_loss=getattr(args, "debug_loss", False),
+        debug_loss=getattr(args, "debug_loss", False), condition_cache=condition_cache, offloaded=offloaded,
     )
+
+
+def precompute(family, models, dataset, accelerator: Accelerator, train_text_encoders: bool, *,
+               cache_latents: bool, caption_limit: int = 64) -> tuple[ConditionCache | None, list[str]]:
+    """Encode what will not change during training once, then park the encoders on the CPU."""
+    offloaded = []
+    if cache_latents:
+        dataset.latent_cache = fill_latent_cache(dataset, models.vae, accelerator.device,
+                                                 show_progress=accelerator.is_local_main_process)
+        offloaded.append("vae")
+    cache = None
+    captions = dataset.distinct_captions(caption_limit) if family.caption_only_conditioning else None
+    if captions is not None and not train_text_encoders:
+        cache = ConditionCache(family, models, accelerator.device, captions)
+        offloaded += [role for role in family.components(models) if role.startswith("text_encoder")]
+        logger.info("Encoded the %d distinct caption(s) once; text encoders wait on the CPU", len(captions))
+    for role in offloaded:
+        getattr(models, role).to("cpu")
+    return cache, offloaded
 
 
 def lora_spec(args: argparse.Namespace, family) -> LoraSpec | None:
@@ -373,9 +346,16 @@ def training_step(run_state: Run, batch: dict, micro_step: int) -> tuple[torch.T
     accelerator, family, models = run_state.accelerator, run_state.family, run_state.train_models
     generator = step_generator(run_state.seed, micro_step, accelerator.process_index, accelerator.device)
     with torch.no_grad():
-        latents = family.encode_images(models, batch["pixel_values"], generator).to(run_state.weight_dtype)
-    with nullcontext() if run_state.train_text_encoders else torch.no_grad():
-        cond = family.condition(models, batch, accelerator.device)
+        if "latent_moments" in batch:
+            raw = sample_from_moments(batch["latent_moments"], generator)
+        else:
+            raw = sample_latents(models.vae, batch["pixel_values"], generator)
+        latents = family.scale_latents(models, raw).to(run_state.weight_dtype)
+    if run_state.condition_cache is not None:
+        cond = run_state.condition_cache(batch)
+    else:
+        with nullcontext() if run_state.train_text_encoders else torch.no_grad():
+            cond = family.condition(models, batch, accelerator.device)
     noised = run_state.objective.noise(latents, generator)
     if run_state.dream_detail_preservation is not None:
         with torch.no_grad():
@@ -423,6 +403,8 @@ def validate(run_state: Run, phase: str, step: int, folder: str) -> list[Path]:
             pipeline = validation_pipeline(run_state)
             images = generate(pipeline, run_state.validation, accelerator.device, accelerator.autocast)
         del pipeline
+        for role in run_state.offloaded:
+            getattr(run_state.models, role).to("cpu")
         paths = save_images(images, run_state.validation.prompts, run_state.output_dir / "validation" / folder)
         log_images(accelerator.trackers, images, run_state.validation.prompts, phase, step)
     accelerator.wait_for_everyone()

@@ -48,6 +48,12 @@ class CaptionedImageDataset(Dataset):
     def collate(examples: list[dict]) -> dict:
         return collate(examples)
 
+    def distinct_captions(self, limit: int) -> set[str] | None:
+        found = self.images.distinct_captions(limit)
+        if found is not None and self.empty_caption_rate:
+            found.add("")
+        return found
+
     def __getitem__(self, index: int) -> dict:
         rng = seeded_rng(self.seed, self.epoch, index)
         out = self.transform(self.images.open_image(index), rng)

@@ -58,6 +58,15 @@ class CaptionedImages:
             raise DataError(f"Cannot read image {self.describe(index)}: {err}") from err
         return image
 
+    def distinct_captions(self, limit: int) -> set[str] | None:
+        """All captions the data can produce, or None when there are more than `limit`."""
+        found: set[str] = set()
+        for index, value in enumerate(self.table[self.caption_column]):
+            found.update(caption_choices(value, self.describe(index), self.caption_column))
+            if len(found) > limit:
+                return None
+        return found
+
     def captions(self, index: int) -> list[str]:
         return caption_choices(self.table[index][self.caption_column], self.describe(index), self.caption_column)
 

@@ -28,6 +28,9 @@ class StableDiffusion:
     pipeline_cls = StableDiffusionPipeline
     denoiser_role = "unet"
     lora_target_modules = ["to_k", "to_q", "to_v", "to_out.0"]
+    lora_key_format = "diffusers"   # as the diffusers LoRA script for this family writes it
+    # Whether the conditioning depends on the captions alone (SDXL's also depends on image sizes).
+    caption_only_conditioning = True
     trainable_text_encoder_roles = ["text_encoder"]
     license = "creativeml-openrail-m"
     tags = ["stable-diffusion", "stable-diffusion-diffusers", "text-to-image", "diffusers", "diffusers-training"]
@@ -56,9 +59,8 @@ class StableDiffusion:
     def vae_dtype(self, weight_dtype: torch.dtype) -> torch.dtype:
         return weight_dtype
 
-    def encode_images(self, models: SDModels, pixels: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
-        posterior = models.vae.encode(pixels.to(models.vae.dtype)).latent_dist
-        return posterior.sample(generator=generator) * models.vae.config.scaling_factor
+    def scale_latents(self, models: SDModels, latents: torch.Tensor) -> torch.Tensor:
+        return latents * models.vae.config.scaling_factor
 
     def condition(self, models: SDModels, batch: dict, device: torch.device) -> dict:
         ids = models.tokenizer(

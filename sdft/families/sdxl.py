@@ -55,6 +55,9 @@ class StableDiffusionXL:
     pipeline_cls = StableDiffusionXLPipeline
     denoiser_role = "unet"
     lora_target_modules = ["to_k", "to_q", "to_v", "to_out.0"]
+    lora_key_format = "diffusers"   # as the diffusers LoRA script for this family writes it
+    # Whether the conditioning depends on the captions alone (SDXL's also depends on image sizes).
+    caption_only_conditioning = False
     trainable_text_encoder_roles = ["text_encoder", "text_encoder_2"]
     license = "openrail++"
     tags = ["stable-diffusion-xl", "stable-diffusion-xl-diffusers", "text-to-image", "diffusers",
@@ -93,9 +96,8 @@ class StableDiffusionXL:
         # stays fp32 unless the user supplied another VAE, e.g. madebyollin/sdxl-vae-fp16-fix.
         return torch.float32 if self.vae_path is None else weight_dtype
 
-    def encode_images(self, models: SDXLModels, pixels: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
-        posterior = models.vae.encode(pixels.to(models.vae.dtype)).latent_dist
-        return posterior.sample(generator=generator) * models.vae.config.scaling_factor
+    def scale_latents(self, models: SDXLModels, latents: torch.Tensor) -> torch.Tensor:
+        return latents * models.vae.config.scaling_factor
 
     def condition(self, models: SDXLModels, batch: dict, device: torch.device) -> dict:
         prompt_embeds, pooled = encode_prompts([models.tokenizer, models.tokenizer_2],

@@ -9,6 +9,7 @@ import pytest
 import torch
 from PIL import Image
 
+from sdft.data.latent_cache import sample_latents
 from sdft.data.transforms import ImageTransform
 from sdft.families.sd import StableDiffusion
 from sdft.families.sdxl import StableDiffusionXL, micro_conditioning
@@ -65,6 +66,6 @@ def test_sd_latents_are_a_seeded_posterior_sample_scaled_by_the_vae_factor(sd):
     with torch.no_grad():
         posterior = models.vae.encode(pixels).latent_dist
         expected = posterior.sample(generator=torch.Generator().manual_seed(0)) * models.vae.config.scaling_factor
-        latents = family.encode_images(models, pixels, torch.Generator().manual_seed(0))
+        latents = family.scale_latents(models, sample_latents(models.vae, pixels, torch.Generator().manual_seed(0)))
     assert models.vae.config.scaling_factor != 1.0
     assert torch.equal(latents, expected)

@@ -1,0 +1,142 @@
+"""Flags into objects: the data, objective and optimizer each script asks for.
+
+This is the part of the trainer's top layer that reads the argparse namespace; everything it
+builds takes plain, typed parameters. A script picks its builders visibly, e.g.
+`train(args, family, make_objective=flow_objective, make_data=dreambooth_data)`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+from pathlib import Path
+
+import torch
+from accelerate import Accelerator
+
+from sdft.cli import CliError
+from sdft.data.dataset import CaptionedImageDataset
+from sdft.data.dreambooth import (DreamBoothDataset, generate_class_images, load_class_images, load_instance_images,
+                                  missing_class_images)
+from sdft.data.sources import load_captioned_images
+from sdft.data.transforms import ImageTransform
+from sdft.objectives import DDPMObjective, FlowMatchingObjective, flow_sigma_table, timestep_bias_weights
+from sdft.optim import AdamSettings, ProdigySettings, build_adamw, build_prodigy, scaled_lr
+
+logger = logging.getLogger("sdft")
+
+
+def image_transform(args: argparse.Namespace) -> ImageTransform:
+    return ImageTransform(args.resolution, args.center_crop, args.random_flip,
+                          getattr(args, "image_interpolation_mode", "lanczos"))
+
+
+def text_image_data(args: argparse.Namespace, seed: int, accelerator: Accelerator, family) -> CaptionedImageDataset:
+    images = load_captioned_images(
+        dataset_name=args.dataset_name, dataset_config_name=args.dataset_config_name,
+        train_data_dir=args.train_data_dir, image_column=args.image_column, caption_column=args.caption_column,
+        cache_dir=args.cache_dir, max_train_samples=args.max_train_samples, seed=seed,
+    )
+    return CaptionedImageDataset(images, image_transform(args), seed,
+                                 empty_caption_rate=getattr(args, "proportion_empty_prompts", 0.0))
+
+
+def dreambooth_data(args: argparse.Namespace, seed: int, accelerator: Accelerator, family) -> DreamBoothDataset:
+    instance = load_instance_images(
+        instance_data_dir=args.instance_data_dir, dataset_name=args.dataset_name,
+        dataset_config_name=args.dataset_config_name, image_column=args.image_column,
+        caption_column=args.caption_column, instance_prompt=args.instance_prompt, cache_dir=args.cache_dir,
+    )
+    class_images = None
+    if args.with_prior_preservation:
+        missing = missing_class_images(args.class_data_dir, args.num_class_images)
+        if missing:
+            logger.info("Generating %d class images for '%s'", missing, args.class_prompt)
+            generate_class_images(Path(args.class_data_dir), args.class_prompt, missing,
+                                  ClassImagePipeline(family, args, accelerator.device),
+                                  sample_batch_size=args.sample_batch_size, accelerator=accelerator, seed=seed,
+                                  start_index=args.num_class_images - missing)
+        class_images = load_class_images(args.class_data_dir)[: args.num_class_images]
+    return DreamBoothDataset(instance, image_transform(args), seed, repeats=args.repeats,
+                             class_images=class_images, class_prompt=args.class_prompt)
+
+
+class ClassImagePipeline:
+    """Builds the base pipeline for class-image generation only when images are missing."""
+
+    def __init__(self, family, args: argparse.Namespace, device: torch.device):
+        self.family, self.args, self.device = family, args, device
+
+    def __call__(self):
+        precision = self.args.prior_generation_precision
+        dtype = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32, "no": torch.float32}.get(
+            precision, torch.float16 if self.device.type in ("cuda", "mps") else torch.float32)
+        pipeline = self.family.pipeline_cls.from_pretrained(
+            self.args.pretrained_model_name_or_path, revision=self.args.revision, variant=self.args.variant,
+            dtype=dtype)
+        return pipeline.to(self.device)
+
+
+def ddpm_objective(args: argparse.Namespace, noise_scheduler, device: torch.device) -> DDPMObjective:
+    prediction_type = args.prediction_type or noise_scheduler.config.prediction_type
+    if getattr(args, "dream_training", False) and prediction_type != "epsilon":
+        raise CliError(f"--dream_training supports epsilon prediction only; this model predicts {prediction_type}.")
+    weights = None
+    if getattr(args, "timestep_bias_strategy", "none") != "none":
+        try:  # the checks that need the schedule's length (the others ran at parse time)
+            weights = timestep_bias_weights(
+                args.timestep_bias_strategy, noise_scheduler.config.num_train_timesteps,
+                multiplier=args.timestep_bias_multiplier, begin=args.timestep_bias_begin,
+                end=args.timestep_bias_end, portion=args.timestep_bias_portion,
+            ).to(device)
+        except ValueError as err:
+            raise CliError(str(err)) from err
+    return DDPMObjective(
+        alphas_cumprod=noise_scheduler.alphas_cumprod.to(device=device, dtype=torch.float32),
+        prediction_type=prediction_type, snr_gamma=args.snr_gamma, noise_offset=args.noise_offset,
+        input_perturbation=getattr(args, "input_perturbation", 0.0), timestep_weights=weights,
+    )
+
+
+def flow_objective(args: argparse.Namespace, noise_scheduler, device: torch.device) -> FlowMatchingObjective:
+    sigmas, timesteps = flow_sigma_table(noise_scheduler)
+    try:
+        return FlowMatchingObjective(
+            scheduler_sigmas=sigmas.to(device), scheduler_timesteps=timesteps.to(device),
+            weighting_scheme=args.weighting_scheme, logit_mean=args.logit_mean, logit_std=args.logit_std,
+            mode_scale=args.mode_scale, precondition_outputs=bool(args.precondition_outputs),
+        )
+    except ValueError as err:
+        raise CliError(str(err)) from err
+
+
+def build_optimizer(args: argparse.Namespace, groups: list[dict], num_processes: int) -> torch.optim.Optimizer:
+    lr = args.learning_rate
+    if args.scale_lr:
+        lr = scaled_lr(lr, args.gradient_accumulation_steps, args.train_batch_size, num_processes)
+    betas = (args.adam_beta1, args.adam_beta2)
+    if getattr(args, "optimizer", "adamw").lower() == "prodigy":
+        if lr <= 0.1:
+            logger.warning("Prodigy usually wants --learning_rate around 1.0, got %g.", lr)
+        for group in groups:
+            # Prodigy estimates one step size; separate text-encoder rates would fight it.
+            group.pop("lr", None)
+        return build_prodigy(groups, ProdigySettings(
+            lr=lr, betas=betas, beta3=args.prodigy_beta3, weight_decay=args.adam_weight_decay, eps=args.adam_epsilon,
+            decouple=args.prodigy_decouple, use_bias_correction=args.prodigy_use_bias_correction,
+            safeguard_warmup=args.prodigy_safeguard_warmup))
+    settings = AdamSettings(lr=lr, betas=betas, weight_decay=args.adam_weight_decay, eps=args.adam_epsilon,
+                            use_8bit=args.use_8bit_adam)
+    return build_adamw(groups, settings)
+
+
+def tracker_config(args: argparse.Namespace) -> dict:
+    """Trackers take scalars only; the Hub token never leaves the process."""
+    config = {}
+    for key, value in vars(args).items():
+        if key.startswith("_") or key == "hub_token":
+            continue
+        if isinstance(value, (list, tuple)):
+            value = " | ".join(map(str, value))
+        config[key] = value if isinstance(value, (int, float, str, bool)) else str(value)
+    return config

@@ -1,0 +1,127 @@
+"""Stable Diffusion 3 / 3.5: an MMDiT transformer, three text encoders (CLIP-L and CLIP-G with
+projection, T5-XXL), a 16-channel VAE with a shift factor, and the flow-matching objective.
+
+Text encoders are told apart by their role (position in the pipeline), never by hidden size:
+upstream identifies CLIP-L/G by hidden_size 768/1280, which breaks for any other size and makes
+resuming with --train_text_encoder crash (diffusers #8507, #8726).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel, StableDiffusion3Pipeline
+from transformers import CLIPTextModelWithProjection, CLIPTokenizer, T5EncoderModel, T5TokenizerFast
+
+from sdft.families.source import ModelSource
+
+DEFAULT_LORA_LAYERS = ["attn.add_k_proj", "attn.add_q_proj", "attn.add_v_proj", "attn.to_add_out",
+                       "attn.to_k", "attn.to_out.0", "attn.to_q", "attn.to_v"]
+
+
+@dataclass
+class SD3Models:
+    tokenizer: CLIPTokenizer
+    tokenizer_2: CLIPTokenizer
+    tokenizer_3: T5TokenizerFast
+    text_encoder: CLIPTextModelWithProjection
+    text_encoder_2: CLIPTextModelWithProjection
+    text_encoder_3: T5EncoderModel
+    vae: AutoencoderKL
+    transformer: SD3Transformer2DModel
+    noise_scheduler: FlowMatchEulerDiscreteScheduler
+
+
+def lora_targets(lora_layers: str | None, lora_blocks: str | None) -> list[str]:
+    """--lora_layers replaces the default attention projections; --lora_blocks "12,13" restricts
+    them to those transformer blocks."""
+    layers = [name.strip() for name in lora_layers.split(",")] if lora_layers else list(DEFAULT_LORA_LAYERS)
+    if not lora_blocks:
+        return layers
+    blocks = [int(block.strip()) for block in lora_blocks.split(",")]
+    return [f"transformer_blocks.{block}.{layer}" for block in blocks for layer in layers]
+
+
+def encode_prompts(models: SD3Models, captions: list[str], max_sequence_length: int, device: torch.device):
+    """CLIP-L and CLIP-G penultimate states side by side, zero-padded to the T5 width, followed on
+    the sequence axis by T5's states; pooled = both CLIP projections side by side."""
+    clip_states, pooled = [], []
+    for tokenizer, encoder in ((models.tokenizer, models.text_encoder), (models.tokenizer_2, models.text_encoder_2)):
+        ids = tokenizer(captions, padding="max_length", max_length=77, truncation=True, return_tensors="pt").input_ids
+        output = encoder(ids.to(device), output_hidden_states=True, return_dict=True)
+        clip_states.append(output.hidden_states[-2])
+        pooled.append(output.text_embeds)
+    ids = models.tokenizer_3(captions, padding="max_length", max_length=max_sequence_length, truncation=True,
+                             add_special_tokens=True, return_tensors="pt").input_ids
+    t5_states = models.text_encoder_3(ids.to(device), return_dict=True).last_hidden_state
+    clip = torch.cat(clip_states, dim=-1)
+    if clip.shape[-1] > t5_states.shape[-1]:
+        # Padding by a negative amount would silently crop the CLIP features instead.
+        raise ValueError(f"CLIP features ({clip.shape[-1]}) are wider than T5's ({t5_states.shape[-1]}).")
+    clip = F.pad(clip, (0, t5_states.shape[-1] - clip.shape[-1]))
+    return torch.cat([clip, t5_states.to(clip.dtype)], dim=-2), torch.cat(pooled, dim=-1)
+
+
+class StableDiffusion3:
+    name = "sd3"
+    pipeline_cls = StableDiffusion3Pipeline
+    denoiser_role = "transformer"
+    # T5 stays frozen: training it costs far more memory than it gives (as in diffusers' LoRA script).
+    lora_key_format = "peft"   # as the diffusers LoRA script for this family writes it
+    # Whether the conditioning depends on the captions alone (SDXL's also depends on image sizes).
+    caption_only_conditioning = True
+    trainable_text_encoder_roles = ["text_encoder", "text_encoder_2"]
+    license = "other"
+
+    def __init__(self, max_sequence_length: int = 77, lora_layers: str | None = None, lora_blocks: str | None = None):
+        self.max_sequence_length = max_sequence_length
+        self.lora_target_modules = lora_targets(lora_layers, lora_blocks)
+        self.tags = ["sd3", "sd3-diffusers", "text-to-image", "diffusers", "diffusers-training"]
+
+    def load(self, source: ModelSource) -> SD3Models:
+        hub, weights = source.hub_kwargs(), source.weight_kwargs()
+        return SD3Models(
+            tokenizer=CLIPTokenizer.from_pretrained(source.path, subfolder="tokenizer", **hub),
+            tokenizer_2=CLIPTokenizer.from_pretrained(source.path, subfolder="tokenizer_2", **hub),
+            tokenizer_3=T5TokenizerFast.from_pretrained(source.path, subfolder="tokenizer_3", **hub),
+            text_encoder=CLIPTextModelWithProjection.from_pretrained(source.path, subfolder="text_encoder", **weights),
+            text_encoder_2=CLIPTextModelWithProjection.from_pretrained(source.path, subfolder="text_encoder_2",
+                                                                       **weights),
+            text_encoder_3=T5EncoderModel.from_pretrained(source.path, subfolder="text_encoder_3", **weights),
+            vae=AutoencoderKL.from_pretrained(source.path, subfolder="vae", **weights),
+            transformer=self.load_denoiser(source),
+            noise_scheduler=FlowMatchEulerDiscreteScheduler.from_pretrained(source.path, subfolder="scheduler", **hub),
+        )
+
+    def load_denoiser(self, source: ModelSource) -> SD3Transformer2DModel:
+        return SD3Transformer2DModel.from_pretrained(source.path, subfolder="transformer", **source.weight_kwargs())
+
+    def components(self, models: SD3Models) -> dict[str, torch.nn.Module]:
+        return {"text_encoder": models.text_encoder, "text_encoder_2": models.text_encoder_2,
+                "text_encoder_3": models.text_encoder_3, "vae": models.vae, "transformer": models.transformer}
+
+    def vae_dtype(self, weight_dtype: torch.dtype) -> torch.dtype:
+        return torch.float32  # encoding happens once per image with --cache_latents; precision is cheap here
+
+    def scale_latents(self, models: SD3Models, latents: torch.Tensor) -> torch.Tensor:
+        return (latents - models.vae.config.shift_factor) * models.vae.config.scaling_factor
+
+    def condition(self, models: SD3Models, batch: dict, device: torch.device) -> dict:
+        prompt_embeds, pooled = encode_prompts(models, batch["captions"], self.max_sequence_length, device)
+        return {"encoder_hidden_states": prompt_embeds, "pooled_projections": pooled}
+
+    def predict(self, denoiser: torch.nn.Module, noisy: torch.Tensor, timesteps: torch.Tensor, cond: dict) -> torch.Tensor:
+        return denoiser(hidden_states=noisy, timestep=timesteps, encoder_hidden_states=cond["encoder_hidden_states"],
+                        pooled_projections=cond["pooled_projections"], return_dict=False)[0]
+
+    def pipeline_modules(self, models: SD3Models) -> dict:
+        """Validation reuses the loaded encoders (upstream reloads all three from disk each time and
+        moves T5 to the GPU in fp32)."""
+        return {"tokenizer": models.tokenizer, "tokenizer_2": models.tokenizer_2, "tokenizer_3": models.tokenizer_3,
+                "text_encoder": models.text_encoder, "text_encoder_2": models.text_encoder_2,
+                "text_encoder_3": models.text_encoder_3, "vae": models.vae}
+
+    def export_modules(self, models: SD3Models) -> dict:
+        return {}

@@ -1,0 +1,64 @@
+"""DreamBooth for Stable Diffusion 3 / 3.5: teach the model a subject from a few images, by full
+fine-tuning or LoRA, optionally with prior preservation and text-encoder training.
+
+    accelerate launch train_dreambooth_sd3.py \
+      --pretrained_model_name_or_path=stabilityai/stable-diffusion-3-medium-diffusers \
+      --instance_data_dir=dog --output_dir=trained-sd3 --mixed_precision="fp16" \
+      --instance_prompt="a photo of sks dog" --resolution=1024 --train_batch_size=1 \
+      --gradient_accumulation_steps=4 --learning_rate=1e-4 --lr_scheduler="constant" \
+      --lr_warmup_steps=0 --max_train_steps=500 --validation_prompt="A photo of sks dog in a bucket" \
+      --validation_epochs=25 --seed="0"
+
+Add `--use_lora --rank 32 [--lora_blocks "12,13,14"] [--lora_layers attn.to_k,attn.to_q,attn.to_v,attn.to_out.0]`
+for LoRA, `--with_prior_preservation --class_data_dir=dogs --class_prompt="a photo of dog"` for
+prior preservation, `--train_text_encoder` to train the CLIP encoders too. The flags of diffusers'
+train_dreambooth_sd3.py and train_dreambooth_lora_sd3.py work unchanged.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from sdft import cli
+from sdft.builders import dreambooth_data, flow_objective
+from sdft.families.sd3 import StableDiffusion3
+from sdft.trainer import run, train
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    cli.add_model_args(parser)
+    cli.add_dreambooth_args(parser)
+    cli.add_image_args(parser)
+    cli.add_latent_cache_args(parser)
+    cli.add_training_args(parser)
+    cli.add_text_encoder_optimizer_args(parser)
+    cli.add_optimizer_args(parser, choice=True)
+    cli.add_precision_args(parser, xformers=False)
+    cli.add_flow_objective_args(parser)
+    cli.add_sd3_lora_args(parser)
+    cli.add_checkpoint_args(parser)
+    cli.add_validation_args(parser, prompt_list=False)
+    cli.add_logging_args(parser, project_flag=False)
+    cli.add_hub_args(parser)
+    parser.set_defaults(output_dir="sd3-dreambooth", resolution=512, train_batch_size=4, num_train_epochs=1,
+                        validation_epochs=50, adam_weight_decay=1e-04, caption_column=None)
+    return parser
+
+
+def parse_args(input_args: list[str] | None = None) -> argparse.Namespace:
+    checks = [cli.check_positive, cli.check_model_path, cli.check_dreambooth, cli.check_sd3, cli.check_lora,
+              cli.check_resume, cli.check_validation, cli.check_tracking_and_hub, cli.check_accelerators]
+    return cli.parse(build_parser(), input_args, checks)
+
+
+def main(args: argparse.Namespace) -> None:
+    family = StableDiffusion3(max_sequence_length=args.max_sequence_length, lora_layers=args.lora_layers,
+                              lora_blocks=args.lora_blocks)
+    train(args, family=family, make_objective=flow_objective, make_data=dreambooth_data,
+          tracker_name="dreambooth-sd3-lora" if args.use_lora else "dreambooth-sd3")
+
+
+if __name__ == "__main__":
+    sys.exit(run(main, parse_args()))
