@@ -31,9 +31,8 @@ from sdft.data.sources import (
     IMAGE_SUFFIXES,
     CaptionedImages,
     DataError,
-    _load_named_dataset,
-    check_captions,
-    check_local_images,
+    load_named_dataset,
+    checked_images,
 )
 from sdft.data.transforms import ImageTransform
 
@@ -77,7 +76,7 @@ def load_instance_images(*, instance_data_dir: str | None, dataset_name: str | N
 def _instance_dataset(dataset_name: str, config: str | None, image_column: str, caption_column: str | None,
                       instance_prompt: str, cache_dir: str | None) -> CaptionedImages:
     # Upstream passes no data_dir here: --instance_data_dir and --dataset_name exclude each other.
-    table = _load_named_dataset(dataset_name, config, None, cache_dir)
+    table = load_named_dataset(dataset_name, config, None, cache_dir)
     _require_column(table, "--image_column", image_column)
     if caption_column is None:
         # Without --caption_column every image is captioned with --instance_prompt, as upstream;
@@ -89,12 +88,7 @@ def _instance_dataset(dataset_name: str, config: str | None, image_column: str, 
         _require_column(table, "--caption_column", caption_column)
     if len(table) == 0:
         raise DataError(f"--dataset_name '{dataset_name}' has no rows.")
-    if isinstance(table.features[image_column], datasets.Image):
-        table = table.cast_column(image_column, datasets.Image(decode=False))
-    images = CaptionedImages(table, image_column, caption_column)
-    check_captions(images)
-    check_local_images(images)
-    return images
+    return checked_images(table, image_column, caption_column)
 
 
 def _require_column(table: datasets.Dataset, flag: str, column: str) -> None:

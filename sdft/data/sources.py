@@ -84,7 +84,7 @@ def load_captioned_images(*, dataset_name: str | None, dataset_config_name: str 
                           train_data_dir: str | None, image_column: str, caption_column: str,
                           cache_dir: str | None, max_train_samples: int | None, seed: int) -> CaptionedImages:
     if dataset_name is not None:
-        table = _load_named_dataset(dataset_name, dataset_config_name, train_data_dir, cache_dir)
+        table = load_named_dataset(dataset_name, dataset_config_name, train_data_dir, cache_dir)
     elif _has_metadata(Path(train_data_dir)):
         table = _load_image_folder(train_data_dir, cache_dir)
     else:
@@ -92,6 +92,12 @@ def load_captioned_images(*, dataset_name: str | None, dataset_config_name: str 
     _check_columns(table, image_column, caption_column)
     if max_train_samples is not None:
         table = table.shuffle(seed=seed).select(range(min(max_train_samples, len(table))))
+    return checked_images(table, image_column, caption_column)
+
+
+def checked_images(table: datasets.Dataset, image_column: str, caption_column: str) -> CaptionedImages:
+    """Keep images undecoded (decoded one at a time by the dataset), then check every caption and
+    every image file on disk before any model is loaded."""
     if isinstance(table.features[image_column], datasets.Image):
         table = table.cast_column(image_column, datasets.Image(decode=False))
     images = CaptionedImages(table, image_column, caption_column)
@@ -100,7 +106,7 @@ def load_captioned_images(*, dataset_name: str | None, dataset_config_name: str 
     return images
 
 
-def _load_named_dataset(name: str, config: str | None, data_dir: str | None, cache_dir: str | None):
+def load_named_dataset(name: str, config: str | None, data_dir: str | None, cache_dir: str | None):
     path = Path(name)
     try:
         if path.is_dir() and ((path / "dataset_dict.json").is_file() or (path / "state.json").is_file()):
