@@ -112,3 +112,17 @@ def test_text_encoder_training_resumes_exactly(tiny_sd3, instance_dir, tmp_path,
     base = load_file(tiny_sd3 / "text_encoder" / "model.safetensors")
     trained = load_file(straight / "text_encoder" / "model.safetensors")
     assert not weights_equal(base, trained), "the text encoder was not trained"
+
+
+def test_two_processes_share_class_generation_and_agree(tiny_sd3, instance_dir, tmp_path):
+    out, class_dir = tmp_path / "ddp", tmp_path / "dogs"
+    result = accelerate_launch(SCRIPT, db_args(
+        tiny_sd3, instance_dir, out, "--use_lora", "--rank", "4", "--max_train_steps", "2",
+        "--checkpointing_steps", "2", "--with_prior_preservation", "--class_data_dir", class_dir,
+        "--class_prompt", "a photo of dog", "--num_class_images", "3", "--sample_batch_size", "1"),
+        num_processes=2)
+    assert "identical on all 2 processes" in result.stderr + result.stdout
+    names = sorted(p.name.split("-")[0] for p in class_dir.glob("*.jpg"))
+    assert names == ["0", "1", "2"], "each class image must be generated exactly once across processes"
+    assert {p.name for p in out.glob("checkpoint-*")} == {"checkpoint-2"}
+    assert (out / "pytorch_lora_weights.safetensors").is_file()

@@ -268,3 +268,65 @@ def test_sdxl_accepts_its_documented_command_line(base):
     ])
     assert (args.resolution, args.use_lora, args.rank, args.train_text_encoder) == (1024, True, 8, True)
     assert args.prediction_type == "sample" and args.timestep_bias_strategy == "later"
+
+
+# --------------------------------------------------------------------------- SD3 DreamBooth
+
+
+@pytest.fixture()
+def db_base(model_dir: Path, workdir: Path) -> list[str]:
+    from sdft.tiny import make_images
+
+    instance = make_images(workdir / "dog", num_images=2, layout="images")
+    return [f"--pretrained_model_name_or_path={model_dir}", f"--instance_data_dir={instance}",
+            "--instance_prompt=a photo of sks dog"]
+
+
+def sd3_error(argv: list[str], capsys) -> str:
+    import train_dreambooth_sd3 as sd3
+
+    with pytest.raises(SystemExit) as exc:
+        sd3.parse_args(argv)
+    assert exc.value.code == 2
+    return capsys.readouterr().err
+
+
+@pytest.mark.parametrize("extra, flag", [
+    (["--dataset_name=someone/dogs"], "--instance_data_dir"),
+    (["--with_prior_preservation", "--class_data_dir=dogs"], "--class_prompt"),
+    (["--with_prior_preservation", "--class_prompt=a dog"], "--class_data_dir"),
+    (["--rank=32"], "--use_lora"),
+    (["--lora_blocks=12,13"], "--use_lora"),
+    (["--use_lora", "--lora_blocks=twelve"], "--lora_blocks"),
+    (["--max_sequence_length=1024"], "--max_sequence_length"),
+    (["--optimizer=sgd"], "--optimizer"),
+    (["--weighting_scheme=logit-normal"], "--weighting_scheme"),
+    (["--precondition_outputs=2"], "--precondition_outputs"),
+    (["--prodigy_decouple=maybe"], "--prodigy_decouple"),
+    (["--repeats=0"], "--repeats"),
+])
+def test_sd3_bad_flags(db_base, capsys, extra, flag):
+    assert flag in sd3_error(db_base + extra, capsys)
+
+
+def test_sd3_missing_instance_prompt(model_dir, workdir, capsys):
+    assert "--instance_prompt" in sd3_error([f"--pretrained_model_name_or_path={model_dir}",
+                                             f"--instance_data_dir={workdir}"], capsys)
+
+
+def test_sd3_documented_command_lines_parse(db_base):
+    import train_dreambooth_sd3 as sd3
+
+    args = sd3.parse_args(db_base + [
+        "--output_dir=trained-sd3", "--mixed_precision=fp16", "--resolution=1024", "--train_batch_size=1",
+        "--gradient_accumulation_steps=4", "--learning_rate=1.0", "--report_to=tensorboard",
+        "--lr_scheduler=constant", "--lr_warmup_steps=0", "--max_train_steps=500",
+        "--validation_prompt=A photo of sks dog in a bucket", "--validation_epochs=25", "--seed=0",
+        "--use_lora", "--rank", "32", "--lora_blocks", "12,13,14",
+        "--lora_layers", "attn.to_k,attn.to_q,attn.to_v,attn.to_out.0",
+        "--train_text_encoder", "--text_encoder_lr=1.0", "--optimizer=prodigy", "--prodigy_decouple=False",
+        "--max_sequence_length=512", "--cache_latents", "--weighting_scheme=none",
+    ])
+    assert (args.rank, args.lora_blocks, args.max_sequence_length) == (32, "12,13,14", 512)
+    assert args.prodigy_decouple is False and args.optimizer == "prodigy" and args.caption_column is None
+    assert (args.train_batch_size, args.num_train_epochs, args.validation_epochs) == (1, 1, 25)

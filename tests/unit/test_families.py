@@ -14,7 +14,7 @@ from sdft.data.transforms import ImageTransform
 from sdft.families.sd import StableDiffusion
 from sdft.families.sdxl import StableDiffusionXL, micro_conditioning
 from sdft.families.source import ModelSource
-from sdft.tiny import build_sd, build_sdxl
+from sdft.tiny import build_sd, build_sd3, build_sdxl
 
 
 @pytest.fixture(scope="module")
@@ -69,3 +69,30 @@ def test_sd_latents_are_a_seeded_posterior_sample_scaled_by_the_vae_factor(sd):
         latents = family.scale_latents(models, sample_latents(models.vae, pixels, torch.Generator().manual_seed(0)))
     assert models.vae.config.scaling_factor != 1.0
     assert torch.equal(latents, expected)
+
+
+@pytest.mark.parametrize("scheme", ["logit_normal", "mode", "sigma_sqrt", "cosmap", "none"])
+def test_sd3_step_for_each_weighting_scheme(tmp_path_factory, scheme, monkeypatch):
+    """The flags build an objective whose loss is finite and reaches the transformer's weights."""
+    import train_dreambooth_sd3 as sd3_script
+    from sdft.builders import flow_objective
+    from sdft.families.sd3 import StableDiffusion3
+    from sdft.tiny import make_images
+
+    root = tmp_path_factory.mktemp("sd3")
+    monkeypatch.chdir(root)
+    model = build_sd3(root / "model")
+    args = sd3_script.parse_args([f"--pretrained_model_name_or_path={model}", "--instance_prompt=a sks dog",
+                                  f"--instance_data_dir={make_images(root / 'dog', 1, layout='images')}",
+                                  f"--weighting_scheme={scheme}", "--max_sequence_length=8"])
+    family = StableDiffusion3(max_sequence_length=8)
+    models = family.load(ModelSource(str(model)))
+    objective = flow_objective(args, models.noise_scheduler, torch.device("cpu"))
+    latents = torch.randn(2, 16, 16, 16)
+    noised = objective.noise(latents, torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        cond = family.condition(models, {"captions": ["a sks dog", "a dog"]}, torch.device("cpu"))
+    loss = objective.loss(family.predict(models.transformer, noised.noisy, noised.timesteps, cond), noised).mean()
+    loss.backward()
+    assert torch.isfinite(loss)
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in models.transformer.parameters())
