@@ -4,12 +4,15 @@ images made from what was saved, and the model card; then the optional Hub uploa
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
+import shutil
 from pathlib import Path
 
 import torch
 from accelerate import Accelerator
 from accelerate.utils import gather_object
+from huggingface_hub import snapshot_download
 
 from sdft import hub
 from sdft.lora import save_kohya, save_lora
@@ -35,16 +38,58 @@ def check_replicas_agree(accelerator: Accelerator, modules: dict[str, torch.nn.M
 
 
 def export_pipeline(family, source, trained: dict[str, torch.nn.Module], output_dir: Path,
-                    prediction_type: str | None, extra_modules: dict | None = None):
-    """The full pipeline: the trained modules plus the base model's other components as stored
-    (reloaded, so frozen parts keep their original precision rather than the training dtype)."""
-    pipeline = family.pipeline_cls.from_pretrained(source.path, **{**(extra_modules or {}), **trained},
-                                                   revision=source.revision, variant=source.variant)
+                    prediction_type: str | None, extra_modules: dict | None = None, dtype: torch.dtype | None = None):
+    """The full pipeline: the trained modules written anew, every other component copied file for
+    file from the base model, so frozen parts keep their stored precision and nothing frozen is
+    loaded into memory (upstream rebuilds the whole pipeline, T5-XXL included, in fp32). Returns
+    the saved pipeline, loaded back from `output_dir`."""
+    written = {**(extra_modules or {}), **trained}
+    base = local_base_folder(source)
+    if base is None:
+        # A weight variant or a model not in the local cache: load and save through diffusers.
+        pipeline = family.pipeline_cls.from_pretrained(source.path, **written, revision=source.revision,
+                                                       variant=source.variant)
+        pipeline.save_pretrained(output_dir)
+    else:
+        copy_components(base, output_dir, skip=set(written))
+        for role, module in written.items():
+            module.save_pretrained(output_dir / role)
     if prediction_type is not None:
-        pipeline.scheduler = type(pipeline.scheduler).from_config(pipeline.scheduler.config,
-                                                                  prediction_type=prediction_type)
-    pipeline.save_pretrained(output_dir)
-    return pipeline
+        set_scheduler_prediction_type(output_dir / "scheduler" / "scheduler_config.json", prediction_type)
+    return family.pipeline_cls.from_pretrained(output_dir, dtype=dtype)
+
+
+def local_base_folder(source) -> Path | None:
+    """The base model's folder on disk (a local path, or the Hub cache's snapshot), when its files
+    can be copied as they are."""
+    if source.variant is not None:
+        return None
+    if Path(source.path).is_dir():
+        return Path(source.path)
+    try:
+        return Path(snapshot_download(source.path, revision=source.revision, cache_dir=source.cache_dir,
+                                      local_files_only=True))
+    except Exception:  # not cached in full, or not a Hub id: fall back to from_pretrained
+        return None
+
+
+def copy_components(base: Path, output_dir: Path, skip: set[str]) -> None:
+    """Copy model_index.json and the component folders it lists (nothing else: the base may itself
+    be an earlier run's output folder, with checkpoints and logs beside the model)."""
+    output_dir.mkdir(parents=True, exist_ok=True)
+    index = json.loads((base / "model_index.json").read_text())
+    shutil.copyfile(base / "model_index.json", output_dir / "model_index.json")
+    for name, value in index.items():
+        if name in skip or not isinstance(value, list) or value[0] is None or not (base / name).is_dir():
+            continue
+        shutil.rmtree(output_dir / name, ignore_errors=True)
+        shutil.copytree(base / name, output_dir / name)  # follows the Hub cache's symlinks: real files land here
+
+
+def set_scheduler_prediction_type(config_file: Path, prediction_type: str) -> None:
+    config = json.loads(config_file.read_text())
+    config["prediction_type"] = prediction_type
+    config_file.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
 
 
 def export_lora(family, trained: dict[str, torch.nn.Module], output_dir: Path, *, kohya: bool,

@@ -437,7 +437,7 @@ def save_outputs(run_state: Run, args: argparse.Namespace) -> None:
                     if run_state.validation.enabled else None)
     else:
         pipeline = export_pipeline(family, run_state.source, trained.modules, output_dir,
-                                   getattr(args, "prediction_type", None), extra)
+                                   getattr(args, "prediction_type", None), extra, dtype=run_state.weight_dtype)
     samples = []
     if pipeline is not None and run_state.validation.enabled:
         samples = final_images(run_state.accelerator, pipeline, run_state.validation, output_dir,
