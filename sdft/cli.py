@@ -486,14 +486,14 @@ def check_validation(args: argparse.Namespace) -> None:
 
 def check_tracking_and_hub(args: argparse.Namespace) -> None:
     trackers = [t.strip() for t in args.report_to.split(",")]
+    if ("wandb" in trackers or "all" in trackers) and args.hub_token is not None:
+        raise CliError("--report_to=wandb with --hub_token would expose the token in the wandb run config; "
+                       "log in with `hf auth login` instead of passing --hub_token.")
     for tracker in trackers:
         if tracker not in TRACKERS:
             raise CliError(f"--report_to '{tracker}' is unknown; choose from: {', '.join(TRACKERS)}.")
         if tracker in ("wandb", "comet_ml", "tensorboard") and importlib.util.find_spec(tracker) is None:
             raise CliError(f"--report_to={tracker} needs the '{tracker}' package: pip install {tracker}.")
-    if "wandb" in trackers and args.hub_token is not None:
-        raise CliError("--report_to=wandb with --hub_token would expose the token in the wandb run config; "
-                       "log in with `hf auth login` instead of passing --hub_token.")
 
 
 def check_sdxl(args: argparse.Namespace) -> None:

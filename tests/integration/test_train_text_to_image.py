@@ -27,6 +27,18 @@ def unet_weights(folder: Path) -> dict[str, torch.Tensor]:
     return load_file(folder / "unet" / "diffusion_pytorch_model.safetensors")
 
 
+def scalar_steps(log_dir: Path, tag: str) -> list[int]:
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    steps = []
+    for events in log_dir.rglob("events.out.tfevents*"):
+        accumulator = EventAccumulator(str(events))
+        accumulator.Reload()
+        if tag in accumulator.Tags()["scalars"]:
+            steps += [event.step for event in accumulator.Scalars(tag)]
+    return sorted(steps)
+
+
 def generate(pipe, prompt: str = "a red circle on a blue background") -> np.ndarray:
     pipe.set_progress_bar_config(disable=True)
     generator = torch.Generator().manual_seed(0)
@@ -48,7 +60,8 @@ def test_full_finetune_writes_a_pipeline_that_generates(tiny_sd, image_folder, t
     assert (out / "scheduler" / "scheduler_config.json").is_file()
     assert sorted(p.name for p in (out / "validation" / "final").glob("*.png")) == ["00.png", "01.png"]
     assert list((out / "validation" / "epoch-0000").glob("*.png"))
-    assert list((out / "logs").rglob("events.out.tfevents*")), "TensorBoard logs were not written"
+    assert scalar_steps(out / "logs", "train_loss") == [1, 2, 3, 4], "the loss must be logged every step"
+    assert scalar_steps(out / "logs", "lr") == [1, 2, 3, 4]
     card = (out / "README.md").read_text()
     assert "validation/final/00.png" in card and "StableDiffusionPipeline.from_pretrained" in card
 
