@@ -37,9 +37,17 @@ STATE_FILE = "training_state.json"
 @dataclass
 class Position:
     global_step: int = 0
-    epoch: int = 0
+    epoch: int = 0                # -1: unknown (a diffusers checkpoint); derived from the step on resume
     batches_in_epoch: int = 0     # dataloader batches of `epoch` already consumed (per process)
     seed: int | None = None
+
+    def placed(self, updates_per_epoch: int, accumulation: int) -> "Position":
+        """A position whose epoch is known: diffusers checkpoints only record the step, so the epoch
+        and the batches consumed are derived from it (exact when nothing else changed)."""
+        if self.epoch >= 0:
+            return self
+        epoch, updates = divmod(self.global_step, updates_per_epoch)
+        return Position(self.global_step, epoch, updates * accumulation, self.seed)
 
 
 def list_checkpoints(output_dir: str | Path) -> list[tuple[int, Path]]:
@@ -81,7 +89,7 @@ def read_position(checkpoint: Path) -> Position:
     match = CHECKPOINT_NAME.match(checkpoint.name)
     if not match:
         raise ValueError(f"{checkpoint} has no {STATE_FILE} and its name is not checkpoint-<step>.")
-    return Position(global_step=int(match.group(1)))
+    return Position(global_step=int(match.group(1)), epoch=-1)
 
 
 def rotate(output_dir: str | Path, keep: int) -> list[Path]:

@@ -87,6 +87,7 @@ class Run:
     trained: TrainedWeights
     seed: int
     max_train_steps: int
+    updates_per_epoch: int
     num_epochs: int
     checkpointing_steps: int
     max_grad_norm: float
@@ -167,7 +168,8 @@ def train(args: argparse.Namespace, family, make_objective=ddpm_objective, make_
     position = Position(seed=seed)
     if resume_dir is not None:
         logger.info("Resuming from %s", resume_dir)
-        position = run_state.checkpointer.load(resume_dir)
+        position = run_state.checkpointer.load(resume_dir).placed(run_state.updates_per_epoch,
+                                                                   args.gradient_accumulation_steps)
         position.seed = seed
     if accelerator.is_main_process:
         accelerator.init_trackers(getattr(args, "tracker_project_name", tracker_name), config=tracker_config(args))
@@ -219,7 +221,7 @@ def build_run(args: argparse.Namespace, family, make_objective, accelerator: Acc
         denoiser=prepared[family.denoiser_role], objective=objective, optimizer=optimizer,
         lr_scheduler=lr_scheduler, dataloader=dataloader, dataset=dataset, sampler=sampler,
         checkpointer=Checkpointer(accelerator, Path(args.output_dir), args.checkpoints_total_limit, weights),
-        trained=weights, seed=seed, max_train_steps=max_train_steps,
+        trained=weights, seed=seed, max_train_steps=max_train_steps, updates_per_epoch=updates_per_epoch,
         num_epochs=math.ceil(max_train_steps / updates_per_epoch), checkpointing_steps=args.checkpointing_steps,
         max_grad_norm=args.max_grad_norm, weight_dtype=weight_dtype,
         validation=ValidationPlan(validation_prompts(args), seed=seed, resolution=args.resolution),

@@ -137,12 +137,15 @@ def test_lora_with_8bit_adam_resumes_exactly(tiny_sd, image_folder, tmp_path):
 
 
 def test_checkpoint_rotation_and_resume_by_name(tiny_sd, image_folder, tmp_path):
-    """The upstream pattern: {2,4}, then resume from checkpoint-4 to step 8 with a limit of 2 -> {6,8}."""
+    """The upstream pattern: {2,4}, then resume from checkpoint-4 to step 8 with a limit of 2 -> {6,8},
+    here from a checkpoint in the diffusers layout."""
     out = tmp_path / "out"
     base = ["--checkpointing_steps", "2", "--prediction_type", "v_prediction", "--snr_gamma", "5.0"]
     accelerate_launch(SCRIPT, sd_args(tiny_sd, image_folder, out, *base, "--max_train_steps", "4"))
     assert checkpoints(out) == {"checkpoint-2", "checkpoint-4"}
     (out / "checkpoints.txt").write_text("a stray file must not confuse rotation or 'latest'\n")
+    # A checkpoint as diffusers' script writes it has no training_state.json: the step comes from the name.
+    (out / "checkpoint-4" / "training_state.json").unlink()
     accelerate_launch(SCRIPT, sd_args(tiny_sd, image_folder, out, *base, "--max_train_steps", "8",
                                       "--resume_from_checkpoint", "checkpoint-4", "--checkpoints_total_limit", "2"))
     assert checkpoints(out) == {"checkpoint-6", "checkpoint-8", "checkpoints.txt"}

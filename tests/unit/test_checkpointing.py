@@ -118,7 +118,10 @@ def test_read_position_of_a_diffusers_checkpoint_uses_the_name(tmp_path):
     # The diffusers example scripts write no training_state.json; the folder name holds the step.
     checkpoint = tmp_path / "checkpoint-1500"
     (checkpoint / "unet").mkdir(parents=True)
-    assert read_position(checkpoint) == Position(global_step=1500, epoch=0, batches_in_epoch=0, seed=None)
+    position = read_position(checkpoint)
+    assert position == Position(global_step=1500, epoch=-1, batches_in_epoch=0, seed=None)
+    # 400 optimizer steps per epoch with 2 accumulation steps: step 1500 is 300 updates into epoch 3.
+    assert position.placed(400, 2) == Position(global_step=1500, epoch=3, batches_in_epoch=600, seed=None)
     odd = tmp_path / "my-backup"
     odd.mkdir()
     with pytest.raises(ValueError, match="my-backup"):
