@@ -14,7 +14,6 @@ from accelerate import Accelerator
 from accelerate.utils import gather_object
 from huggingface_hub import snapshot_download
 
-from sdft import hub
 from sdft.lora import save_kohya, save_lora
 from sdft.validation import generate, log_images, save_images
 

@@ -6,3 +6,23 @@ os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ["HF_DATASETS_OFFLINE"] = "1"
 os.environ["TRANSFORMERS_OFFLINE"] = "1"
 os.environ["TOKENIZERS_PARALLELISM"] = "false"
+
+
+import pytest  # noqa: E402  (after the environment is set)
+
+
+@pytest.fixture()
+def fresh_accelerate_state():
+    """accelerate keeps process-wide singletons; tests that build an Accelerator in-process reset them."""
+    from accelerate.state import AcceleratorState, GradientState
+
+    yield
+    AcceleratorState._reset_state(reset_partial_state=True)
+    GradientState._reset_state()
+
+
+@pytest.fixture()
+def accelerator(fresh_accelerate_state):
+    from accelerate import Accelerator
+
+    return Accelerator(cpu=True)

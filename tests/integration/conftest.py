@@ -8,7 +8,9 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
+import torch
 
 from sdft.tiny import build_sd, make_images
 
@@ -52,3 +54,11 @@ def sd_args(model: Path, data: Path, output: Path, *extra) -> list[str]:
     return ["--pretrained_model_name_or_path", model, "--train_data_dir", data, "--output_dir", output,
             "--resolution", "32", "--train_batch_size", "2", "--learning_rate", "1e-3", "--lr_warmup_steps", "0",
             "--seed", "0", *extra]
+
+
+def generate(pipe, prompt: str = "a red circle on a blue background", **kwargs) -> np.ndarray:
+    """One seeded 32x32 image in 2 steps, as an array."""
+    pipe.set_progress_bar_config(disable=True)
+    generator = torch.Generator().manual_seed(0)
+    return pipe(prompt, num_inference_steps=2, height=32, width=32, generator=generator, output_type="np",
+                **kwargs).images[0]

@@ -25,6 +25,11 @@ def earlier_run(tmp_path) -> Path:
     return out
 
 
+@pytest.fixture(autouse=True)
+def _reset_accelerate(fresh_accelerate_state):
+    yield
+
+
 def run_script(argv: list, monkeypatch, capsys) -> tuple[int, str]:
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     code = run(t2i.main, t2i.parse_args([str(a) for a in argv]))

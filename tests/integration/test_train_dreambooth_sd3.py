@@ -12,6 +12,7 @@ from safetensors.torch import load_file
 
 from sdft.tiny import build_sd3, make_images
 from tests.integration.conftest import accelerate_launch
+from tests.integration.conftest import generate as generate_image
 
 pytestmark = pytest.mark.integration
 SCRIPT = "train_dreambooth_sd3.py"
@@ -36,11 +37,8 @@ def db_args(model: Path, data: Path, output: Path, *extra) -> list[str]:
             *extra]
 
 
-def generate(pipe, prompt: str = "a photo of sks dog") -> np.ndarray:
-    pipe.set_progress_bar_config(disable=True)
-    generator = torch.Generator().manual_seed(0)
-    return pipe(prompt, num_inference_steps=2, height=32, width=32, generator=generator, output_type="np",
-                max_sequence_length=16).images[0]
+def generate(pipe, prompt: str = "a photo of sks dog"):
+    return generate_image(pipe, prompt, max_sequence_length=16)
 
 
 def weights_equal(a: dict, b: dict) -> bool:

@@ -13,7 +13,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from tests.integration.conftest import accelerate_launch, sd_args
+from tests.integration.conftest import accelerate_launch, generate, sd_args
 
 pytestmark = pytest.mark.integration
 SCRIPT = "train_text_to_image.py"
@@ -37,12 +37,6 @@ def scalar_steps(log_dir: Path, tag: str) -> list[int]:
         if tag in accumulator.Tags()["scalars"]:
             steps += [event.step for event in accumulator.Scalars(tag)]
     return sorted(steps)
-
-
-def generate(pipe, prompt: str = "a red circle on a blue background") -> np.ndarray:
-    pipe.set_progress_bar_config(disable=True)
-    generator = torch.Generator().manual_seed(0)
-    return pipe(prompt, num_inference_steps=2, height=32, width=32, generator=generator, output_type="np").images[0]
 
 
 def test_full_finetune_writes_a_pipeline_that_generates(tiny_sd, image_folder, tmp_path):

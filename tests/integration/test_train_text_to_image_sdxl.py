@@ -11,7 +11,7 @@ import torch
 from safetensors.torch import load_file
 
 from sdft.tiny import build_sdxl
-from tests.integration.conftest import accelerate_launch, sd_args
+from tests.integration.conftest import accelerate_launch, generate, sd_args
 
 pytestmark = pytest.mark.integration
 SCRIPT = "train_text_to_image_sdxl.py"
@@ -20,12 +20,6 @@ SCRIPT = "train_text_to_image_sdxl.py"
 @pytest.fixture(scope="module")
 def tiny_sdxl(tmp_path_factory) -> Path:
     return build_sdxl(tmp_path_factory.mktemp("models") / "tiny-sdxl")
-
-
-def generate(pipe, prompt: str = "a red circle on a blue background") -> np.ndarray:
-    pipe.set_progress_bar_config(disable=True)
-    generator = torch.Generator().manual_seed(0)
-    return pipe(prompt, num_inference_steps=2, height=32, width=32, generator=generator, output_type="np").images[0]
 
 
 def test_full_finetune_with_ema_and_timestep_bias(tiny_sdxl, image_folder, tmp_path):

@@ -9,8 +9,6 @@ from pathlib import Path
 
 import pytest
 import torch
-from accelerate import Accelerator
-from accelerate.state import AcceleratorState, GradientState
 from diffusers import StableDiffusionPipeline, UNet2DConditionModel
 
 from sdft.checkpointing import (
@@ -147,14 +145,6 @@ class CrashingWeights(TrainedWeights):
         (directory / "unet").mkdir(parents=True, exist_ok=True)
         (directory / "unet" / "half-written.safetensors").write_bytes(b"\0" * 64)
         raise RuntimeError("disk full")
-
-
-@pytest.fixture()
-def accelerator():
-    accelerator = Accelerator(cpu=True)
-    yield accelerator
-    AcceleratorState._reset_state(reset_partial_state=True)
-    GradientState._reset_state()
 
 
 @pytest.fixture()

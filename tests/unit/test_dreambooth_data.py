@@ -12,8 +12,6 @@ from types import SimpleNamespace
 import datasets
 import pytest
 import torch
-from accelerate import Accelerator
-from accelerate.state import AcceleratorState, GradientState
 from PIL import Image
 
 from sdft.data.dataset import EpochShuffleSampler
@@ -61,14 +59,6 @@ def instance(tmp_path):
 @pytest.fixture()
 def class_images(tmp_path):
     return load_class_images(make_images(tmp_path / "class", num_images=5, layout="images", seed=2))
-
-
-@pytest.fixture()
-def accelerator():
-    accelerator = Accelerator(cpu=True)
-    yield accelerator
-    AcceleratorState._reset_state(reset_partial_state=True)
-    GradientState._reset_state()
 
 
 def same_item(a: dict, b: dict) -> bool:
