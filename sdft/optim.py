@@ -19,14 +19,16 @@ class AdamSettings:
 
 def build_adamw(param_groups: list[dict], settings: AdamSettings) -> torch.optim.Optimizer:
     """`param_groups` are torch param groups; groups may override lr and weight_decay."""
+    kwargs = {"lr": settings.lr, "betas": settings.betas, "weight_decay": settings.weight_decay, "eps": settings.eps}
     if settings.use_8bit:
         import bitsandbytes as bnb  # imported lazily: a heavy import that only this path needs
 
-        optimizer_cls = bnb.optim.AdamW8bit
-    else:
-        optimizer_cls = torch.optim.AdamW
-    return optimizer_cls(param_groups, lr=settings.lr, betas=settings.betas,
-                         weight_decay=settings.weight_decay, eps=settings.eps)
+        return bnb.optim.AdamW8bit(param_groups, **kwargs)
+    # One fused kernel per step instead of a loop over tensors: 2-3x faster full fine-tuning steps
+    # where the optimizer dominates (benchmarks/README.md: 64% of an SD-1.5 UNet step on the CPU).
+    fused = all(p.device.type in ("cuda", "cpu") and p.is_floating_point()
+                for group in param_groups for p in group["params"])
+    return torch.optim.AdamW(param_groups, fused=fused, **kwargs)
 
 
 def scaled_lr(lr: float, gradient_accumulation_steps: int, batch_size: int, num_processes: int) -> float:

@@ -117,3 +117,9 @@ def test_decaying_schedules_reach_zero_at_total_steps(name, num_processes):
 def test_constant_schedule_has_no_warmup(num_processes):
     optimizer, scheduler = make_schedule("constant", warmup=500, total=20, num_processes=num_processes)
     assert lrs_per_optimizer_step(optimizer, scheduler, 20, num_processes) == [PEAK] * 21
+
+
+def test_adamw_is_fused_for_cpu_and_cuda_parameters():
+    """The fused kernel made full fine-tuning steps 2-3x faster on the CPU (benchmarks/README.md)."""
+    optimizer = build_adamw([{"params": [torch.nn.Parameter(torch.zeros(3))]}], AdamSettings(lr=1e-3))
+    assert optimizer.defaults["fused"] is True
