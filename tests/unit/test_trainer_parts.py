@@ -1,0 +1,34 @@
+"""Small pieces of the trainer that decide reproducibility: seeds and per-step generators."""
+
+from __future__ import annotations
+
+import torch
+
+from sdft.checkpointing import Position
+from sdft.trainer import resolve_seed, step_generator, weight_dtype_of
+
+
+def test_a_random_seed_is_chosen_when_none_is_given(accelerator):
+    seeds = {resolve_seed(None, None) for _ in range(3)}
+    assert all(isinstance(s, int) and 0 <= s < 2**31 for s in seeds) and len(seeds) > 1
+
+
+def test_a_resumed_run_keeps_the_checkpoint_seed(accelerator, caplog):
+    assert resolve_seed(None, Position(global_step=4, seed=7)) == 7
+    assert resolve_seed(5, Position(global_step=4, seed=7)) == 7
+    assert "seed 7" in caplog.text
+    assert resolve_seed(5, Position(global_step=4)) == 5   # a diffusers checkpoint records no seed
+
+
+def test_step_generators_depend_on_seed_step_and_process_only():
+    def draw(seed, step, rank):
+        return torch.randn(4, generator=step_generator(seed, step, rank, torch.device("cpu")))
+
+    assert torch.equal(draw(0, 3, 0), draw(0, 3, 0))
+    assert not torch.equal(draw(0, 3, 0), draw(0, 4, 0))
+    assert not torch.equal(draw(0, 3, 0), draw(0, 3, 1))
+    assert not torch.equal(draw(0, 3, 0), draw(1, 3, 0))
+
+
+def test_weight_dtype_follows_the_accelerator(accelerator):
+    assert weight_dtype_of(accelerator) == torch.float32
