@@ -5,6 +5,8 @@
     .venv/bin/python benchmarks/bench_train.py --model sd15-shaped --steps 5
     .venv/bin/python benchmarks/bench_train.py --model sd15-shaped --use-lora -- --rank 8
     .venv/bin/python benchmarks/bench_train.py --family sdxl
+    .venv/bin/python benchmarks/bench_train.py --family sdxl --model sdxl-shaped --use-lora
+    .venv/bin/python benchmarks/bench_train.py --family sd3 --model sd3-medium-shaped
     .venv/bin/python benchmarks/bench_train.py --print-results      # results.jsonl as a table
 
 It runs the training code users run, in this process (no `accelerate launch`): the script's own
@@ -188,6 +190,12 @@ def patched(owner, name: str, replacement):
         setattr(owner, name, original)
 
 
+def describe_optimizer(optimizer: torch.optim.Optimizer) -> str:
+    """E.g. "AdamW (fused)": torch's AdamW runs a per-tensor loop on CPU unless fused or foreach is set."""
+    kernel = [name for name in ("fused", "foreach") if optimizer.defaults.get(name)]
+    return type(optimizer).__name__ + (f" ({kernel[0]})" if kernel else "")
+
+
 @contextmanager
 def timing(clock: StepClock):
     """Time backward, clipping and the optimizer step of whatever trains in this process."""
@@ -196,6 +204,7 @@ def timing(clock: StepClock):
     def before_step(optimizer, args, kwargs):
         if "trainable_params" not in clock.notes:
             clock.notes["trainable_params"] = sum(p.numel() for g in optimizer.param_groups for p in g["params"])
+            clock.notes["optimizer"] = describe_optimizer(optimizer)
         sync()
         started.append(time.perf_counter())
 
@@ -217,11 +226,40 @@ def timing(clock: StepClock):
 # --------------------------------------------------------------------------- models
 
 
+def clip_l_config(tokenizer, **overrides):
+    """CLIP ViT-L/14's text tower (SD 1.5's text_encoder/config.json; SDXL's and SD3's first encoder)
+    except the vocabulary size, which follows the offline tokenizer."""
+    from transformers import CLIPTextConfig
+
+    config = dict(vocab_size=len(tokenizer), hidden_size=768, intermediate_size=3072, num_attention_heads=12,
+                  num_hidden_layers=12, max_position_embeddings=77, hidden_act="quick_gelu", projection_dim=768,
+                  bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+                  pad_token_id=tokenizer.pad_token_id)
+    return CLIPTextConfig(**{**config, **overrides})
+
+
+def open_clip_bigg_config(tokenizer):
+    """OpenCLIP ViT-bigG/14's text tower with its projection (SDXL's and SD3's text_encoder_2):
+    1280 wide, 32 layers, 20 heads, GELU, projection 1280."""
+    return clip_l_config(tokenizer, hidden_size=1280, intermediate_size=5120, num_attention_heads=20,
+                         num_hidden_layers=32, hidden_act="gelu", projection_dim=1280)
+
+
+def sd_vae(**overrides):
+    """SD 1.5's VAE (vae/config.json): (128, 256, 512, 512), 8x downsampling; SDXL and SD3 keep the
+    block widths and change the latent channels, scaling and shift."""
+    from diffusers import AutoencoderKL
+
+    config = dict(block_out_channels=(128, 256, 512, 512), layers_per_block=2, latent_channels=4, sample_size=512,
+                  down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4)
+    return AutoencoderKL(**{**config, **overrides})
+
+
 def build_sd15_shaped(output: Path) -> Path:
     """SD 1.5's UNet, VAE and text encoder configs, randomly initialised, with the tiny model's
     offline tokenizer (so the text encoder's vocabulary is ~900 tokens instead of 49,408)."""
-    from diffusers import AutoencoderKL, PNDMScheduler, StableDiffusionPipeline, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+    from diffusers import PNDMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+    from transformers import CLIPTextModel, CLIPTokenizer
 
     base, _ = model_folder("sd", "tiny")
     tokenizer = CLIPTokenizer.from_pretrained(base, subfolder="tokenizer")
@@ -234,22 +272,87 @@ def build_sd15_shaped(output: Path) -> Path:
             down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
             up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
         )
-        # vae/config.json: 8x downsampling, as in the real model
-        vae = AutoencoderKL(
-            block_out_channels=(128, 256, 512, 512), layers_per_block=2, latent_channels=4, sample_size=512,
-            down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
-        )
-        # CLIP ViT-L/14's text tower (text_encoder/config.json) except the vocabulary size
-        text_encoder = CLIPTextModel(CLIPTextConfig(
-            vocab_size=len(tokenizer), hidden_size=768, intermediate_size=3072, num_attention_heads=12,
-            num_hidden_layers=12, max_position_embeddings=77, hidden_act="quick_gelu", projection_dim=768,
-            bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-            pad_token_id=tokenizer.pad_token_id,
-        ))
+        vae = sd_vae()  # vae/config.json: 8x downsampling, as in the real model
+        text_encoder = CLIPTextModel(clip_l_config(tokenizer))
     scheduler = PNDMScheduler.from_pretrained(base, subfolder="scheduler")  # as SD 1.5 ships it
     pipeline = StableDiffusionPipeline(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet,
                                        scheduler=scheduler, safety_checker=None, feature_extractor=None,
                                        requires_safety_checker=False)
+    pipeline.save_pretrained(output)
+    return output
+
+
+def build_sdxl_shaped(output: Path) -> Path:
+    """SDXL base 1.0's UNet, VAE and text encoder configs, randomly initialised (CLIP-L and
+    OpenCLIP-bigG at full depth), with the tiny SDXL model's offline tokenizers and scheduler."""
+    from diffusers import EulerDiscreteScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
+    from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
+
+    base, _ = model_folder("sdxl", "tiny")
+    tokenizer = CLIPTokenizer.from_pretrained(base, subfolder="tokenizer")
+    tokenizer_2 = CLIPTokenizer.from_pretrained(base, subfolder="tokenizer_2")  # pads with "!" (id 0), as bigG's
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        # stabilityai/stable-diffusion-xl-base-1.0 unet/config.json (the keys that differ from diffusers' defaults)
+        unet = UNet2DConditionModel(
+            sample_size=128, block_out_channels=(320, 640, 1280), layers_per_block=2,
+            down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+            up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+            transformer_layers_per_block=(1, 2, 10), attention_head_dim=(5, 10, 20), cross_attention_dim=2048,
+            use_linear_projection=True, addition_embed_type="text_time", addition_time_embed_dim=256,
+            projection_class_embeddings_input_dim=2816,  # 6 size/crop numbers x 256 + bigG's pooled 1280
+        )
+        vae = sd_vae(sample_size=1024, scaling_factor=0.13025)  # vae/config.json: SD 1.5's VAE, new scaling
+        text_encoder = CLIPTextModel(clip_l_config(tokenizer))
+        text_encoder_2 = CLIPTextModelWithProjection(open_clip_bigg_config(tokenizer_2))
+    scheduler = EulerDiscreteScheduler.from_pretrained(base, subfolder="scheduler")  # SDXL's settings
+    pipeline = StableDiffusionXLPipeline(vae=vae, text_encoder=text_encoder, text_encoder_2=text_encoder_2,
+                                         tokenizer=tokenizer, tokenizer_2=tokenizer_2, unet=unet, scheduler=scheduler,
+                                         force_zeros_for_empty_prompt=True, add_watermarker=False)
+    pipeline.save_pretrained(output)
+    return output
+
+
+SD3_MEDIUM_LAYERS = 4       # of SD3-medium's 24 MMDiT blocks
+SD3_T5_LAYERS = 2           # of T5-XXL's 24 encoder layers
+
+
+def build_sd3_medium_shaped(output: Path) -> Path:
+    """SD3-medium's transformer widths with SD3_MEDIUM_LAYERS blocks, its VAE, CLIP-L and OpenCLIP-bigG
+    at full depth, and a T5 with T5-XXL's widths but SD3_T5_LAYERS layers; randomly initialised, with
+    the tiny SD3 model's offline tokenizers and scheduler."""
+    from diffusers import FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel, StableDiffusion3Pipeline
+    from transformers import CLIPTextModelWithProjection, CLIPTokenizer, T5Config, T5EncoderModel, T5TokenizerFast
+
+    base, _ = model_folder("sd3", "tiny")
+    tokenizer = CLIPTokenizer.from_pretrained(base, subfolder="tokenizer")
+    tokenizer_2 = CLIPTokenizer.from_pretrained(base, subfolder="tokenizer_2")
+    tokenizer_3 = T5TokenizerFast.from_pretrained(base, subfolder="tokenizer_3")
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        # stabilityai/stable-diffusion-3-medium-diffusers transformer/config.json except num_layers (24)
+        transformer = SD3Transformer2DModel(
+            sample_size=128, patch_size=2, in_channels=16, out_channels=16, num_layers=SD3_MEDIUM_LAYERS,
+            attention_head_dim=64, num_attention_heads=24, joint_attention_dim=4096, caption_projection_dim=1536,
+            pooled_projection_dim=2048, pos_embed_max_size=192,
+        )
+        # vae/config.json: SD 1.5's block widths, 16 latent channels, no quant convs
+        vae = sd_vae(sample_size=1024, latent_channels=16, scaling_factor=1.5035, shift_factor=0.0609,
+                     use_quant_conv=False, use_post_quant_conv=False)
+        text_encoder = CLIPTextModelWithProjection(clip_l_config(tokenizer))
+        text_encoder_2 = CLIPTextModelWithProjection(open_clip_bigg_config(tokenizer_2))
+        # google/t5-v1_1-xxl (text_encoder_3/config.json) except num_layers (24) and the vocabulary
+        text_encoder_3 = T5EncoderModel(T5Config(
+            vocab_size=len(tokenizer_3), d_model=4096, d_kv=64, d_ff=10240, num_heads=64, num_layers=SD3_T5_LAYERS,
+            feed_forward_proj="gated-gelu", relative_attention_num_buckets=32, relative_attention_max_distance=128,
+            layer_norm_epsilon=1e-6, pad_token_id=tokenizer_3.pad_token_id, eos_token_id=tokenizer_3.eos_token_id,
+            decoder_start_token_id=tokenizer_3.pad_token_id,
+        ))
+    scheduler = FlowMatchEulerDiscreteScheduler.from_pretrained(base, subfolder="scheduler")  # shift 3.0, as SD3's
+    pipeline = StableDiffusion3Pipeline(transformer=transformer, scheduler=scheduler, vae=vae,
+                                        text_encoder=text_encoder, tokenizer=tokenizer,
+                                        text_encoder_2=text_encoder_2, tokenizer_2=tokenizer_2,
+                                        text_encoder_3=text_encoder_3, tokenizer_3=tokenizer_3)
     pipeline.save_pretrained(output)
     return output
 
@@ -260,6 +363,8 @@ class Model:
     resolution: int                # default --resolution
     steps: int                     # default --steps (timed steps, after the warm-up)
     description: str
+    # Parameters of the denoiser, where full fine-tuning may not fit in memory: checked before a full run.
+    denoiser_params: int | None = None
 
 
 @dataclass(frozen=True)
@@ -283,7 +388,7 @@ FAMILIES = {
             "tiny": Model(tiny.build_sd, resolution=32, steps=100,
                           description="sdft.tiny.build_sd: UNet (32, 64), CLIP text 32 wide x 2 layers, "
                                       "VAE (16, 32) with 2x downsampling"),
-            "sd15-shaped": Model(build_sd15_shaped, resolution=64, steps=5,
+            "sd15-shaped": Model(build_sd15_shaped, resolution=64, steps=5, denoiser_params=859_520_964,
                                  description="SD 1.5 configs, random weights: UNet (320, 640, 1280, 1280), "
                                              "CLIP ViT-L/14 text tower (768 wide x 12 layers, tiny ~900-token "
                                              "vocabulary), SD 1.5 VAE with 8x downsampling"),
@@ -291,12 +396,30 @@ FAMILIES = {
     ),
     "sdxl": Family(
         "train_text_to_image_sdxl", StableDiffusionXL, "metadata", T2I_DATA,
-        models={"tiny": Model(tiny.build_sdxl, resolution=32, steps=100, description="sdft.tiny.build_sdxl")},
+        models={
+            "tiny": Model(tiny.build_sdxl, resolution=32, steps=100, description="sdft.tiny.build_sdxl"),
+            "sdxl-shaped": Model(build_sdxl_shaped, resolution=64, steps=5, denoiser_params=2_567_463_684,
+                                 description="SDXL base 1.0 configs, random weights: UNet (320, 640, 1280), "
+                                             "transformer depths (1, 2, 10), cross-attention 2048 (2567.5 M); "
+                                             "CLIP ViT-L text tower (768 wide x 12 layers) and OpenCLIP bigG text "
+                                             "tower (1280 wide x 32 layers, projection 1280), both full depth "
+                                             "with tiny ~800-token vocabularies; SDXL VAE (SD 1.5's, scaling "
+                                             "0.13025)"),
+        },
     ),
     "sd3": Family(
         "train_dreambooth_sd3", StableDiffusion3, "images",
         ("--instance_data_dir", "{data}", "--instance_prompt", "a photo of sks shape"),
-        models={"tiny": Model(tiny.build_sd3, resolution=32, steps=100, description="sdft.tiny.build_sd3")},
+        models={
+            "tiny": Model(tiny.build_sd3, resolution=32, steps=100, description="sdft.tiny.build_sd3"),
+            "sd3-medium-shaped": Model(
+                build_sd3_medium_shaped, resolution=64, steps=5, denoiser_params=328_713_280,
+                description=f"SD3-medium configs, random weights: MMDiT 1536 wide (24 heads x 64), patch 2, "
+                            f"{SD3_MEDIUM_LAYERS} of its 24 blocks (328.7 M instead of 2028 M); CLIP ViT-L and "
+                            f"OpenCLIP bigG text towers at full depth (12 and 32 layers) and a T5 with T5-XXL's "
+                            f"widths (4096, d_ff 10240, 64 heads) but {SD3_T5_LAYERS} of its 24 layers, tiny "
+                            f"offline tokenizers; SD3 VAE (16 channels, SD 1.5's block widths)"),
+        },
     ),
 }
 
@@ -344,12 +467,13 @@ def parse_bench_args(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
     parser.add_argument("--family", choices=sorted(FAMILIES), default="sd")
     parser.add_argument("--model", default="tiny", help="; ".join(
         f"--family {name}: {' | '.join(family.models)}" for name, family in FAMILIES.items()) + " (default tiny)")
-    parser.add_argument("--resolution", type=int, help="pixels; default 32 for tiny, 64 for sd15-shaped")
+    parser.add_argument("--resolution", type=int, help="pixels; default 32 for tiny, 64 for the *-shaped models")
     parser.add_argument("--steps", type=int, help="timed optimizer steps after the warm-up; "
-                                                  "default 100 for tiny, 5 for sd15-shaped")
+                                                  "default 100 for tiny, 5 for the *-shaped models")
     parser.add_argument("--warmup-steps", type=int, default=2, help="untimed first steps (default 2)")
     parser.add_argument("--batch-size", type=int, default=1)
-    parser.add_argument("--use-lora", action="store_true", help="train LoRA adapters (rank 4) instead of the UNet")
+    parser.add_argument("--use-lora", action="store_true",
+                        help="train LoRA adapters (rank 4) instead of the whole denoiser (UNet or transformer)")
     parser.add_argument("--gradient-checkpointing", action="store_true")
     parser.add_argument("--mixed-precision", choices=["no", "fp16", "bf16"], default="no")
     parser.add_argument("--keep-output", action="store_true", help="keep the run's output folder")
@@ -361,11 +485,33 @@ def parse_bench_args(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
         models = FAMILIES[args.family].models
         if args.model not in models:
             parser.error(f"--model for --family {args.family} must be one of: {', '.join(models)}")
-        args.resolution = args.resolution or models[args.model].resolution
-        args.steps = args.steps or models[args.model].steps
+        # `is None`, so that --steps 0 is refused below instead of meaning the default
+        args.resolution = models[args.model].resolution if args.resolution is None else args.resolution
+        args.steps = models[args.model].steps if args.steps is None else args.steps
         if args.steps < 1 or args.warmup_steps < 1:
             parser.error("--steps and --warmup-steps must be at least 1 (the first step allocates optimizer state)")
+        params = models[args.model].denoiser_params
+        available, where = training_memory()
+        if params and not (args.use_lora or args.build_only) and FULL_BYTES_PER_PARAM * params > available:
+            parser.error(f"full fine-tuning of --model {args.model} does not fit: fp32 weights, gradients and two "
+                         f"AdamW moments are {FULL_BYTES_PER_PARAM} bytes x {params / 1e9:.2f} B denoiser parameters "
+                         f"= {FULL_BYTES_PER_PARAM * params / 1e9:.0f} GB ({FULL_BYTES_PER_PARAM * params / 2**30:.0f} "
+                         f"GiB) before activations, and this machine has {available / 2**30:.0f} GiB of {where}. "
+                         "Add --use-lora.")
     return args, extra
+
+
+FULL_BYTES_PER_PARAM = 16   # fp32 weight + gradient + AdamW's two moments
+
+
+def training_memory() -> tuple[int, str]:
+    """The memory the trained model lives in: the first GPU's, else the machine's RAM."""
+    if torch.cuda.is_available():
+        return torch.cuda.get_device_properties(0).total_memory, f"memory on {torch.cuda.get_device_name()}"
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"), "RAM"
+    except (ValueError, OSError):
+        return 2**62, "RAM"
 
 
 def train_argv(bench: argparse.Namespace, model: Path, data: Path, output: Path, extra: list[str]) -> list[str]:
@@ -437,7 +583,7 @@ def summarize(bench, argv, clock: StepClock, *, started, main_start, finished, r
         "resolution": bench.resolution, "latent_shape": clock.notes.get("latent_shape"),
         "batch_size": bench.batch_size, "lora": bench.use_lora,
         "gradient_checkpointing": bench.gradient_checkpointing, "mixed_precision": bench.mixed_precision,
-        "trainable_params": clock.notes.get("trainable_params"),
+        "trainable_params": clock.notes.get("trainable_params"), "optimizer": clock.notes.get("optimizer"),
         "warmup_steps": bench.warmup_steps, "steps": bench.steps,
         "steps_per_s": round(bench.steps / elapsed, 4),
         "s_per_step": round(elapsed / bench.steps, 4),
@@ -506,8 +652,10 @@ def mode(r: dict) -> str:
         parts.append("grad ckpt")
     if r["mixed_precision"] != "no":
         parts.append(r["mixed_precision"])
-    if r.get("fused_adamw"):
-        parts.append("fused AdamW (experiment)")
+    if "fused_adamw" in r:
+        # Recorded before 95b16d7 made fused AdamW the default: until then every run used torch's
+        # per-tensor AdamW loop, except with the benchmark's --fused-adamw experiment (since removed).
+        parts.append("fused AdamW (experiment)" if r["fused_adamw"] else "AdamW loop (old default)")
     return ", ".join(parts)
 
 
@@ -519,7 +667,7 @@ def print_report(r: dict) -> None:
     latent = "x".join(map(str, r["latent_shape"] or []))
     rows = [
         ("model", f"{r['family']}/{r['model']}: {r['model_description']}"),
-        ("trainable", f"{r['trainable_params'] / 1e6:.2f} M parameters ({mode(r)})"),
+        ("trainable", f"{r['trainable_params'] / 1e6:.2f} M parameters ({mode(r)}; {r['optimizer']})"),
         ("input", f"{r['resolution']} px (latents {latent}), batch {r['batch_size']}"),
         ("steps", f"{r['steps']} timed after {r['warmup_steps']} warm-up"),
         ("steps/s", f"{r['steps_per_s']:.3f}  ({r['s_per_step']:.3f} s/step)"),
@@ -550,7 +698,7 @@ def print_report(r: dict) -> None:
 def print_results(path: Path) -> None:
     """results.jsonl as a Markdown table, oldest first."""
     header = ("model", "mode", "res", "batch", "steps", "steps/s", "s/step", "first step (process / main)",
-              "peak RSS MiB", *PHASES, "other", "other processes (cores)")
+              "peak RSS MiB", *PHASES, "other", "other processes (cores)", "commit")
     print("| " + " | ".join(header) + " |")
     print("|" + "---|" * len(header))
     for line in path.read_text().splitlines():
@@ -560,8 +708,13 @@ def print_results(path: Path) -> None:
                  f"{r['steps_per_s']:.3f}",
                  f"{r['s_per_step']:.2f}",
                  f"{r['first_step_s_from_process_start']:.1f} / {r['first_step_s_from_train_call']:.1f} s",
-                 r["peak_rss_mib"], *pct, r["other_processes_cpu_cores"]]
+                 r["peak_rss_mib"], *pct, r["other_processes_cpu_cores"], short_commit(r)]
         print("| " + " | ".join(map(str, cells)) + " |")
+
+
+def short_commit(r: dict) -> str:
+    commit = r.get("git_commit") or {}
+    return (commit.get("sha", "?")[:7] + ("+" if commit.get("dirty") else "")) if commit else "?"
 
 
 def main(argv: list[str]) -> int:
