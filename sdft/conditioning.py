@@ -18,10 +18,12 @@ def stack_conditions(items: list[dict]) -> dict:
 
 
 class ConditionCache:
+    """The text part of the conditioning (`family.encode_text`) per distinct caption; the part that
+    depends on the images (SDXL's size/crop numbers) is still added per batch by the trainer."""
+
     def __init__(self, family, models, device: torch.device, captions: set[str]):
         with torch.no_grad():
-            self.entries = {caption: family.condition(models, {"captions": [caption]}, device)
-                            for caption in sorted(captions)}
+            self.entries = {caption: family.encode_text(models, [caption], device) for caption in sorted(captions)}
 
     def __call__(self, batch: dict) -> dict:
         return stack_conditions([self.entries[caption] for caption in batch["captions"]])

@@ -37,11 +37,12 @@ def check_replicas_agree(accelerator: Accelerator, modules: dict[str, torch.nn.M
 
 
 def export_pipeline(family, source, trained: dict[str, torch.nn.Module], output_dir: Path,
-                    prediction_type: str | None, extra_modules: dict | None = None, dtype: torch.dtype | None = None):
+                    prediction_type: str | None, extra_modules: dict | None = None, dtype: torch.dtype | None = None,
+                    load_back: bool = True):
     """The full pipeline: the trained modules written anew, every other component copied file for
     file from the base model, so frozen parts keep their stored precision and nothing frozen is
     loaded into memory (upstream rebuilds the whole pipeline, T5-XXL included, in fp32). Returns
-    the saved pipeline, loaded back from `output_dir`."""
+    the saved pipeline, loaded back from `output_dir` (None when `load_back` is off)."""
     written = {**(extra_modules or {}), **trained}
     base = local_base_folder(source)
     if base is None:
@@ -55,7 +56,7 @@ def export_pipeline(family, source, trained: dict[str, torch.nn.Module], output_
             module.save_pretrained(output_dir / role)
     if prediction_type is not None:
         set_scheduler_prediction_type(output_dir / "scheduler" / "scheduler_config.json", prediction_type)
-    return family.pipeline_cls.from_pretrained(output_dir, dtype=dtype)
+    return family.pipeline_cls.from_pretrained(output_dir, dtype=dtype) if load_back else None
 
 
 def local_base_folder(source) -> Path | None:

@@ -242,7 +242,7 @@ def precompute(family, models, dataset, accelerator: Accelerator, train_text_enc
                                                  show_progress=accelerator.is_local_main_process)
         offloaded.append("vae")
     cache = None
-    captions = dataset.distinct_captions(caption_limit) if family.caption_only_conditioning else None
+    captions = dataset.distinct_captions(caption_limit)
     if captions is not None and not train_text_encoders:
         cache = ConditionCache(family, models, accelerator.device, captions)
         offloaded += [role for role in family.components(models) if role.startswith("text_encoder")]
@@ -354,7 +354,7 @@ def training_step(run_state: Run, batch: dict, micro_step: int) -> tuple[torch.T
             raw = sample_latents(models.vae, batch["pixel_values"], generator)
         latents = family.scale_latents(models, raw).to(run_state.weight_dtype)
     if run_state.condition_cache is not None:
-        cond = run_state.condition_cache(batch)
+        cond = family.batch_condition(run_state.condition_cache(batch), batch, accelerator.device)
     else:
         with nullcontext() if run_state.train_text_encoders else torch.no_grad():
             cond = family.condition(models, batch, accelerator.device)
@@ -439,7 +439,8 @@ def save_outputs(run_state: Run, args: argparse.Namespace) -> None:
                     if run_state.validation.enabled else None)
     else:
         pipeline = export_pipeline(family, run_state.source, trained.modules, output_dir,
-                                   getattr(args, "prediction_type", None), extra, dtype=run_state.weight_dtype)
+                                   getattr(args, "prediction_type", None), extra, dtype=run_state.weight_dtype,
+                                   load_back=run_state.validation.enabled)
     samples = []
     if pipeline is not None and run_state.validation.enabled:
         samples = final_images(run_state.accelerator, pipeline, run_state.validation, output_dir,

@@ -29,8 +29,6 @@ class StableDiffusion:
     denoiser_role = "unet"
     lora_target_modules = ["to_k", "to_q", "to_v", "to_out.0"]
     lora_key_format = "diffusers"   # as the diffusers LoRA script for this family writes it
-    # Whether the conditioning depends on the captions alone (SDXL's also depends on image sizes).
-    caption_only_conditioning = True
     trainable_text_encoder_roles = ["text_encoder"]
     license = "creativeml-openrail-m"
     tags = ["stable-diffusion", "stable-diffusion-diffusers", "text-to-image", "diffusers", "diffusers-training"]
@@ -62,12 +60,19 @@ class StableDiffusion:
     def scale_latents(self, models: SDModels, latents: torch.Tensor) -> torch.Tensor:
         return latents * models.vae.config.scaling_factor
 
-    def condition(self, models: SDModels, batch: dict, device: torch.device) -> dict:
+    def encode_text(self, models: SDModels, captions: list[str], device: torch.device) -> dict:
         ids = models.tokenizer(
-            batch["captions"], padding="max_length", max_length=models.tokenizer.model_max_length,
+            captions, padding="max_length", max_length=models.tokenizer.model_max_length,
             truncation=True, return_tensors="pt",
         ).input_ids.to(device)
         return {"encoder_hidden_states": models.text_encoder(ids, return_dict=False)[0]}
+
+    def batch_condition(self, text: dict, batch: dict, device: torch.device) -> dict:
+        """Conditioning that depends on the images too: none for SD."""
+        return text
+
+    def condition(self, models: SDModels, batch: dict, device: torch.device) -> dict:
+        return self.batch_condition(self.encode_text(models, batch["captions"], device), batch, device)
 
     def predict(self, denoiser: torch.nn.Module, noisy: torch.Tensor, timesteps: torch.Tensor, cond: dict) -> torch.Tensor:
         return denoiser(noisy, timesteps, cond["encoder_hidden_states"], return_dict=False)[0]

@@ -70,8 +70,6 @@ class StableDiffusion3:
     denoiser_role = "transformer"
     # T5 stays frozen: training it costs far more memory than it gives (as in diffusers' LoRA script).
     lora_key_format = "peft"   # as the diffusers LoRA script for this family writes it
-    # Whether the conditioning depends on the captions alone (SDXL's also depends on image sizes).
-    caption_only_conditioning = True
     trainable_text_encoder_roles = ["text_encoder", "text_encoder_2"]
     license = "other"
 
@@ -108,9 +106,15 @@ class StableDiffusion3:
     def scale_latents(self, models: SD3Models, latents: torch.Tensor) -> torch.Tensor:
         return (latents - models.vae.config.shift_factor) * models.vae.config.scaling_factor
 
-    def condition(self, models: SD3Models, batch: dict, device: torch.device) -> dict:
-        prompt_embeds, pooled = encode_prompts(models, batch["captions"], self.max_sequence_length, device)
+    def encode_text(self, models: SD3Models, captions: list[str], device: torch.device) -> dict:
+        prompt_embeds, pooled = encode_prompts(models, captions, self.max_sequence_length, device)
         return {"encoder_hidden_states": prompt_embeds, "pooled_projections": pooled}
+
+    def batch_condition(self, text: dict, batch: dict, device: torch.device) -> dict:
+        return text
+
+    def condition(self, models: SD3Models, batch: dict, device: torch.device) -> dict:
+        return self.batch_condition(self.encode_text(models, batch["captions"], device), batch, device)
 
     def predict(self, denoiser: torch.nn.Module, noisy: torch.Tensor, timesteps: torch.Tensor, cond: dict) -> torch.Tensor:
         return denoiser(hidden_states=noisy, timestep=timesteps, encoder_hidden_states=cond["encoder_hidden_states"],

@@ -56,8 +56,6 @@ class StableDiffusionXL:
     denoiser_role = "unet"
     lora_target_modules = ["to_k", "to_q", "to_v", "to_out.0"]
     lora_key_format = "diffusers"   # as the diffusers LoRA script for this family writes it
-    # Whether the conditioning depends on the captions alone (SDXL's also depends on image sizes).
-    caption_only_conditioning = False
     trainable_text_encoder_roles = ["text_encoder", "text_encoder_2"]
     license = "openrail++"
     tags = ["stable-diffusion-xl", "stable-diffusion-xl-diffusers", "text-to-image", "diffusers",
@@ -99,14 +97,21 @@ class StableDiffusionXL:
     def scale_latents(self, models: SDXLModels, latents: torch.Tensor) -> torch.Tensor:
         return latents * models.vae.config.scaling_factor
 
-    def condition(self, models: SDXLModels, batch: dict, device: torch.device) -> dict:
+    def encode_text(self, models: SDXLModels, captions: list[str], device: torch.device) -> dict:
         prompt_embeds, pooled = encode_prompts([models.tokenizer, models.tokenizer_2],
-                                               [models.text_encoder, models.text_encoder_2],
-                                               batch["captions"], device)
+                                               [models.text_encoder, models.text_encoder_2], captions, device)
+        return {"encoder_hidden_states": prompt_embeds, "text_embeds": pooled}
+
+    def batch_condition(self, text: dict, batch: dict, device: torch.device) -> dict:
+        """Adds the size/crop micro-conditioning of the images actually in the batch."""
         target = tuple(batch["pixel_values"].shape[-2:])
         time_ids = micro_conditioning(batch["original_sizes"], batch["crop_top_lefts"], target).to(device)
-        return {"encoder_hidden_states": prompt_embeds,
-                "added_cond_kwargs": {"text_embeds": pooled, "time_ids": time_ids.to(prompt_embeds.dtype)}}
+        return {"encoder_hidden_states": text["encoder_hidden_states"],
+                "added_cond_kwargs": {"text_embeds": text["text_embeds"],
+                                      "time_ids": time_ids.to(text["encoder_hidden_states"].dtype)}}
+
+    def condition(self, models: SDXLModels, batch: dict, device: torch.device) -> dict:
+        return self.batch_condition(self.encode_text(models, batch["captions"], device), batch, device)
 
     def predict(self, denoiser: torch.nn.Module, noisy: torch.Tensor, timesteps: torch.Tensor, cond: dict) -> torch.Tensor:
         return denoiser(noisy, timesteps, cond["encoder_hidden_states"], added_cond_kwargs=cond["added_cond_kwargs"],
