@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import io
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 
 import datasets
@@ -61,14 +62,22 @@ class CaptionedImages:
     def distinct_captions(self, limit: int) -> set[str] | None:
         """All captions the data can produce, or None when there are more than `limit`."""
         found: set[str] = set()
-        for index, value in enumerate(self.table[self.caption_column]):
+        for index, value in enumerate(self.caption_column_values):
             found.update(caption_choices(value, self.describe(index), self.caption_column))
             if len(found) > limit:
                 return None
         return found
 
+    @cached_property
+    def caption_column_values(self) -> list:
+        """All captions, read once: text is small, and reading a row would also read its image bytes."""
+        return list(self.table[self.caption_column])
+
     def captions(self, index: int) -> list[str]:
-        return caption_choices(self.table[index][self.caption_column], self.describe(index), self.caption_column)
+        value = self.caption_column_values[index]
+        if isinstance(value, str):
+            return [value]
+        return caption_choices(value, self.describe(index), self.caption_column)
 
 
 def caption_choices(value: object, where: str, column: str) -> list[str]:
@@ -166,7 +175,7 @@ def _check_columns(table: datasets.Dataset, image_column: str, caption_column: s
 
 
 def check_captions(images: CaptionedImages) -> None:
-    for index, value in enumerate(images.table[images.caption_column]):
+    for index, value in enumerate(images.caption_column_values):
         if not isinstance(value, str):
             caption_choices(value, images.describe(index), images.caption_column)
 

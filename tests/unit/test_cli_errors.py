@@ -40,10 +40,10 @@ def base(model_dir: Path, data_dir: Path) -> list[str]:
     return [f"--pretrained_model_name_or_path={model_dir}", f"--train_data_dir={data_dir}"]
 
 
-def parse_error(argv: list[str], capsys) -> str:
-    """Parse, expect argparse's exit code 2, return stderr."""
+def parse_error(argv: list[str], capsys, script=t2i) -> str:
+    """Parse with `script`'s parser, expect argparse's exit code 2, return stderr."""
     with pytest.raises(SystemExit) as exc:
-        t2i.parse_args(argv)
+        script.parse_args(argv)
     assert exc.value.code == 2, f"expected a usage error (exit 2) for {argv}, got exit code {exc.value.code}"
     err = capsys.readouterr().err
     assert "error:" in err
@@ -234,10 +234,7 @@ def test_parse_args_records_given_flags(base):
 def sdxl_error(argv: list[str], capsys) -> str:
     import train_text_to_image_sdxl as sdxl
 
-    with pytest.raises(SystemExit) as exc:
-        sdxl.parse_args(argv)
-    assert exc.value.code == 2
-    return capsys.readouterr().err
+    return parse_error(argv, capsys, script=sdxl)
 
 
 @pytest.mark.parametrize("extra, flag", [
@@ -287,10 +284,7 @@ def db_base(model_dir: Path, workdir: Path) -> list[str]:
 def sd3_error(argv: list[str], capsys) -> str:
     import train_dreambooth_sd3 as sd3
 
-    with pytest.raises(SystemExit) as exc:
-        sd3.parse_args(argv)
-    assert exc.value.code == 2
-    return capsys.readouterr().err
+    return parse_error(argv, capsys, script=sd3)
 
 
 @pytest.mark.parametrize("extra, flag", [
