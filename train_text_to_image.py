@@ -19,7 +19,7 @@ import sys
 
 from sdft import cli
 from sdft.families.sd import StableDiffusion
-from sdft.builders import ddpm_objective, text_image_data
+from sdft.builders import ddpm_objective, dreambooth_data, text_image_data
 from sdft.trainer import run, train
 
 
@@ -27,6 +27,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     cli.add_model_args(parser)
     cli.add_dataset_args(parser)
+    cli.add_dreambooth_args(parser, hub_dataset=False, instance_prompt_required=False)
     cli.add_image_args(parser)
     cli.add_training_args(parser)
     cli.add_optimizer_args(parser)
@@ -35,6 +36,7 @@ def build_parser() -> argparse.ArgumentParser:
     cli.add_t2i_objective_extras(parser)
     cli.add_ema_args(parser, offload=True)
     cli.add_lora_args(parser)
+    cli.add_textual_inversion_args(parser)
     cli.add_checkpoint_args(parser)
     cli.add_validation_args(parser, prompt_list=True)
     cli.add_logging_args(parser, project_flag=True)
@@ -44,15 +46,16 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def parse_args(input_args: list[str] | None = None) -> argparse.Namespace:
-    checks = [cli.check_positive, cli.check_model_path, cli.check_t2i_dataset, cli.check_prediction_type,
-              cli.check_lora, cli.check_ema, cli.check_resume, cli.check_validation, cli.check_tracking_and_hub,
-              cli.check_accelerators]
+    checks = [cli.check_positive, cli.check_model_path, cli.check_t2i_or_dreambooth_data, cli.check_prediction_type,
+              cli.check_lora, cli.check_textual_inversion, cli.check_ema, cli.check_resume, cli.check_validation,
+              cli.check_tracking_and_hub, cli.check_accelerators]
     return cli.parse(build_parser(), input_args, checks)
 
 
 def main(args: argparse.Namespace) -> None:
     train(args, family=StableDiffusion(denoiser_revision=args.non_ema_revision),
-          make_objective=ddpm_objective, make_data=text_image_data)
+          make_objective=ddpm_objective,
+          make_data=dreambooth_data if args.instance_data_dir else text_image_data)
 
 
 if __name__ == "__main__":

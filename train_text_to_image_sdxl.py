@@ -21,7 +21,7 @@ import sys
 
 from sdft import cli
 from sdft.families.sdxl import StableDiffusionXL
-from sdft.builders import ddpm_objective, text_image_data
+from sdft.builders import ddpm_objective, dreambooth_data, text_image_data
 from sdft.trainer import run, train
 
 
@@ -30,6 +30,7 @@ def build_parser() -> argparse.ArgumentParser:
     cli.add_model_args(parser)
     cli.add_vae_args(parser)
     cli.add_dataset_args(parser)
+    cli.add_dreambooth_args(parser, hub_dataset=False, instance_prompt_required=False)
     cli.add_empty_prompt_args(parser)
     cli.add_image_args(parser)
     cli.add_training_args(parser)
@@ -39,6 +40,7 @@ def build_parser() -> argparse.ArgumentParser:
     cli.add_timestep_bias_args(parser)
     cli.add_ema_args(parser, offload=False)
     cli.add_lora_args(parser, text_encoder=True, kohya=True, debug_loss=True)
+    cli.add_textual_inversion_args(parser)
     cli.add_checkpoint_args(parser)
     cli.add_validation_args(parser, prompt_list=False)
     cli.add_logging_args(parser, project_flag=False)
@@ -48,15 +50,17 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def parse_args(input_args: list[str] | None = None) -> argparse.Namespace:
-    checks = [cli.check_positive, cli.check_model_path, cli.check_t2i_dataset, cli.check_prediction_type,
-              cli.check_sdxl, cli.check_lora, cli.check_resume, cli.check_validation, cli.check_tracking_and_hub,
-              cli.check_accelerators]
+    checks = [cli.check_positive, cli.check_model_path, cli.check_t2i_or_dreambooth_data, cli.check_prediction_type,
+              cli.check_sdxl, cli.check_lora, cli.check_textual_inversion, cli.check_resume, cli.check_validation,
+              cli.check_tracking_and_hub, cli.check_accelerators]
     return cli.parse(build_parser(), input_args, checks)
 
 
 def main(args: argparse.Namespace) -> None:
     train(args, family=StableDiffusionXL(vae_path=args.pretrained_vae_model_name_or_path),
-          make_objective=ddpm_objective, make_data=text_image_data, tracker_name="text2image-fine-tune-sdxl")
+          make_objective=ddpm_objective,
+          make_data=dreambooth_data if args.instance_data_dir else text_image_data,
+          tracker_name="text2image-fine-tune-sdxl")
 
 
 if __name__ == "__main__":

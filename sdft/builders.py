@@ -22,6 +22,7 @@ from sdft.data.sources import load_captioned_images
 from sdft.data.transforms import ImageTransform
 from sdft.objectives import DDPMObjective, FlowMatchingObjective, flow_sigma_table, timestep_bias_weights
 from sdft.optim import AdamSettings, ProdigySettings, build_adamw, build_prodigy, scaled_lr
+from sdft.textual_inversion import TokenEmbeddings, TokenPlan, build_token_embeddings
 
 logger = logging.getLogger("sdft")
 
@@ -75,6 +76,20 @@ class ClassImagePipeline:
             self.args.pretrained_model_name_or_path, revision=self.args.revision, variant=self.args.variant,
             dtype=dtype)
         return pipeline.to(self.device)
+
+
+def token_plan(args: argparse.Namespace) -> TokenPlan | None:
+    if not getattr(args, "train_text_encoder_ti", False):
+        return None
+    return TokenPlan.from_flags(args.token_abstraction, args.num_new_tokens_per_abstraction)
+
+
+def token_embeddings(args: argparse.Namespace, family, models, seed: int) -> TokenEmbeddings | None:
+    """The new tokens of --train_text_encoder_ti, added to the loaded tokenizers and encoders."""
+    plan = token_plan(args)
+    if plan is None:
+        return None
+    return build_token_embeddings(family, models, plan, seed=seed, initializer_concept=args.initializer_concept)
 
 
 def ddpm_objective(args: argparse.Namespace, noise_scheduler, device: torch.device) -> DDPMObjective:

@@ -19,7 +19,7 @@ import logging
 import os
 import re
 import shutil
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
@@ -112,6 +112,7 @@ class TrainedWeights:
     lora: bool
     ema: EMA | None = None
     lora_key_format: str = "diffusers"
+    extras: list = field(default_factory=list)  # more state with save(dir)/load(dir), e.g. learned token embeddings
 
     def save(self, directory: Path) -> None:
         if self.lora:
@@ -121,6 +122,8 @@ class TrainedWeights:
                 module.save_pretrained(directory / role)
         if self.ema is not None:
             self.ema.save(directory)
+        for extra in self.extras:
+            extra.save(directory)
 
     def load(self, directory: Path) -> None:
         if self.lora:
@@ -132,6 +135,8 @@ class TrainedWeights:
                 del saved
         if self.ema is not None:
             self.ema.load(directory)
+        for extra in self.extras:
+            extra.load(directory)
 
 
 def _dtype_kwarg(module: torch.nn.Module) -> dict:

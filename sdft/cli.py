@@ -74,12 +74,17 @@ def add_hub_dataset_args(g) -> None:
                    help="Dataset column holding captions (a string, or a list: one is picked at random).")
 
 
-def add_dreambooth_args(parser: argparse.ArgumentParser) -> None:
+def add_dreambooth_args(parser: argparse.ArgumentParser, *, hub_dataset: bool = True,
+                        instance_prompt_required: bool = True) -> None:
+    """`hub_dataset=False, instance_prompt_required=False`: the SD 1.x and SDXL scripts, where
+    DreamBooth data (--instance_data_dir) is an alternative to --train_data_dir/--dataset_name."""
     g = parser.add_argument_group("DreamBooth data and prior preservation")
-    add_hub_dataset_args(g)
+    if hub_dataset:
+        add_hub_dataset_args(g)
     g.add_argument("--instance_data_dir", type=str, default=None,
-                   help="Folder of instance images (the subject); other files in it are skipped.")
-    g.add_argument("--instance_prompt", type=str, default=None, required=True,
+                   help="Folder of instance images (the subject); other files in it are skipped."
+                        + ("" if hub_dataset else " Replaces --train_data_dir/--dataset_name; needs --instance_prompt."))
+    g.add_argument("--instance_prompt", type=str, default=None, required=instance_prompt_required,
                    help="Prompt naming the subject, e.g. 'a photo of sks dog'; the caption of every instance "
                         "image without its own caption.")
     g.add_argument("--repeats", type=int, default=1, help="Repeat every instance image this many times per epoch.")
@@ -243,6 +248,30 @@ def add_empty_prompt_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--proportion_empty_prompts", type=float, default=0,
                         help="Fraction of captions replaced by the empty prompt, drawn anew every epoch "
                              "(trains unconditional generation for classifier-free guidance).")
+
+
+def add_textual_inversion_args(parser: argparse.ArgumentParser) -> None:
+    """The pivotal-tuning flags of diffusers' train_dreambooth_lora_sdxl_advanced.py, plus
+    --initializer_concept (from its Flux sibling) and --train_unet (ours)."""
+    g = parser.add_argument_group("pivotal tuning and textual inversion")
+    g.add_argument("--train_text_encoder_ti", action="store_true",
+                   help="Learn new tokens (textual inversion) in every CLIP text encoder: each --token_abstraction "
+                        "in captions and prompts becomes new tokens <s0><s1>...; only their embedding rows train. "
+                        "Writes <output_dir>/<name>_emb.safetensors.")
+    g.add_argument("--token_abstraction", type=str, default="TOK",
+                   help="Comma-separated identifiers, each replaced by its new tokens in every caption and prompt "
+                        "(instance, class, validation).")
+    g.add_argument("--num_new_tokens_per_abstraction", type=int, default=2,
+                   help="New tokens (embedding rows) per --token_abstraction.")
+    g.add_argument("--train_text_encoder_ti_frac", type=float, default=0.5,
+                   help="Share of the optimizer steps during which the new embeddings train (the first ones); "
+                        "the UNet goes on training after that.")
+    g.add_argument("--initializer_concept", type=str, default=None,
+                   help="Start the new embeddings from this text's token embeddings (new token i takes token "
+                        "i mod n); default: random, scaled to the spread of the existing embeddings.")
+    g.add_argument("--train_unet", type=parse_bool, default=True,
+                   help="false: freeze the UNet and learn only the new tokens (textual inversion; the embeddings "
+                        "then train for every step).")
 
 
 def add_ema_args(parser: argparse.ArgumentParser, *, offload: bool) -> None:
@@ -525,6 +554,59 @@ def check_dreambooth(args: argparse.Namespace) -> None:
             raise CliError(f"--{name} must be at least 1, got {getattr(args, name)}.")
     if args.prior_loss_weight < 0:
         raise CliError(f"--prior_loss_weight cannot be negative, got {args.prior_loss_weight}.")
+
+
+DREAMBOOTH_ONLY = ("instance_prompt", "with_prior_preservation", "class_data_dir", "class_prompt", "num_class_images",
+                   "repeats", "prior_loss_weight", "sample_batch_size", "prior_generation_precision")
+TEXTUAL_INVERSION_ONLY = ("token_abstraction", "num_new_tokens_per_abstraction", "train_text_encoder_ti_frac",
+                          "initializer_concept")
+
+
+def check_t2i_or_dreambooth_data(args: argparse.Namespace) -> None:
+    """SD 1.x / SDXL: captioned images (--train_data_dir/--dataset_name) or DreamBooth data."""
+    if args.instance_data_dir is None:
+        typed = [f"--{name}" for name in DREAMBOOTH_ONLY if name in args._given]
+        if typed:
+            raise CliError(f"{', '.join(typed)} only applies to DreamBooth data; add --instance_data_dir.")
+        check_t2i_dataset(args)
+        return
+    if args.train_data_dir is not None or args.dataset_name is not None:
+        raise CliError("--instance_data_dir (DreamBooth data) replaces --train_data_dir and --dataset_name; give one.")
+    if args.instance_prompt is None:
+        raise CliError("--instance_data_dir needs --instance_prompt, the caption of every instance image.")
+    check_dreambooth(args)
+
+
+def check_textual_inversion(args: argparse.Namespace) -> None:
+    if not args.train_text_encoder_ti:
+        typed = [f"--{name}" for name in TEXTUAL_INVERSION_ONLY if name in args._given]
+        if typed:
+            raise CliError(f"{', '.join(typed)} only applies with --train_text_encoder_ti.")
+        if not args.train_unet:
+            raise CliError("--train_unet false leaves nothing to train; add --train_text_encoder_ti.")
+        return
+    from sdft.textual_inversion import TokenPlan, check_abstractions_used
+
+    plan = TokenPlan.from_flags(args.token_abstraction, max(1, args.num_new_tokens_per_abstraction))
+    if getattr(args, "instance_data_dir", None) is not None:
+        # DreamBooth folder data is captioned by the prompts, so the check needs no data yet.
+        prompts = [args.instance_prompt, args.class_prompt if args.with_prior_preservation else None,
+                   args.validation_prompt, *(getattr(args, "validation_prompts", None) or [])]
+        check_abstractions_used(plan, [prompt for prompt in prompts if prompt])
+    if getattr(args, "train_text_encoder", False):
+        # As diffusers' advanced script: the text encoders are either LoRA-trained or given new tokens.
+        raise CliError("--train_text_encoder_ti cannot be combined with --train_text_encoder; choose one.")
+    if args.num_new_tokens_per_abstraction < 1:
+        raise CliError(f"--num_new_tokens_per_abstraction must be at least 1, got {args.num_new_tokens_per_abstraction}.")
+    if not 0 < args.train_text_encoder_ti_frac <= 1:
+        raise CliError(f"--train_text_encoder_ti_frac must be in (0, 1], got {args.train_text_encoder_ti_frac}.")
+    if not args.train_unet:
+        for name in ("use_lora", "use_ema"):
+            if getattr(args, name, False):
+                raise CliError(f"--{name} trains the UNet, which --train_unet false freezes.")
+        if "train_text_encoder_ti_frac" in args._given and args.train_text_encoder_ti_frac < 1:
+            print("warning: --train_text_encoder_ti_frac is ignored with --train_unet false: the embeddings are "
+                  "all there is to train, so they train for every step", file=sys.stderr)
 
 
 def check_sd3(args: argparse.Namespace) -> None:

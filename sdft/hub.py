@@ -24,6 +24,17 @@ class HubError(RuntimeError):
 
 
 @dataclass(frozen=True)
+class EmbeddingsInfo:
+    """Learned tokens (--train_text_encoder_ti) and how to load them."""
+
+    file: str                                   # "<name>_emb.safetensors"
+    tokens: list[str]                           # every new token, in the order of the file's rows
+    triggers: dict[str, str]                    # "TOK" -> "<s0><s1>"
+    encoders: list[tuple[str, str, str]]        # (file key, pipeline text encoder, pipeline tokenizer)
+    in_pipeline: bool                           # full fine-tune: the tokens are saved in the pipeline too
+
+
+@dataclass(frozen=True)
 class CardInfo:
     base_model: str
     title: str
@@ -35,6 +46,7 @@ class CardInfo:
     instance_prompt: str | None = None
     validation: list[tuple[str, str]] = field(default_factory=list)   # (relative image path, prompt)
     training: dict = field(default_factory=dict)                        # a few headline settings
+    embeddings: EmbeddingsInfo | None = None
 
 
 def on_hub(model: str) -> bool:
@@ -70,11 +82,38 @@ def card_body(info: CardInfo) -> str:
                   'pipe.load_lora_weights("<this repo or folder>")']
     else:
         lines += [f'pipe = {info.pipeline_class}.from_pretrained("<this repo or folder>", torch_dtype=torch.float16)']
+    if info.embeddings is not None and not info.embeddings.in_pipeline:
+        lines += embedding_lines(info.embeddings)
     prompt = info.validation[0][1] if info.validation else (info.instance_prompt or "a photo")
     lines += ['pipe.to("cuda")', f"image = pipe({json.dumps(prompt)}).images[0]", "```", ""]
+    if info.embeddings is not None:
+        lines += embedding_notes(info.embeddings)
     if info.training:
         lines += ["## Training", ""] + [f"- {k}: {v}" for k, v in info.training.items()] + [""]
     return "\n".join(lines)
+
+
+def embedding_lines(embeddings: EmbeddingsInfo) -> list[str]:
+    """The load_textual_inversion calls, one per text encoder."""
+    lines = ["", "from safetensors.torch import load_file", "",
+             f'state_dict = load_file("<this repo or folder>/{embeddings.file}")']
+    for key, encoder, tokenizer in embeddings.encoders:
+        lines.append(f"pipe.load_textual_inversion(state_dict[{json.dumps(key)}], token={json.dumps(embeddings.tokens)}, "
+                     f"text_encoder=pipe.{encoder}, tokenizer=pipe.{tokenizer})")
+    return lines
+
+
+def embedding_notes(embeddings: EmbeddingsInfo) -> list[str]:
+    triggers = ", ".join(f"`{name}` -> `{tokens}`" for name, tokens in embeddings.triggers.items())
+    lines = ["## Trigger tokens", "", f"Learned tokens: {triggers}. Write the new tokens in prompts "
+             f"(e.g. `a photo of {next(iter(embeddings.triggers.values()))}`).", ""]
+    if embeddings.in_pipeline:
+        lines += ["The tokens are part of this pipeline's tokenizers and text encoders; "
+                  f"`{embeddings.file}` holds the same embeddings for other tools.", ""]
+    keys = " and ".join(f"`{key}`" for key, _, _ in embeddings.encoders)
+    lines += [f"`{embeddings.file}` holds one tensor per text encoder ({keys}): the embedding layout that "
+              "AUTOMATIC1111, Forge and ComfyUI load.", ""]
+    return lines
 
 
 def prepare_repo(repo_id: str, token: str | None) -> str:

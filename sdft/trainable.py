@@ -90,9 +90,9 @@ def trainable_params(trained: dict[str, torch.nn.Module]) -> list[torch.nn.Param
 def param_groups(trained: dict[str, torch.nn.Module], denoiser_role: str, text_encoder_lr: float | None = None,
                  text_encoder_weight_decay: float | None = None) -> list[dict]:
     """One group for the denoiser, one for the text encoders when they have their own lr/decay."""
-    denoiser = [p for p in trained[denoiser_role].parameters() if p.requires_grad]
+    denoiser = [p for p in trained[denoiser_role].parameters() if p.requires_grad] if denoiser_role in trained else []
     encoders = [p for role, m in trained.items() if role != denoiser_role for p in m.parameters() if p.requires_grad]
-    groups = [{"params": denoiser}]
+    groups = [{"params": denoiser}] if denoiser else []   # none with a frozen denoiser (textual inversion)
     if encoders:
         group = {"params": encoders}
         if text_encoder_lr is not None:

@@ -34,7 +34,7 @@ from tqdm.auto import tqdm
 
 from sdft import hub
 from sdft.checkpointing import Checkpointer, Position, TrainedWeights, read_position, resolve_resume
-from sdft.builders import build_optimizer, ddpm_objective, text_image_data, tracker_config
+from sdft.builders import build_optimizer, ddpm_objective, text_image_data, token_embeddings, token_plan, tracker_config
 from sdft.cli import CliError
 from sdft.conditioning import ConditionCache
 from sdft.data.dataset import EpochShuffleSampler
@@ -45,7 +45,9 @@ from sdft.families.source import ModelSource
 from sdft.objectives import split_prior
 from sdft.optim import build_lr_scheduler
 from sdft.output import check_replicas_agree, export_lora, export_pipeline, final_images, load_saved_lora
-from sdft.trainable import LoraSpec, Placement, param_groups, prepare_models, trainable_params
+from sdft.textual_inversion import TokenEmbeddings, check_abstractions_used, stop_step
+from sdft.trainable import (LoraSpec, Placement, enable_gradient_checkpointing, param_groups, prepare_models,
+                            trainable_params)
 from sdft.validation import ValidationPlan, generate, log_images, plan_prompts, save_images
 
 logger = logging.getLogger("sdft")
@@ -103,6 +105,7 @@ class Run:
     debug_loss: bool = False
     condition_cache: ConditionCache | None = None
     offloaded: list[str] = field(default_factory=list)   # frozen roles kept on the CPU between validations
+    token_embeddings: TokenEmbeddings | None = None        # --train_text_encoder_ti
 
 
 def make_accelerator(args: argparse.Namespace) -> Accelerator:
@@ -158,6 +161,9 @@ def train(args: argparse.Namespace, family, make_objective=ddpm_objective, make_
 
     # Data first: a bad dataset should fail before minutes of model loading.
     dataset = make_data(args, seed, accelerator, family)
+    plan = token_plan(args)
+    if plan is not None:
+        check_abstractions_used(plan, [*(dataset.distinct_captions(sys.maxsize) or ()), *validation_prompts(args)])
     repo_id = None
     if args.push_to_hub and accelerator.is_main_process:
         repo_id = hub.prepare_repo(args.hub_model_id or output_dir.name, args.hub_token)
@@ -184,21 +190,28 @@ def build_run(args: argparse.Namespace, family, make_objective, accelerator: Acc
     weight_dtype = weight_dtype_of(accelerator)
     placement = Placement(accelerator.device, weight_dtype, family.vae_dtype(weight_dtype))
     train_text_encoders = getattr(args, "train_text_encoder", False)
-    roles = [family.denoiser_role] + (family.trainable_text_encoder_roles if train_text_encoders else [])
+    train_denoiser = getattr(args, "train_unet", True)
+    roles = ([family.denoiser_role] if train_denoiser else []) + (
+        family.trainable_text_encoder_roles if train_text_encoders else [])
     trained = prepare_models(family, models, roles, placement, lora=lora_spec(args, family),
                              gradient_checkpointing=args.gradient_checkpointing,
                              xformers=getattr(args, "enable_xformers_memory_efficient_attention", False),
                              npu_flash_attention=getattr(args, "enable_npu_flash_attention", False))
+    new_tokens = token_embeddings(args, family, models, seed)
+    if not train_denoiser and args.gradient_checkpointing:
+        # Frozen, but the embeddings' gradient still flows back through it.
+        enable_gradient_checkpointing(getattr(models, family.denoiser_role), needs_input_grads=False)
     ema = None
     if getattr(args, "use_ema", False):
         ema = EMA(ema_start(family, source, trained[family.denoiser_role], args), family.denoiser_role,
                   accelerator.device, foreach=getattr(args, "foreach_ema", False),
                   offload=getattr(args, "offload_ema", False))
     objective = make_objective(args, models.noise_scheduler, accelerator.device)
-    params = trainable_params(trained)
+    params = trainable_params(trained) + (new_tokens.params() if new_tokens else [])
     optimizer = build_optimizer(args, param_groups(trained, family.denoiser_role,
                                                    getattr(args, "text_encoder_lr", None),
-                                                   getattr(args, "adam_weight_decay_text_encoder", None)),
+                                                   getattr(args, "adam_weight_decay_text_encoder", None))
+                                + ([{"params": new_tokens.params()}] if new_tokens else []),
                                 accelerator.num_processes)
     sampler = EpochShuffleSampler(len(dataset), seed)
     dataloader = accelerator.prepare(torch.utils.data.DataLoader(
@@ -206,30 +219,37 @@ def build_run(args: argparse.Namespace, family, make_objective, accelerator: Acc
         num_workers=args.dataloader_num_workers))
     updates_per_epoch = math.ceil(len(dataloader) / args.gradient_accumulation_steps)
     max_train_steps = args.max_train_steps or args.num_train_epochs * updates_per_epoch
+    if new_tokens is not None:
+        new_tokens.stop_step = stop_step(args.train_text_encoder_ti_frac, max_train_steps, train_denoiser)
     lr_scheduler = build_lr_scheduler(args.lr_scheduler, optimizer, warmup_steps=args.lr_warmup_steps,
                                       total_steps=max_train_steps, num_processes=accelerator.num_processes,
                                       num_cycles=args.lr_num_cycles, power=args.lr_power)
     *prepared, optimizer, lr_scheduler = accelerator.prepare(*trained.values(), optimizer, lr_scheduler)
     prepared = dict(zip(trained, prepared))
     weights = TrainedWeights(family.pipeline_cls, trained, lora=args.use_lora, ema=ema,
-                             lora_key_format=family.lora_key_format)
-    condition_cache, offloaded = precompute(family, models, dataset, accelerator, train_text_encoders,
+                             lora_key_format=family.lora_key_format, extras=[new_tokens] if new_tokens else [])
+    condition_cache, offloaded = precompute(family, models, dataset, accelerator,
+                                            train_text_encoders or new_tokens is not None,
                                             cache_latents=getattr(args, "cache_latents", False))
+    prompts = validation_prompts(args)
     return Run(
         accelerator=accelerator, family=family, models=models,
         train_models=dataclasses.replace(models, **prepared), prepared=list(prepared.values()),
-        denoiser=prepared[family.denoiser_role], objective=objective, optimizer=optimizer,
+        denoiser=prepared.get(family.denoiser_role, getattr(models, family.denoiser_role)), objective=objective,
+        optimizer=optimizer,
         lr_scheduler=lr_scheduler, dataloader=dataloader, dataset=dataset, sampler=sampler,
         checkpointer=Checkpointer(accelerator, Path(args.output_dir), args.checkpoints_total_limit, weights),
         trained=weights, seed=seed, max_train_steps=max_train_steps, updates_per_epoch=updates_per_epoch,
         num_epochs=math.ceil(max_train_steps / updates_per_epoch), checkpointing_steps=args.checkpointing_steps,
         max_grad_norm=args.max_grad_norm, weight_dtype=weight_dtype,
-        validation=ValidationPlan(validation_prompts(args), seed=seed, resolution=args.resolution),
+        validation=ValidationPlan(new_tokens.plan.apply_all(prompts) if new_tokens else prompts, seed=seed,
+                                  resolution=args.resolution),
         validation_epochs=args.validation_epochs, output_dir=Path(args.output_dir), source=source,
         dream_detail_preservation=args.dream_detail_preservation if getattr(args, "dream_training", False) else None,
         params_to_clip=params, train_text_encoders=train_text_encoders,
         prior_loss_weight=args.prior_loss_weight if getattr(args, "with_prior_preservation", False) else None,
         debug_loss=getattr(args, "debug_loss", False), condition_cache=condition_cache, offloaded=offloaded,
+        token_embeddings=new_tokens,
     )
 
 
@@ -347,6 +367,10 @@ def training_step(run_state: Run, batch: dict, micro_step: int) -> tuple[torch.T
     """One micro-step; returns the loss and the per-sample losses (detached)."""
     accelerator, family, models = run_state.accelerator, run_state.family, run_state.train_models
     generator = step_generator(run_state.seed, micro_step, accelerator.process_index, accelerator.device)
+    new_tokens = run_state.token_embeddings
+    learn_tokens = new_tokens is not None and new_tokens.active(micro_step // accelerator.gradient_accumulation_steps)
+    if new_tokens is not None:
+        batch = {**batch, "captions": new_tokens.plan.apply_all(batch["captions"])}
     with torch.no_grad():
         if "latent_moments" in batch:
             raw = sample_from_moments(batch["latent_moments"], generator)
@@ -356,28 +380,40 @@ def training_step(run_state: Run, batch: dict, micro_step: int) -> tuple[torch.T
     if run_state.condition_cache is not None:
         cond = family.batch_condition(run_state.condition_cache(batch), batch, accelerator.device)
     else:
-        with nullcontext() if run_state.train_text_encoders else torch.no_grad():
+        with nullcontext() if run_state.train_text_encoders or learn_tokens else torch.no_grad(), \
+                frozen_autocast(run_state):
             cond = family.condition(models, batch, accelerator.device)
     noised = run_state.objective.noise(latents, generator)
-    if run_state.dream_detail_preservation is not None:
-        with torch.no_grad():
-            guess = family.predict(run_state.denoiser, noised.noisy, noised.timesteps, cond)
-        noised = run_state.objective.dream(noised, guess, run_state.dream_detail_preservation)
-    pred = family.predict(run_state.denoiser, noised.noisy, noised.timesteps, cond)
+    with frozen_autocast(run_state):
+        if run_state.dream_detail_preservation is not None:
+            with torch.no_grad():
+                guess = family.predict(run_state.denoiser, noised.noisy, noised.timesteps, cond)
+            noised = run_state.objective.dream(noised, guess, run_state.dream_detail_preservation)
+        pred = family.predict(run_state.denoiser, noised.noisy, noised.timesteps, cond)
     per_sample = run_state.objective.loss(pred, noised)
     if run_state.prior_loss_weight is not None:
         loss = split_prior(per_sample, run_state.prior_loss_weight)
     else:
         loss = per_sample.mean()
     accelerator.backward(loss)
+    if learn_tokens and accelerator.sync_gradients:
+        new_tokens.prepare_gradients(accelerator)
     if accelerator.sync_gradients and run_state.max_grad_norm:
         accelerator.clip_grad_norm_(run_state.params_to_clip, run_state.max_grad_norm)
     run_state.optimizer.step()
     run_state.lr_scheduler.step()
     run_state.optimizer.zero_grad(set_to_none=True)
+    if learn_tokens and accelerator.sync_gradients:
+        new_tokens.restore()
     if accelerator.sync_gradients and run_state.trained.ema is not None:
         run_state.trained.ema.step(run_state.trained.modules[family.denoiser_role].parameters())
     return loss, per_sample.detach()
+
+
+def frozen_autocast(run_state: Run):
+    """accelerate autocasts the modules it prepared; with learned tokens the frozen text encoders
+    (and, for plain textual inversion, the frozen UNet) run with gradients in the weight dtype too."""
+    return run_state.accelerator.autocast() if run_state.token_embeddings is not None else nullcontext()
 
 
 # --------------------------------------------------------------------------- validation and output
@@ -416,7 +452,8 @@ def validate(run_state: Run, phase: str, step: int, folder: str) -> list[Path]:
 def finish(run_state: Run, args: argparse.Namespace, repo_id: str | None) -> None:
     accelerator = run_state.accelerator
     accelerator.wait_for_everyone()
-    check_replicas_agree(accelerator, run_state.trained.modules)
+    new_tokens = run_state.token_embeddings
+    check_replicas_agree(accelerator, {**run_state.trained.modules, **(new_tokens.modules() if new_tokens else {})})
     if accelerator.is_main_process:
         save_outputs(run_state, args)
     accelerator.wait_for_everyone()
@@ -431,12 +468,18 @@ def save_outputs(run_state: Run, args: argparse.Namespace) -> None:
     if trained.ema is not None:
         trained.ema.copy_to(trained.modules[family.denoiser_role].parameters())
     extra = family.export_modules(run_state.models)
+    new_tokens = run_state.token_embeddings
+    embeddings_file = new_tokens.export(output_dir) if new_tokens is not None else None
+    if new_tokens is not None and not trained.lora:
+        extra.update(new_tokens.export_modules(run_state.source))   # from_pretrained alone knows the tokens
     if trained.lora:
         upcast = getattr(args, "upcast_before_saving", True)
         export_lora(family, trained.modules, output_dir, kohya=getattr(args, "output_kohya_format", False),
                     dtype=None if upcast else run_state.weight_dtype)
         pipeline = (load_saved_lora(family, run_state.source, output_dir, run_state.weight_dtype, extra)
                     if run_state.validation.enabled else None)
+        if pipeline is not None and new_tokens is not None:
+            new_tokens.load_into(pipeline, embeddings_file)
     else:
         pipeline = export_pipeline(family, run_state.source, trained.modules, output_dir,
                                    getattr(args, "prediction_type", None), extra, dtype=run_state.weight_dtype,
@@ -450,11 +493,19 @@ def save_outputs(run_state: Run, args: argparse.Namespace) -> None:
 
 
 def card_info(run_state: Run, args: argparse.Namespace, samples: list[tuple[str, str]]) -> hub.CardInfo:
-    family = run_state.family
+    family, new_tokens = run_state.family, run_state.token_embeddings
+    instance_prompt = getattr(args, "instance_prompt", None)
+    embeddings = None
+    if new_tokens is not None:
+        instance_prompt = new_tokens.plan.apply(instance_prompt) if instance_prompt else None
+        embeddings = hub.EmbeddingsInfo(
+            file=f"{run_state.output_dir.name}_emb.safetensors", tokens=new_tokens.plan.tokens,
+            triggers=new_tokens.plan.triggers(), in_pipeline=not args.use_lora,
+            encoders=[(e.key, e.role, e.tokenizer_role) for e in new_tokens.encoders])
     return hub.CardInfo(
         base_model=args.pretrained_model_name_or_path, title=Path(args.output_dir).name, license=family.license,
         tags=family.tags, lora=args.use_lora, pipeline_class=family.pipeline_cls.__name__,
-        dataset=getattr(args, "dataset_name", None), instance_prompt=getattr(args, "instance_prompt", None),
+        dataset=getattr(args, "dataset_name", None), instance_prompt=instance_prompt, embeddings=embeddings,
         validation=samples,
         training={"steps": run_state.max_train_steps, "learning rate": args.learning_rate,
                   "batch size per device": args.train_batch_size, "resolution": args.resolution,

@@ -30,6 +30,8 @@ class StableDiffusion:
     lora_target_modules = ["to_k", "to_q", "to_v", "to_out.0"]
     lora_key_format = "diffusers"   # as the diffusers LoRA script for this family writes it
     trainable_text_encoder_roles = ["text_encoder"]
+    # (text encoder, its tokenizer, key in the embeddings file) for --train_text_encoder_ti
+    textual_inversion_encoders = [("text_encoder", "tokenizer", "clip_l")]
     license = "creativeml-openrail-m"
     tags = ["stable-diffusion", "stable-diffusion-diffusers", "text-to-image", "diffusers", "diffusers-training"]
 

@@ -57,6 +57,9 @@ class StableDiffusionXL:
     lora_target_modules = ["to_k", "to_q", "to_v", "to_out.0"]
     lora_key_format = "diffusers"   # as the diffusers LoRA script for this family writes it
     trainable_text_encoder_roles = ["text_encoder", "text_encoder_2"]
+    # (text encoder, its tokenizer, key in the embeddings file) for --train_text_encoder_ti: the
+    # keys A1111/Forge/ComfyUI read in an SDXL embedding.
+    textual_inversion_encoders = [("text_encoder", "tokenizer", "clip_l"), ("text_encoder_2", "tokenizer_2", "clip_g")]
     license = "openrail++"
     tags = ["stable-diffusion-xl", "stable-diffusion-xl-diffusers", "text-to-image", "diffusers",
             "diffusers-training"]
