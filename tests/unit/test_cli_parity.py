@@ -38,6 +38,15 @@ DEVIATIONS = {
 }
 # Single flags taken from another diffusers script: (script, reference file, flag).
 BORROWED = [("sdxl", "train_dreambooth_lora_sdxl.json", "--output_kohya_format")]
+# DreamBooth data and pivotal tuning in the SD 1.x and SDXL scripts, as diffusers' advanced SDXL
+# DreamBooth script declares them (--instance_prompt too, except that it is optional here: the
+# scripts also train on captioned images without it).
+PIVOTAL_FLAGS = ["--instance_data_dir", "--class_data_dir", "--class_prompt", "--with_prior_preservation",
+                 "--prior_loss_weight", "--num_class_images", "--sample_batch_size", "--repeats",
+                 "--prior_generation_precision", "--train_text_encoder_ti", "--token_abstraction",
+                 "--num_new_tokens_per_abstraction", "--train_text_encoder_ti_frac"]
+BORROWED += [(script, "train_dreambooth_lora_sdxl_advanced.json", flag) for script in ("t2i", "sdxl")
+             for flag in PIVOTAL_FLAGS]
 
 
 def load_reference(name: str) -> list[dict]:
@@ -147,6 +156,15 @@ def test_borrowed_flags_match_their_source(script, reference_file, flag):
     [ref] = [r for r in load_reference(reference_file) if r["flag"] == flag]
     ours = describe(parser, actions_by_flag(parser)[flag])
     assert {f: ref[f] for f in FIELDS} == ours
+
+
+@pytest.mark.parametrize("script", ["t2i", "sdxl"])
+def test_instance_prompt_is_the_advanced_scripts_but_optional(script):
+    parser = CONTRACTS[script][0].build_parser()
+    [ref] = [r for r in load_reference("train_dreambooth_lora_sdxl_advanced.json") if r["flag"] == "--instance_prompt"]
+    ours = describe(parser, actions_by_flag(parser)["--instance_prompt"])
+    assert {f: ref[f] for f in FIELDS if f != "required"} == {f: ours[f] for f in FIELDS if f != "required"}
+    assert ref["required"] is True and ours["required"] is False
 
 
 def test_deviations_are_the_documented_ones():
