@@ -27,6 +27,7 @@ import json
 import logging
 import math
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -162,6 +163,10 @@ def init_rows(weight: torch.Tensor, ids: list[int], base_std: float, generator: 
             weight[ids] = noise.to(weight.device, weight.dtype)
 
 
+def cast_output(module: torch.nn.Module, inputs, output: torch.Tensor, *, dtype: torch.dtype) -> torch.Tensor:
+    return output.to(dtype)
+
+
 def encoder_tokens(role: str, tokenizer_role: str, key: str, tokenizer, text_encoder: torch.nn.Module,
                    tokens: list[str], generator: torch.Generator, initializer_concept: str | None) -> EncoderTokens:
     base = text_encoder.get_input_embeddings().weight
@@ -172,8 +177,11 @@ def encoder_tokens(role: str, tokenizer_role: str, key: str, tokenizer, text_enc
         initializer_ids = tokenizer.encode(initializer_concept, add_special_tokens=False)
         if not initializer_ids:
             raise CliError(f"--initializer_concept '{initializer_concept}' has no tokens.")
-    weight = text_encoder.get_input_embeddings().weight
-    # The trained table is fp32 whatever the mixed precision, as LoRA weights are (sdft.trainable).
+    embedding = text_encoder.get_input_embeddings()
+    weight = embedding.weight
+    # The trained table is fp32 whatever the mixed precision, as LoRA weights are (sdft.trainable);
+    # its output is cast back so the rest of the frozen encoder runs in its own dtype, autocast or not.
+    embedding.register_forward_hook(partial(cast_output, dtype=weight.dtype))
     weight.data = weight.data.float()
     init_rows(weight, ids, base_std, generator, initializer_ids)
     weight.requires_grad_(True)

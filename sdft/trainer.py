@@ -380,16 +380,14 @@ def training_step(run_state: Run, batch: dict, micro_step: int) -> tuple[torch.T
     if run_state.condition_cache is not None:
         cond = family.batch_condition(run_state.condition_cache(batch), batch, accelerator.device)
     else:
-        with nullcontext() if run_state.train_text_encoders or learn_tokens else torch.no_grad(), \
-                frozen_autocast(run_state):
+        with nullcontext() if run_state.train_text_encoders or learn_tokens else torch.no_grad():
             cond = family.condition(models, batch, accelerator.device)
     noised = run_state.objective.noise(latents, generator)
-    with frozen_autocast(run_state):
-        if run_state.dream_detail_preservation is not None:
-            with torch.no_grad():
-                guess = family.predict(run_state.denoiser, noised.noisy, noised.timesteps, cond)
-            noised = run_state.objective.dream(noised, guess, run_state.dream_detail_preservation)
-        pred = family.predict(run_state.denoiser, noised.noisy, noised.timesteps, cond)
+    if run_state.dream_detail_preservation is not None:
+        with torch.no_grad():
+            guess = family.predict(run_state.denoiser, noised.noisy, noised.timesteps, cond)
+        noised = run_state.objective.dream(noised, guess, run_state.dream_detail_preservation)
+    pred = family.predict(run_state.denoiser, noised.noisy, noised.timesteps, cond)
     per_sample = run_state.objective.loss(pred, noised)
     if run_state.prior_loss_weight is not None:
         loss = split_prior(per_sample, run_state.prior_loss_weight)
@@ -408,12 +406,6 @@ def training_step(run_state: Run, batch: dict, micro_step: int) -> tuple[torch.T
     if accelerator.sync_gradients and run_state.trained.ema is not None:
         run_state.trained.ema.step(run_state.trained.modules[family.denoiser_role].parameters())
     return loss, per_sample.detach()
-
-
-def frozen_autocast(run_state: Run):
-    """accelerate autocasts the modules it prepared; with learned tokens the frozen text encoders
-    (and, for plain textual inversion, the frozen UNet) run with gradients in the weight dtype too."""
-    return run_state.accelerator.autocast() if run_state.token_embeddings is not None else nullcontext()
 
 
 # --------------------------------------------------------------------------- validation and output
@@ -436,8 +428,8 @@ def validate(run_state: Run, phase: str, step: int, folder: str) -> list[Path]:
     if accelerator.is_main_process:
         logger.info("Generating %d validation image(s)", len(run_state.validation.prompts))
         ema = run_state.trained.ema
-        denoiser = run_state.trained.modules[run_state.family.denoiser_role]
-        with ema.swapped_in(denoiser) if ema is not None else nullcontext():
+        with ema.swapped_in(run_state.trained.modules[run_state.family.denoiser_role]) if ema is not None \
+                else nullcontext():
             pipeline = validation_pipeline(run_state)
             images = generate(pipeline, run_state.validation, accelerator.device, accelerator.autocast)
         del pipeline
