@@ -10,6 +10,8 @@
 
 Add `--use_lora --rank 4` (and usually `--learning_rate=1e-04`) to train LoRA adapters instead.
 The flags of diffusers' train_text_to_image.py work unchanged; `--help` lists them all.
+DreamBooth data: `--instance_data_dir=dog --instance_prompt="a photo of TOK dog"` (prior preservation
+as in the SD3 script); new tokens: `--train_text_encoder_ti` (with `--train_unet=false`: textual inversion).
 """
 
 from __future__ import annotations

@@ -12,6 +12,8 @@
 
 Add `--use_lora --rank 8 [--train_text_encoder] [--output_kohya_format]` for LoRA. The flags of
 diffusers' train_text_to_image_sdxl.py and train_text_to_image_lora_sdxl.py work unchanged.
+Pivotal tuning on DreamBooth data: `--instance_data_dir=dog --instance_prompt="a photo of TOK dog"
+--use_lora --train_text_encoder_ti` (README.md has the full example and how to load the result).
 """
 
 from __future__ import annotations
