@@ -83,7 +83,8 @@ def add_dreambooth_args(parser: argparse.ArgumentParser, *, hub_dataset: bool = 
         add_hub_dataset_args(g)
     g.add_argument("--instance_data_dir", type=str, default=None,
                    help="Folder of instance images (the subject); other files in it are skipped."
-                        + ("" if hub_dataset else " Replaces --train_data_dir/--dataset_name; needs --instance_prompt."))
+                        + ("" if hub_dataset else
+                           " Replaces --train_data_dir/--dataset_name; needs --instance_prompt."))
     g.add_argument("--instance_prompt", type=str, default=None, required=instance_prompt_required,
                    help="Prompt naming the subject, e.g. 'a photo of sks dog'; the caption of every instance "
                         "image without its own caption.")
@@ -597,7 +598,8 @@ def check_textual_inversion(args: argparse.Namespace) -> None:
         # As diffusers' advanced script: the text encoders are either LoRA-trained or given new tokens.
         raise CliError("--train_text_encoder_ti cannot be combined with --train_text_encoder; choose one.")
     if args.num_new_tokens_per_abstraction < 1:
-        raise CliError(f"--num_new_tokens_per_abstraction must be at least 1, got {args.num_new_tokens_per_abstraction}.")
+        raise CliError("--num_new_tokens_per_abstraction must be at least 1, "
+                       f"got {args.num_new_tokens_per_abstraction}.")
     if not 0 < args.train_text_encoder_ti_frac <= 1:
         raise CliError(f"--train_text_encoder_ti_frac must be in (0, 1], got {args.train_text_encoder_ti_frac}.")
     if not args.train_unet:

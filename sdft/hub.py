@@ -98,8 +98,8 @@ def embedding_lines(embeddings: EmbeddingsInfo) -> list[str]:
     lines = ["", "from safetensors.torch import load_file", "",
              f'state_dict = load_file("<this repo or folder>/{embeddings.file}")']
     for key, encoder, tokenizer in embeddings.encoders:
-        lines.append(f"pipe.load_textual_inversion(state_dict[{json.dumps(key)}], token={json.dumps(embeddings.tokens)}, "
-                     f"text_encoder=pipe.{encoder}, tokenizer=pipe.{tokenizer})")
+        lines.append(f"pipe.load_textual_inversion(state_dict[{json.dumps(key)}], "
+                     f"token={json.dumps(embeddings.tokens)}, text_encoder=pipe.{encoder}, tokenizer=pipe.{tokenizer})")
     return lines
 
 

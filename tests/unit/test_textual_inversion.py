@@ -76,7 +76,8 @@ def test_only_the_new_rows_move_under_adamw_with_weight_decay(tiny_sdxl, acceler
     optimizer = torch.optim.AdamW(embeddings.params(), lr=0.1, weight_decay=0.5)
 
     caption = plan.apply("a photo of TOK red circle")
-    loss = StableDiffusionXL().encode_text(models, [caption], torch.device("cpu"))["encoder_hidden_states"].pow(2).mean()
+    hidden = StableDiffusionXL().encode_text(models, [caption], torch.device("cpu"))["encoder_hidden_states"]
+    loss = hidden.pow(2).mean()
     loss.backward()
     embeddings.prepare_gradients(accelerator)
     optimizer.step()
