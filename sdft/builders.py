@@ -15,7 +15,9 @@ import torch
 from accelerate import Accelerator
 
 from sdft.cli import CliError
+from sdft.data.archives import data_folder
 from sdft.data.dataset import CaptionedImageDataset
+from sdft.data.preprocess.subject import CACHE_FOLDER, SubjectPlan, prepare_subject
 from sdft.data.dreambooth import (DreamBoothDataset, generate_class_images, load_class_images, load_instance_images,
                                   missing_class_images)
 from sdft.data.sources import load_captioned_images
@@ -29,35 +31,60 @@ logger = logging.getLogger("sdft")
 
 def image_transform(args: argparse.Namespace) -> ImageTransform:
     return ImageTransform(args.resolution, args.center_crop, args.random_flip,
-                          getattr(args, "image_interpolation_mode", "lanczos"))
+                          getattr(args, "image_interpolation_mode", "lanczos"),
+                          crop_to_mask=getattr(args, "crop_to_mask", False))
+
+
+def cache_root(args: argparse.Namespace) -> Path:
+    """Extracted archives and upscaled images live here, reused by later runs into the same folder."""
+    return Path(args.output_dir) / CACHE_FOLDER
+
+
+def subject_plan(args: argparse.Namespace, root: Path | None) -> SubjectPlan:
+    return SubjectPlan(
+        resolution=args.resolution, output_dir=Path(args.output_dir), root=root, model_cache_dir=args.cache_dir,
+        caption_model=getattr(args, "caption_model", None), caption_prefix=getattr(args, "caption_prefix", "") or "",
+        upscale_model=getattr(args, "upscale_model", None), mask_data_dir=getattr(args, "mask_data_dir", None),
+        alpha_mask=getattr(args, "alpha_mask", False), mask_model=getattr(args, "mask_model", None),
+        mask_target_prompts=tuple(getattr(args, "mask_target_prompts", None) or ()),
+        need_masks=getattr(args, "masked_loss", False) or getattr(args, "crop_to_mask", False),
+    )
 
 
 def text_image_data(args: argparse.Namespace, seed: int, accelerator: Accelerator, family) -> CaptionedImageDataset:
+    data_dir, _ = data_folder(args.train_data_dir, cache_root(args), accelerator)
     images = load_captioned_images(
         dataset_name=args.dataset_name, dataset_config_name=args.dataset_config_name,
-        train_data_dir=args.train_data_dir, image_column=args.image_column, caption_column=args.caption_column,
+        train_data_dir=data_dir, image_column=args.image_column, caption_column=args.caption_column,
         cache_dir=args.cache_dir, max_train_samples=args.max_train_samples, seed=seed,
+        allow_missing_captions=getattr(args, "caption_model", None) is not None,
     )
+    root = Path(data_dir) if data_dir is not None and args.dataset_name is None else None
+    images = prepare_subject(images, subject_plan(args, root), accelerator)
     return CaptionedImageDataset(images, image_transform(args), seed,
                                  empty_caption_rate=getattr(args, "proportion_empty_prompts", 0.0))
 
 
 def dreambooth_data(args: argparse.Namespace, seed: int, accelerator: Accelerator, family) -> DreamBoothDataset:
+    instance_dir, from_archive = data_folder(args.instance_data_dir, cache_root(args), accelerator)
     instance = load_instance_images(
-        instance_data_dir=args.instance_data_dir, dataset_name=args.dataset_name,
+        instance_data_dir=instance_dir, dataset_name=args.dataset_name,
         dataset_config_name=args.dataset_config_name, image_column=args.image_column,
         caption_column=args.caption_column, instance_prompt=args.instance_prompt, cache_dir=args.cache_dir,
+        recursive=from_archive, auto_caption=getattr(args, "caption_model", None) is not None,
     )
+    instance = prepare_subject(instance, subject_plan(args, Path(instance_dir) if instance_dir else None), accelerator)
     class_images = None
     if args.with_prior_preservation:
-        missing = missing_class_images(args.class_data_dir, args.num_class_images)
+        class_dir, nested = data_folder(args.class_data_dir, cache_root(args), accelerator)
+        missing = missing_class_images(class_dir, args.num_class_images, recursive=nested)
         if missing:
             logger.info("Generating %d class images for '%s'", missing, args.class_prompt)
-            generate_class_images(Path(args.class_data_dir), args.class_prompt, missing,
+            generate_class_images(Path(class_dir), args.class_prompt, missing,
                                   ClassImagePipeline(family, args, accelerator.device),
                                   sample_batch_size=args.sample_batch_size, accelerator=accelerator, seed=seed,
                                   start_index=args.num_class_images - missing)
-        class_images = load_class_images(args.class_data_dir)[: args.num_class_images]
+        class_images = load_class_images(class_dir, recursive=nested)[: args.num_class_images]
     return DreamBoothDataset(instance, image_transform(args), seed, repeats=args.repeats,
                              class_images=class_images, class_prompt=args.class_prompt)
 

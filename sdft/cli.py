@@ -58,8 +58,9 @@ def add_dataset_args(parser: argparse.ArgumentParser) -> None:
     g = parser.add_argument_group("dataset")
     add_hub_dataset_args(g)
     g.add_argument("--train_data_dir", type=str, default=None,
-                   help="A local image folder: with metadata.jsonl/metadata.csv holding captions, or "
-                        "images with same-name .txt caption files.")
+                   help="A local image folder or archive (.zip, .tar, .tar.gz, .tgz; any depth): with "
+                        "metadata.jsonl/metadata.csv holding captions, a CSV whose name contains 'caption' "
+                        "(columns image_file,caption), or images with same-name .txt caption files.")
     g.add_argument("--max_train_samples", type=int, default=None,
                    help="Keep only this many samples (shuffled with --seed first); for debugging.")
 
@@ -82,7 +83,9 @@ def add_dreambooth_args(parser: argparse.ArgumentParser, *, hub_dataset: bool = 
     if hub_dataset:
         add_hub_dataset_args(g)
     g.add_argument("--instance_data_dir", type=str, default=None,
-                   help="Folder of instance images (the subject); other files in it are skipped."
+                   help="Folder of instance images (the subject), or an archive of them (.zip, .tar, .tar.gz, "
+                        ".tgz; any depth); other files are skipped. A caption.csv (image_file,caption) in it "
+                        "captions its images instead of --instance_prompt."
                         + ("" if hub_dataset else
                            " Replaces --train_data_dir/--dataset_name; needs --instance_prompt."))
     g.add_argument("--instance_prompt", type=str, default=None, required=instance_prompt_required,
@@ -92,7 +95,7 @@ def add_dreambooth_args(parser: argparse.ArgumentParser, *, hub_dataset: bool = 
     g.add_argument("--with_prior_preservation", action="store_true",
                    help="Also train on class images with --class_prompt, to keep the model's idea of the class.")
     g.add_argument("--class_data_dir", type=str, default=None,
-                   help="Folder of class images; missing ones are generated with the base model.")
+                   help="Folder (or archive) of class images; missing ones are generated with the base model.")
     g.add_argument("--class_prompt", type=str, default=None, help="Prompt of the class, e.g. 'a photo of dog'.")
     g.add_argument("--prior_loss_weight", type=float, default=1.0, help="Weight of the class-image loss.")
     g.add_argument("--num_class_images", type=int, default=100,
@@ -328,6 +331,35 @@ def add_latent_cache_args(parser: argparse.ArgumentParser) -> None:
                              "augmentation (crop, flip) is then drawn once per image.")
 
 
+def add_subject_args(parser: argparse.ArgumentParser) -> None:
+    g = parser.add_argument_group("subject preprocessing and masked loss (run once, before training)")
+    g.add_argument("--caption_model", type=str, default=None,
+                   help="A BLIP captioning model (Hub id or folder, e.g. Salesforce/blip-image-captioning-large) "
+                        "that captions every image without a caption; all captions are written to "
+                        "<output_dir>/captions.csv. Default: no auto-captions.")
+    g.add_argument("--caption_prefix", type=str, default=None,
+                   help="Text put in front of every generated caption, e.g. 'a photo of TOK, '.")
+    g.add_argument("--upscale_model", type=str, default=None,
+                   help="A Swin2SR super-resolution model (e.g. caidas/swin2SR-classical-sr-x2-64) that upscales "
+                        "every image whose shorter side is below --resolution, cached in <output_dir>/.sdft-cache. "
+                        "Default: small images are resized up.")
+    g.add_argument("--masked_loss", action="store_true",
+                   help="Weight the loss per latent pixel by the subject mask (normalised by the mask's area); "
+                        "needs --mask_data_dir, --alpha_mask or --mask_model. Class images stay unmasked.")
+    g.add_argument("--mask_data_dir", type=str, default=None,
+                   help="Folder of masks (white = subject), one per image with the image's file stem; "
+                        "preferred over the other mask sources.")
+    g.add_argument("--alpha_mask", action="store_true",
+                   help="Use an image's alpha channel as its mask (images without alpha count in full).")
+    g.add_argument("--mask_model", type=str, default=None,
+                   help="A CLIPSeg model (e.g. CIDAS/clipseg-rd64-refined) that makes the masks of images that "
+                        "have none, from --mask_target_prompts; saved in <output_dir>/masks.")
+    g.add_argument("--mask_target_prompts", type=str, default=None, nargs="+",
+                   help="What --mask_model looks for, e.g. 'a face' (several: the union).")
+    g.add_argument("--crop_to_mask", action="store_true",
+                   help="Centre the square crop on the mask (instead of a random or centre crop).")
+
+
 def add_checkpoint_args(parser: argparse.ArgumentParser) -> None:
     g = parser.add_argument_group("checkpoints")
     g.add_argument("--checkpointing_steps", type=int, default=500,
@@ -460,10 +492,43 @@ def _looks_local(path: str) -> bool:
 def check_t2i_dataset(args: argparse.Namespace) -> None:
     if args.dataset_name is None and args.train_data_dir is None:
         raise CliError("Give a dataset: --dataset_name (Hub id or local dataset) or --train_data_dir (image folder).")
-    if args.train_data_dir is not None and not Path(args.train_data_dir).is_dir():
-        raise CliError(f"--train_data_dir '{args.train_data_dir}' is not a folder.")
+    check_data_dir("--train_data_dir", args.train_data_dir)
     if args.dataset_name is not None and _looks_local(args.dataset_name) and not Path(args.dataset_name).exists():
         raise CliError(f"--dataset_name '{args.dataset_name}' does not exist.")
+
+
+def check_data_dir(flag: str, value: str | None) -> None:
+    """A folder, or an archive file (.zip, .tar, .tar.gz, .tgz) extracted before training."""
+    from sdft.data.archives import ARCHIVE_SUFFIXES, is_archive
+
+    if value is None or Path(value).is_dir():
+        return
+    if is_archive(value) and Path(value).is_file():
+        return
+    raise CliError(f"{flag} '{value}' is not a folder or an archive ({', '.join(ARCHIVE_SUFFIXES)}).")
+
+
+def check_subject(args: argparse.Namespace) -> None:
+    if getattr(args, "class_data_dir", None) and Path(args.class_data_dir).is_file():
+        check_data_dir("--class_data_dir", args.class_data_dir)   # a file must be an archive
+    sources = [f for f in ("mask_data_dir", "alpha_mask", "mask_model") if getattr(args, f)]
+    users = [f for f in ("masked_loss", "crop_to_mask") if getattr(args, f)]
+    if users and not sources:
+        raise CliError(f"--{users[0]} needs masks: give --mask_data_dir, --alpha_mask or --mask_model.")
+    if sources and not users:
+        raise CliError(f"--{sources[0]} has no effect without --masked_loss or --crop_to_mask.")
+    if args.mask_model and not args.mask_target_prompts:
+        raise CliError("--mask_model needs --mask_target_prompts, e.g. --mask_target_prompts 'a face'.")
+    if args.mask_target_prompts and not args.mask_model:
+        raise CliError("--mask_target_prompts needs --mask_model.")
+    if args.caption_prefix is not None and not args.caption_model:
+        raise CliError("--caption_prefix is put in front of generated captions; it needs --caption_model.")
+    if args.mask_data_dir and not Path(args.mask_data_dir).is_dir():
+        raise CliError(f"--mask_data_dir '{args.mask_data_dir}' is not a folder.")
+    for flag in ("caption_model", "upscale_model", "mask_model"):
+        value = getattr(args, flag)
+        if value and _looks_local(value) and not Path(value).exists():
+            raise CliError(f"--{flag} '{value}' does not exist.")
 
 
 def check_prediction_type(args: argparse.Namespace) -> None:
@@ -542,8 +607,7 @@ def check_sdxl(args: argparse.Namespace) -> None:
 def check_dreambooth(args: argparse.Namespace) -> None:
     if (args.dataset_name is None) == (args.instance_data_dir is None):
         raise CliError("Give exactly one of --instance_data_dir (a folder of images) and --dataset_name.")
-    if args.instance_data_dir is not None and not Path(args.instance_data_dir).is_dir():
-        raise CliError(f"--instance_data_dir '{args.instance_data_dir}' is not a folder.")
+    check_data_dir("--instance_data_dir", args.instance_data_dir)
     if args.with_prior_preservation:
         if args.class_data_dir is None or args.class_prompt is None:
             raise CliError("--with_prior_preservation needs --class_data_dir and --class_prompt.")

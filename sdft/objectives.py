@@ -40,6 +40,8 @@ __all__ = [
     "timestep_bias_weights",
     "flow_sigma_table",
     "split_prior",
+    "latent_mask",
+    "masked_per_sample_mse",
 ]
 
 PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
@@ -68,13 +70,45 @@ def _per_sample(values: Tensor, like: Tensor) -> Tensor:
     return values.reshape(values.shape[0], *([1] * (like.ndim - 1)))
 
 
-def _per_sample_mse(pred: Tensor, target: Tensor) -> Tensor:
-    """(B,) mean squared error over all non-batch dims, computed in float32."""
+def _per_sample_mse(pred: Tensor, target: Tensor, mask: Tensor | None = None) -> Tensor:
+    """(B,) mean squared error over all non-batch dims, computed in float32; with a latent-grid
+    `mask` (B, 1, h, w), the masked mean (see `masked_per_sample_mse`)."""
     if pred.shape != target.shape:
         # Broadcasting would silently compute a different loss.
         raise ValueError(f"prediction shape {tuple(pred.shape)} != target shape {tuple(target.shape)}")
     squared = (pred.float() - target.float()) ** 2
+    if mask is not None:
+        return masked_per_sample_mse(squared, mask)
     return squared.reshape(squared.shape[0], -1).mean(dim=1)
+
+
+# --------------------------------------------------------------------------- masked loss
+
+
+def latent_mask(mask: Tensor, size: tuple[int, int]) -> Tensor:
+    """A pixel mask (B, 1, H, W) in [0, 1] on the latent grid (B, 1, h, w): each latent pixel gets
+    the mean of the pixels it covers (an exact box average when H/h is an integer, as with the VAE's
+    factor of 8), so a half-covered latent pixel counts half."""
+    return torch.nn.functional.adaptive_avg_pool2d(mask.float(), size)
+
+
+def masked_per_sample_mse(squared: Tensor, mask: Tensor) -> Tensor:
+    """(B,) masked mean of squared errors (B, C, h, w) under a latent-grid mask (B, 1, h, w):
+
+        loss_b = Σ_{c,h,w} m_bhw · e_bchw / (C · Σ_{h,w} m_bhw)
+
+    Normalising by the mask's own area keeps the loss scale independent of how much of the image
+    the subject covers (an all-ones mask gives exactly the plain mean). An all-zero mask gives 0
+    and no gradient.
+    """
+    if mask.ndim != squared.ndim or mask.shape[0] != squared.shape[0] or mask.shape[1] != 1 \
+            or mask.shape[2:] != squared.shape[2:]:
+        raise ValueError(f"mask shape {tuple(mask.shape)} does not fit errors of shape {tuple(squared.shape)}: "
+                         "expected (B, 1, h, w) on the latent grid")
+    weights = mask.float().expand_as(squared)
+    batch = squared.shape[0]
+    total = weights.reshape(batch, -1).sum(dim=1)
+    return (squared * weights).reshape(batch, -1).sum(dim=1) / total.clamp(min=torch.finfo(torch.float32).tiny)
 
 
 # --------------------------------------------------------------------------- Min-SNR
@@ -251,9 +285,10 @@ class DDPMObjective:
             weighting = min_snr_weights(snr, self.snr_gamma, self.prediction_type)
         return Noised(noisy=noisy, timesteps=timesteps, target=target, weighting=weighting)
 
-    def loss(self, pred: Tensor, noised: Noised) -> Tensor:
-        """(B,) per-sample losses: weighting_b · mean_{c,h,w}((pred − target)²) in float32."""
-        return noised.weighting * _per_sample_mse(pred, noised.target)
+    def loss(self, pred: Tensor, noised: Noised, mask: Tensor | None = None) -> Tensor:
+        """(B,) per-sample losses: weighting_b · mean_{c,h,w}((pred − target)²) in float32; with a
+        latent-grid mask (B, 1, h, w), the masked mean instead."""
+        return noised.weighting * _per_sample_mse(pred, noised.target, mask)
 
     def dream(self, noised: Noised, pred_no_grad: Tensor, detail_preservation: float) -> Noised:
         """DREAM (Zhou et al. 2023, arXiv 2312.00210): move x_t and the target
@@ -373,9 +408,10 @@ class FlowMatchingObjective:
             return pred.float()
         return noised.noisy.float() - noised.sigmas * pred.float()
 
-    def loss(self, pred: Tensor, noised: Noised) -> Tensor:
-        """(B,) per-sample losses: weighting_b · mean_{c,h,w}((pred' − target)²) in float32."""
-        return noised.weighting * _per_sample_mse(self.prediction_to_target_space(pred, noised), noised.target)
+    def loss(self, pred: Tensor, noised: Noised, mask: Tensor | None = None) -> Tensor:
+        """(B,) per-sample losses: weighting_b · mean_{c,h,w}((pred' − target)²) in float32; with a
+        latent-grid mask (B, 1, h, w), the masked mean instead."""
+        return noised.weighting * _per_sample_mse(self.prediction_to_target_space(pred, noised), noised.target, mask)
 
 
 # --------------------------------------------------------------------------- DreamBooth

@@ -15,6 +15,7 @@ Command line::
     python -m sdft.tiny model --family sd --output tiny-models/sd
     python -m sdft.tiny model --family sdxl --output tiny-models/sdxl --seed 1
     python -m sdft.tiny model --family sd3 --output tiny-models/sd3
+    python -m sdft.tiny helper --kind blip --output tiny-models/blip      # also swin2sr, clipseg
     python -m sdft.tiny data --output tiny-data/metadata
     python -m sdft.tiny data --output tiny-data/captions --layout captions --num-images 12
     python -m sdft.tiny data --output tiny-data/instance --layout images --seed 3
@@ -55,7 +56,8 @@ from transformers import (
     T5TokenizerFast,
 )
 
-__all__ = ["build_sd", "build_sdxl", "build_sd3", "make_images", "main"]
+__all__ = ["build_sd", "build_sdxl", "build_sd3", "build_blip", "build_swin2sr", "build_clipseg", "make_images",
+           "main"]
 
 FAMILIES = ("sd", "sdxl", "sd3")
 LAYOUTS = ("metadata", "captions", "images")
@@ -380,6 +382,77 @@ def build_sd3(output_dir: str | Path, seed: int = 0) -> Path:
     return output
 
 
+# --------------------------------------------------------------------------- preprocessing models
+# Tiny BLIP (captions), Swin2SR (upscaling) and CLIPSeg (masks) folders, loadable by the same
+# transformers classes as the real models; random weights, so the captions are word salad and the
+# masks noise, but every code path of sdft.data.preprocess runs offline.
+
+
+def build_blip(output_dir: str | Path, seed: int = 0) -> Path:
+    """A tiny BlipForConditionalGeneration with a BlipProcessor (BERT word-piece vocabulary)."""
+    from transformers import BertTokenizer, BlipConfig, BlipForConditionalGeneration, BlipProcessor
+    from transformers.models.blip.image_processing_pil_blip import BlipImageProcessorPil
+
+    output = Path(output_dir)
+    output.mkdir(parents=True, exist_ok=True)
+    specials = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
+    (output / "vocab.txt").write_text("\n".join([*specials, *_VOCAB_WORDS]) + "\n", encoding="utf-8")
+    tokenizer = BertTokenizer.from_pretrained(output)
+    text = dict(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                num_attention_heads=4, encoder_hidden_size=32, max_position_embeddings=64,
+                bos_token_id=tokenizer.cls_token_id, sep_token_id=tokenizer.sep_token_id,
+                pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.sep_token_id)
+    vision = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                  image_size=32, patch_size=8)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = BlipForConditionalGeneration(BlipConfig(text_config=text, vision_config=vision, projection_dim=32))
+    model.save_pretrained(output)
+    processor = BlipProcessor(image_processor=BlipImageProcessorPil(size={"height": 32, "width": 32}),
+                              tokenizer=tokenizer)
+    processor.save_pretrained(output)
+    return output
+
+
+def build_swin2sr(output_dir: str | Path, seed: int = 0, upscale: int = 2) -> Path:
+    """A tiny Swin2SRForImageSuperResolution (x`upscale`) with its image processor."""
+    from transformers import Swin2SRConfig, Swin2SRForImageSuperResolution
+    from transformers.models.swin2sr.image_processing_pil_swin2sr import Swin2SRImageProcessorPil
+
+    output = Path(output_dir)
+    config = Swin2SRConfig(image_size=16, patch_size=1, embed_dim=16, depths=[1], num_heads=[2], window_size=4,
+                           upscale=upscale, upsampler="pixelshuffle", num_channels=3)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = Swin2SRForImageSuperResolution(config)
+    model.save_pretrained(output)
+    Swin2SRImageProcessorPil().save_pretrained(output)
+    return output
+
+
+def build_clipseg(output_dir: str | Path, seed: int = 0) -> Path:
+    """A tiny CLIPSegForImageSegmentation with a CLIPSegProcessor (the suite's CLIP tokenizer)."""
+    from transformers import CLIPSegConfig, CLIPSegForImageSegmentation, CLIPSegProcessor
+    from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
+
+    output = Path(output_dir)
+    tokenizer = _clip_tokenizer(output)
+    text = dict(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                num_attention_heads=4, max_position_embeddings=77, bos_token_id=tokenizer.bos_token_id,
+                eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+    vision = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=4,
+                  image_size=32, patch_size=8)
+    config = CLIPSegConfig(text_config=text, vision_config=vision, projection_dim=32, extract_layers=[1, 2],
+                           reduce_dim=16, decoder_num_attention_heads=2, decoder_intermediate_size=32)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = CLIPSegForImageSegmentation(config)
+    model.save_pretrained(output)
+    image_processor = CLIPImageProcessorPil(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32})
+    CLIPSegProcessor(image_processor=image_processor, tokenizer=tokenizer).save_pretrained(output)
+    return output
+
+
 def _draw_image(rng: random.Random, size: tuple[int, int]) -> tuple[Image.Image, str]:
     """One shape on a two-tone gradient, plus the caption that describes it."""
     width, height = size
@@ -472,6 +545,7 @@ def make_images(
 
 
 _BUILDERS = {"sd": build_sd, "sdxl": build_sdxl, "sd3": build_sd3}
+_HELPERS = {"blip": build_blip, "swin2sr": build_swin2sr, "clipseg": build_clipseg}
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -484,6 +558,10 @@ def _parser() -> argparse.ArgumentParser:
     model.add_argument("--family", choices=FAMILIES, required=True)
     model.add_argument("--output", type=Path, required=True)
     model.add_argument("--seed", type=int, default=0)
+    helper = commands.add_parser("helper", help="write a tiny BLIP, Swin2SR or CLIPSeg model folder")
+    helper.add_argument("--kind", choices=sorted(_HELPERS), required=True)
+    helper.add_argument("--output", type=Path, required=True)
+    helper.add_argument("--seed", type=int, default=0)
     data = commands.add_parser("data", help="write a tiny captioned image folder")
     data.add_argument("--output", type=Path, required=True)
     data.add_argument("--num-images", type=int, default=8)
@@ -496,6 +574,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     if args.command == "model":
         folder = _BUILDERS[args.family](args.output, seed=args.seed)
+    elif args.command == "helper":
+        folder = _HELPERS[args.kind](args.output, seed=args.seed)
     else:
         folder = make_images(args.output, args.num_images, args.layout, args.seed)
     print(folder)

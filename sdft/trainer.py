@@ -42,7 +42,7 @@ from sdft.data.latent_cache import fill_latent_cache, sample_from_moments, sampl
 from sdft.data.sources import DataError
 from sdft.ema import EMA
 from sdft.families.source import ModelSource
-from sdft.objectives import split_prior
+from sdft.objectives import latent_mask, split_prior
 from sdft.optim import build_lr_scheduler
 from sdft.output import check_replicas_agree, export_lora, export_pipeline, final_images, load_saved_lora
 from sdft.textual_inversion import TokenEmbeddings, check_abstractions_used, stop_step
@@ -106,6 +106,7 @@ class Run:
     condition_cache: ConditionCache | None = None
     offloaded: list[str] = field(default_factory=list)   # frozen roles kept on the CPU between validations
     token_embeddings: TokenEmbeddings | None = None        # --train_text_encoder_ti
+    masked_loss: bool = False                            # weight the loss by the batch's masks
 
 
 def make_accelerator(args: argparse.Namespace) -> Accelerator:
@@ -250,6 +251,7 @@ def build_run(args: argparse.Namespace, family, make_objective, accelerator: Acc
         prior_loss_weight=args.prior_loss_weight if getattr(args, "with_prior_preservation", False) else None,
         debug_loss=getattr(args, "debug_loss", False), condition_cache=condition_cache, offloaded=offloaded,
         token_embeddings=new_tokens,
+        masked_loss=getattr(args, "masked_loss", False),
     )
 
 
@@ -388,7 +390,11 @@ def training_step(run_state: Run, batch: dict, micro_step: int) -> tuple[torch.T
             guess = family.predict(run_state.denoiser, noised.noisy, noised.timesteps, cond)
         noised = run_state.objective.dream(noised, guess, run_state.dream_detail_preservation)
     pred = family.predict(run_state.denoiser, noised.noisy, noised.timesteps, cond)
-    per_sample = run_state.objective.loss(pred, noised)
+    # --masked_loss: the pixel mask, averaged onto the latent grid (class images come with ones).
+    mask = None
+    if run_state.masked_loss and "masks" in batch:
+        mask = latent_mask(batch["masks"].to(latents.device), latents.shape[-2:])
+    per_sample = run_state.objective.loss(pred, noised, mask)
     if run_state.prior_loss_weight is not None:
         loss = split_prior(per_sample, run_state.prior_loss_weight)
     else:

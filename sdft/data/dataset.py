@@ -56,17 +56,21 @@ class CaptionedImageDataset(Dataset):
 
     def __getitem__(self, index: int) -> dict:
         rng = seeded_rng(self.seed, self.epoch, index)
-        out = self.transform(self.images.open_image(index), rng)
+        image = self.images.open_image(index)
+        out = self.transform(image, rng, self.images.open_mask(index, image))
         caption = rng.choice(self.images.captions(index))
         if self.empty_caption_rate and rng.random() < self.empty_caption_rate:
             caption = ""
-        return {
+        item = {
             "pixel_values": out.pixels,
             "caption": caption,
             "original_size": out.original_size,
             "crop_top_left": out.crop_top_left,
             "name": self.images.name(index),
         }
+        if out.mask is not None:
+            item["mask"] = out.mask
+        return item
 
 
 class EpochShuffleSampler(Sampler[int]):
@@ -90,11 +94,20 @@ class EpochShuffleSampler(Sampler[int]):
 
 def collate(examples: list[dict]) -> dict:
     """A batch: pixel_values (B,3,H,W), captions (list), original_sizes and crop_top_lefts (B,2) as
-    (height, width) and (top, left)."""
+    (height, width) and (top, left), and masks (B,1,H,W) when the images have masks."""
     return {
         "pixel_values": torch.stack([e["pixel_values"] for e in examples]).contiguous(),
         "captions": [e["caption"] for e in examples],
         "original_sizes": torch.tensor([e["original_size"] for e in examples], dtype=torch.long),
         "crop_top_lefts": torch.tensor([e["crop_top_left"] for e in examples], dtype=torch.long),
         "names": [e["name"] for e in examples],
+        **stack_masks([e.get("mask") for e in examples]),
     }
+
+
+def stack_masks(masks: list[torch.Tensor | None]) -> dict:
+    """{"masks": (B, 1, H, W)} when any example has a mask (the others count in full: ones), else {}."""
+    if all(mask is None for mask in masks):
+        return {}
+    shape = next(mask for mask in masks if mask is not None).shape
+    return {"masks": torch.stack([torch.ones(shape) if mask is None else mask for mask in masks]).contiguous()}

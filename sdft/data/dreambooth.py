@@ -26,13 +26,15 @@ from PIL import Image, UnidentifiedImageError
 from torch.utils.data import Dataset
 from tqdm.auto import tqdm
 
-from sdft.data.dataset import seeded_rng
+from sdft.data.dataset import seeded_rng, stack_masks
 from sdft.data.sources import (
     IMAGE_SUFFIXES,
     CaptionedImages,
     DataError,
-    load_named_dataset,
+    caption_csv_captions,
     checked_images,
+    find_images,
+    load_named_dataset,
 )
 from sdft.data.transforms import ImageTransform
 
@@ -53,9 +55,12 @@ CacheKey = tuple[str, int]
 
 def load_instance_images(*, instance_data_dir: str | None, dataset_name: str | None,
                          dataset_config_name: str | None, image_column: str, caption_column: str | None,
-                         instance_prompt: str, cache_dir: str | None) -> CaptionedImages:
-    """Instance images from a folder (every image captioned with `instance_prompt`) or from a
-    dataset (captions from `caption_column` if given, else `instance_prompt`)."""
+                         instance_prompt: str, cache_dir: str | None, recursive: bool = False,
+                         auto_caption: bool = False) -> CaptionedImages:
+    """Instance images from a folder (captions from a caption CSV in it, else `instance_prompt`;
+    with `auto_caption`, None for an auto-captioner to fill instead) or from a dataset (captions
+    from `caption_column` if given, else `instance_prompt`). `recursive`: look in subfolders too
+    (an extracted archive)."""
     if (instance_data_dir is None) == (dataset_name is None):
         raise DataError("Specify exactly one of --instance_data_dir and --dataset_name.")
     if caption_column is None and not isinstance(instance_prompt, str):
@@ -64,12 +69,17 @@ def load_instance_images(*, instance_data_dir: str | None, dataset_name: str | N
         return _instance_dataset(dataset_name, dataset_config_name, image_column, caption_column,
                                  instance_prompt, cache_dir)
     folder = Path(instance_data_dir)
-    images = _scan_images(folder, "--instance_data_dir")
+    images = _scan_images(folder, "--instance_data_dir", recursive=recursive)
     if not images:
         raise DataError(f"--instance_data_dir '{folder}' holds no images "
                         f"({', '.join(sorted(IMAGE_SUFFIXES))} or any other format Pillow reads).")
+    own = caption_csv_captions(folder, images)
+    if own:
+        logger.info("%d of %d instance images are captioned by a caption CSV; the others by %s", len(own),
+                    len(images), "--caption_model" if auto_caption else "--instance_prompt")
+    fallback = None if auto_caption else instance_prompt
     table = datasets.Dataset.from_dict({"image": [str(p) for p in images],
-                                        "prompt": [instance_prompt] * len(images)})
+                                        "prompt": [own.get(p, fallback) for p in images]})
     return CaptionedImages(table, "image", "prompt")
 
 
@@ -97,13 +107,14 @@ def _require_column(table: datasets.Dataset, flag: str, column: str) -> None:
                         f"{', '.join(table.column_names)}.")
 
 
-def _scan_images(folder: Path, flag: str, warn: bool = True) -> list[Path]:
-    """Files directly in `folder` (not recursive, as upstream) that Pillow can open, sorted by name.
-    Other entries are skipped with a warning; a corrupt file with an image suffix is an error."""
+def _scan_images(folder: Path, flag: str, warn: bool = True, recursive: bool = False) -> list[Path]:
+    """Files directly in `folder` (not recursive, as upstream, unless `recursive`: an extracted
+    archive) that Pillow can open, sorted by name. Other entries are skipped with a warning; a
+    corrupt file with an image suffix is an error."""
     if not folder.is_dir():
         raise DataError(f"{flag} '{folder}' does not exist or is not a folder.")
     images, skipped = [], []
-    for path in sorted(folder.iterdir()):
+    for path in (find_images(folder) if recursive else sorted(folder.iterdir())):
         (images if path.is_file() and _is_image(path) else skipped).append(path)
     if skipped and warn:
         shown = ", ".join(p.name for p in skipped[:10]) + (" ..." if len(skipped) > 10 else "")
@@ -134,16 +145,16 @@ def _open_class_image(path: Path) -> Image.Image:
 # --------------------------------------------------------------------------- class images
 
 
-def load_class_images(class_data_dir: str | Path) -> list[Path]:
-    """Every image directly in --class_data_dir, sorted by file name."""
-    return _scan_images(Path(class_data_dir), "--class_data_dir")
+def load_class_images(class_data_dir: str | Path, recursive: bool = False) -> list[Path]:
+    """Every image directly in --class_data_dir (any depth with `recursive`), sorted by file name."""
+    return _scan_images(Path(class_data_dir), "--class_data_dir", recursive=recursive)
 
 
-def missing_class_images(class_data_dir: str | Path, num_class_images: int) -> int:
+def missing_class_images(class_data_dir: str | Path, num_class_images: int, recursive: bool = False) -> int:
     """How many class images must be generated to reach `num_class_images`; creates the folder."""
     folder = Path(class_data_dir)
     folder.mkdir(parents=True, exist_ok=True)
-    return max(0, num_class_images - len(_scan_images(folder, "--class_data_dir", warn=False)))
+    return max(0, num_class_images - len(_scan_images(folder, "--class_data_dir", warn=False, recursive=recursive)))
 
 
 def generate_class_images(class_data_dir: Path, prompt: str, count: int, make_pipeline: Callable[[], object], *,
@@ -230,6 +241,7 @@ class DreamBoothDataset(Dataset):
         # (original_size, crop_top_left) of the fixed augmentation each cached latent was made
         # with, filled by cache_items, so cached items report the geometry of their own latents.
         self.cache_geometry: dict[CacheKey, tuple[tuple[int, int], tuple[int, int]]] = {}
+        self.cache_masks: dict[CacheKey, torch.Tensor] = {}
 
     def use_epoch(self, epoch: int) -> None:
         self.epoch = epoch
@@ -268,25 +280,41 @@ class DreamBoothDataset(Dataset):
         once, so a crop or flip drawn here is the one training sees in every epoch)."""
         for key in self.cache_keys():
             stream = key[1] if key[0] == "instance" else CLASS_STREAM + key[1]
-            out = self.transform(self._open(key), seeded_rng(self.seed, 0, stream))
+            out = self._transform(key, seeded_rng(self.seed, 0, stream))
             self.cache_geometry[key] = (out.original_size, out.crop_top_left)
+            if out.mask is not None:
+                # The mask is cut with the same fixed crop and flip as the cached latent.
+                self.cache_masks[key] = out.mask
             yield key, {"pixel_values": out.pixels, "original_size": out.original_size,
                         "crop_top_left": out.crop_top_left}
 
     def _image(self, key: CacheKey, rng, prefix: str) -> dict:
         if self.latent_cache is not None:
             return self._cached(key, prefix)
-        out = self.transform(self._open(key), rng)
-        return {prefix + "pixel_values": out.pixels, prefix + "original_size": out.original_size,
+        out = self._transform(key, rng)
+        item = {prefix + "pixel_values": out.pixels, prefix + "original_size": out.original_size,
                 prefix + "crop_top_left": out.crop_top_left}
+        if out.mask is not None:
+            item[prefix + "mask"] = out.mask
+        return item
+
+    def _transform(self, key: CacheKey, rng):
+        """Instance images carry their masks through the transform; class images have none, so the
+        prior-preservation half of a batch is never masked."""
+        image = self._open(key)
+        mask = self.instance.open_mask(key[1], image) if key[0] == "instance" else None
+        return self.transform(image, rng, mask)
 
     def _cached(self, key: CacheKey, prefix: str) -> dict:
         if key not in self.latent_cache or key not in self.cache_geometry:
             raise RuntimeError(f"latent_cache has no entry for {key}: fill it with every key that cache_items() "
                                "yields, in this process, before reading items.")
         original_size, crop_top_left = self.cache_geometry[key]
-        return {prefix + "latent_moments": self.latent_cache[key], prefix + "original_size": original_size,
+        item = {prefix + "latent_moments": self.latent_cache[key], prefix + "original_size": original_size,
                 prefix + "crop_top_left": crop_top_left}
+        if key in self.cache_masks:
+            item[prefix + "mask"] = self.cache_masks[key]
+        return item
 
     def _open(self, key: CacheKey) -> Image.Image:
         kind, position = key
@@ -308,4 +336,5 @@ class DreamBoothDataset(Dataset):
             "crop_top_lefts": torch.tensor([e[p + "crop_top_left"] for e, p in rows], dtype=torch.long),
             "names": [e[p + "name"] for e, p in rows],
             "num_instance": len(examples),
+            **stack_masks([e.get(p + "mask") for e, p in rows]),
         }

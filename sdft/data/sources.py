@@ -9,13 +9,15 @@ or malformed captions, unreadable image files on disk) are reported here, before
 
 from __future__ import annotations
 
+import csv
 import io
+import os
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
 
 import datasets
-from PIL import Image, UnidentifiedImageError
+from PIL import Image, ImageOps, UnidentifiedImageError
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
 METADATA_FILES = ("metadata.jsonl", "metadata.csv", "metadata.parquet")
@@ -30,6 +32,10 @@ class CaptionedImages:
     table: datasets.Dataset
     image_column: str
     caption_column: str
+    # Optional: a column of mask file paths (None where an image has none), and whether masks come
+    # from the images' alpha channels; see `open_mask`.
+    mask_column: str | None = None
+    alpha_mask: bool = False
 
     def __len__(self) -> int:
         return len(self.table)
@@ -58,6 +64,24 @@ class CaptionedImages:
         except (OSError, UnidentifiedImageError, ValueError) as err:
             raise DataError(f"Cannot read image {self.describe(index)}: {err}") from err
         return image
+
+    def open_mask(self, index: int, image: Image.Image) -> Image.Image | None:
+        """The subject mask of row `index` as a mode-"L" image (255 = subject), or None without one:
+        the mask file if the row has one, else the alpha channel of `image` with `alpha_mask`.
+        Masks are in the image's displayed orientation (after its EXIF rotation)."""
+        path = self.table[index][self.mask_column] if self.mask_column else None
+        if path:
+            try:
+                with Image.open(path) as mask:
+                    return mask.convert("L")
+            except (OSError, UnidentifiedImageError, ValueError) as err:
+                raise DataError(f"Cannot read the mask {path} of {self.describe(index)}: {err}") from err
+        if self.alpha_mask:
+            if "A" in image.getbands() or image.mode == "P" and "transparency" in image.info:
+                # Masks are in the orientation the image is shown in, as the transform sees it.
+                return ImageOps.exif_transpose(image).convert("RGBA").getchannel("A")
+            return Image.new("L", image.size, 255)   # no alpha: the whole image is the subject
+        return None
 
     def distinct_captions(self, limit: int) -> set[str] | None:
         """All captions the data can produce, or None when there are more than `limit`."""
@@ -91,26 +115,32 @@ def caption_choices(value: object, where: str, column: str) -> list[str]:
 
 def load_captioned_images(*, dataset_name: str | None, dataset_config_name: str | None,
                           train_data_dir: str | None, image_column: str, caption_column: str,
-                          cache_dir: str | None, max_train_samples: int | None, seed: int) -> CaptionedImages:
+                          cache_dir: str | None, max_train_samples: int | None, seed: int,
+                          allow_missing_captions: bool = False) -> CaptionedImages:
+    """`allow_missing_captions`: images of a plain folder without a caption get None (an
+    auto-captioner fills them in) instead of an error."""
     if dataset_name is not None:
         table = load_named_dataset(dataset_name, dataset_config_name, train_data_dir, cache_dir)
     elif _has_metadata(Path(train_data_dir)):
         table = _load_image_folder(train_data_dir, cache_dir)
     else:
-        table = caption_files_table(Path(train_data_dir), image_column, caption_column)
+        table = caption_files_table(Path(train_data_dir), image_column, caption_column,
+                                    allow_missing=allow_missing_captions)
     _check_columns(table, image_column, caption_column)
     if max_train_samples is not None:
         table = table.shuffle(seed=seed).select(range(min(max_train_samples, len(table))))
-    return checked_images(table, image_column, caption_column)
+    return checked_images(table, image_column, caption_column, allow_missing_captions=allow_missing_captions)
 
 
-def checked_images(table: datasets.Dataset, image_column: str, caption_column: str) -> CaptionedImages:
+def checked_images(table: datasets.Dataset, image_column: str, caption_column: str,
+                   allow_missing_captions: bool = False) -> CaptionedImages:
     """Keep images undecoded (decoded one at a time by the dataset), then check every caption and
     every image file on disk before any model is loaded."""
     if isinstance(table.features[image_column], datasets.Image):
         table = table.cast_column(image_column, datasets.Image(decode=False))
     images = CaptionedImages(table, image_column, caption_column)
-    check_captions(images)
+    if not allow_missing_captions:
+        check_captions(images)
     check_local_images(images)
     return images
 
@@ -147,19 +177,72 @@ def _has_metadata(folder: Path) -> bool:
     return any(next(folder.rglob(name), None) is not None for name in METADATA_FILES)
 
 
-def caption_files_table(folder: Path, image_column: str, caption_column: str) -> datasets.Dataset:
-    """A plain folder: every image needs a caption file with the same stem and a .txt suffix."""
-    images = sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
+def caption_files_table(folder: Path, image_column: str, caption_column: str,
+                        allow_missing: bool = False) -> datasets.Dataset:
+    """A plain folder, at any depth: captions from a CSV whose name contains "caption"
+    (`image_file,caption`, Replicate's layout), else from a same-stem .txt file."""
+    images = find_images(folder)
     if not images:
         raise DataError(f"--train_data_dir '{folder}' holds no images ({', '.join(sorted(IMAGE_SUFFIXES))}) "
                         "and no metadata.jsonl.")
-    missing = [p for p in images if not p.with_suffix(".txt").is_file()]
-    if missing:
+    from_csv = caption_csv_captions(folder, images)
+    captions = [from_csv.get(p) or txt_caption(p) for p in images]
+    missing = [p for p, caption in zip(images, captions) if caption is None]
+    if missing and not allow_missing:
         shown = ", ".join(str(p) for p in missing[:5]) + (" ..." if len(missing) > 5 else "")
-        raise DataError(f"{len(missing)} image(s) in --train_data_dir have no caption file "
-                        f"(same name with .txt): {shown}")
-    captions = [p.with_suffix(".txt").read_text(encoding="utf-8").strip() for p in images]
+        raise DataError(f"{len(missing)} image(s) in --train_data_dir have no caption (no row in a caption CSV "
+                        f"and no same-name .txt file; or give --caption_model): {shown}")
     return datasets.Dataset.from_dict({image_column: [str(p) for p in images], caption_column: captions})
+
+
+def find_images(folder: Path, recursive: bool = True) -> list[Path]:
+    """Image files under `folder`, sorted, skipping hidden files and folders and macOS's __MACOSX."""
+    found = folder.rglob("*") if recursive else folder.iterdir()
+    return sorted(p for p in found if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file()
+                  and not any(part.startswith(".") or part == "__MACOSX" for part in p.relative_to(folder).parts))
+
+
+def txt_caption(image: Path) -> str | None:
+    path = image.with_suffix(".txt")
+    return path.read_text(encoding="utf-8").strip() if path.is_file() else None
+
+
+def caption_csv_captions(folder: Path, images: list[Path]) -> dict[Path, str]:
+    """Captions from every CSV under `folder` whose name contains "caption". `image_file` is
+    relative to the CSV's folder, or a file name found once among `images`. A row naming a
+    missing image, or without a caption, is an error naming the row."""
+    by_name: dict[str, list[Path]] = {}
+    known = set(images)
+    for image in images:
+        by_name.setdefault(image.name, []).append(image)
+    captions: dict[Path, str] = {}
+    for table in sorted(p for p in folder.rglob("*.csv") if "caption" in p.name.lower()
+                        and not any(part.startswith(".") or part == "__MACOSX" for part in p.relative_to(folder).parts)):
+        for row_number, row in _csv_rows(table):
+            where = f"{table} row {row_number}"
+            name = (row.get("image_file") or "").strip()
+            caption = (row.get("caption") or "").strip()
+            image = Path(os.path.normpath(table.parent / name))
+            if not name or image not in known:
+                matches = by_name.get(Path(name).name, [])
+                if len(matches) != 1:
+                    raise DataError(f"{where} names the image '{name}', which does not exist.")
+                image = matches[0]
+            if not caption:
+                raise DataError(f"{where} ('{name}') has no caption.")
+            captions[image] = caption
+    return captions
+
+
+def _csv_rows(path: Path):
+    """(row number, row) of a caption CSV; row 1 is the first line after the header."""
+    with open(path, newline="", encoding="utf-8-sig") as handle:
+        reader = csv.DictReader(handle)
+        missing = {"image_file", "caption"} - set(reader.fieldnames or [])
+        if missing:
+            raise DataError(f"Caption file {path} needs the columns image_file and caption; it has "
+                            f"{', '.join(reader.fieldnames or []) or 'none'}.")
+        yield from enumerate(list(reader), start=1)
 
 
 def _check_columns(table: datasets.Dataset, image_column: str, caption_column: str) -> None:
