@@ -27,6 +27,7 @@ from dataclasses import dataclass
 from functools import partial
 from pathlib import Path, PurePosixPath
 from typing import BinaryIO, Callable, Iterator
+from zlib import error as zlib_error
 
 from sdft.data.sources import IMAGE_SUFFIXES, DataError
 
@@ -87,7 +88,10 @@ def extract_archive(archive: str | os.PathLike, cache_root: str | os.PathLike, *
         with _members(archive) as members:
             kept = _plan(archive, members, max_members, max_total_bytes)
             for member, relative in kept:
-                _write(member, partial / relative, partial)
+                try:
+                    _write(member, partial / relative, partial)
+                except (zipfile.BadZipFile, tarfile.TarError, EOFError, zlib_error) as err:
+                    raise DataError(f"Archive '{archive}': cannot unpack member '{member.name}': {err}") from err
     except BaseException:
         shutil.rmtree(partial, ignore_errors=True)
         raise
