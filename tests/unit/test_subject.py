@@ -261,3 +261,14 @@ def test_masks_from_files_then_clipseg_saved_beside_captions_csv(tmp_path, helpe
                                 need_masks=True)
     with pytest.raises(DataError, match="p1.png"):
         prepare_subject(load_folder(data), without_model, accelerator)
+
+
+def test_upscaled_images_of_an_image_folder_with_metadata_stay_undecoded_images(tmp_path, helpers, accelerator):
+    data = make_images(tmp_path / "data", num_images=3, layout="metadata")   # datasets' Image feature
+    images = load_folder(data)
+    before = [image_size(images, i) for i in range(3)]
+    plan = SubjectPlan(resolution=64, output_dir=tmp_path / "out", root=data, upscale_model=str(helpers["swin2sr"]))
+    after = prepare_subject(images, plan, accelerator)
+    assert [image_size(after, i) for i in range(3)] == [
+        (w * 2, h * 2) if min(w, h) < 64 else (w, h) for w, h in before]
+    assert after.open_image(0).size == image_size(after, 0) and after.captions(0) == images.captions(0)

@@ -60,7 +60,9 @@ class SubjectPlan:
 
 
 def prepare_subject(images: CaptionedImages, plan: SubjectPlan, accelerator) -> CaptionedImages:
-    names = relative_names(images, plan.root)
+    # Names only when a file is written per image: for a Hub dataset, reading the image column
+    # reads every image's bytes.
+    names = relative_names(images, plan.root) if plan.caption_model or plan.need_masks else []
     images = upscale_small(images, plan, accelerator)
     if plan.caption_model:
         images = fill_captions(images, plan, accelerator)
