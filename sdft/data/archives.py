@@ -29,6 +29,8 @@ from pathlib import Path, PurePosixPath
 from typing import BinaryIO, Callable, Iterator
 from zlib import error as zlib_error
 
+from accelerate.utils import broadcast_object_list
+
 from sdft.data.sources import IMAGE_SUFFIXES, DataError
 
 logger = logging.getLogger(__name__)
@@ -188,13 +190,17 @@ def _tar_members(handle: tarfile.TarFile) -> Iterator[Member]:
 
 
 def data_folder(path: str | None, cache_root: Path, accelerator) -> tuple[str | None, bool]:
-    """(folder to read, whether it came from an archive). The main process extracts; the others
-    wait and then find the same folder (its name is derived from the archive's content)."""
+    """(folder to read, whether it came from an archive). The main process extracts and tells the
+    others the folder, or the error, so a refused archive stops every process, not just one."""
     if path is None or not is_archive(path):
         return path, False
+    outcome = [None, None]
     if accelerator.is_main_process:
-        folder = extract_archive(path, cache_root)
-    accelerator.wait_for_everyone()
-    if not accelerator.is_main_process:
-        folder = extraction_folder(Path(path), cache_root)
-    return str(folder), True
+        try:
+            outcome[0] = str(extract_archive(path, cache_root))
+        except DataError as err:
+            outcome[1] = str(err)
+    outcome = broadcast_object_list(outcome)
+    if outcome[1] is not None:
+        raise DataError(outcome[1])
+    return outcome[0], True

@@ -1,5 +1,7 @@
 """Where captioned images come from: a Hub dataset, a local dataset folder, an image folder with
-`metadata.jsonl`/`metadata.csv`, or a plain folder of images with same-name `.txt` captions.
+`metadata.jsonl`/`metadata.csv`, or a plain folder of images (any depth) captioned by a CSV whose
+name contains "caption" (`image_file,caption`) or by same-name `.txt` files. (Archives are
+extracted into such a folder first: `sdft.data.archives`.)
 
 Everything ends up as a `datasets.Dataset` whose image column holds undecoded images (a path or
 bytes), so images are decoded one at a time by the training dataset and never all held in RAM.

@@ -138,3 +138,17 @@ def test_sd3_instance_zip_with_csv_captions_class_tar_and_cached_masked_latents(
     assert len(dataset.class_images) == 2 and all("nested/dogs" in str(p) for p in dataset.class_images)
     assert set(dataset.cache_masks) == {("instance", i) for i in range(len(PHOTOS))}
     assert (tmp_path / "out" / "pytorch_lora_weights.safetensors").is_file()
+
+
+def test_a_refused_archive_stops_the_script_naming_the_member(tiny_sd, tmp_path, capsys):
+    import zipfile
+
+    archive = tmp_path / "slip.zip"
+    with zipfile.ZipFile(archive, "w") as handle:
+        handle.writestr("ok.png", b"")
+        handle.writestr("../../outside.png", b"")
+    out = tmp_path / "work" / "out"
+    code = run(t2i.main, t2i.parse_args([str(a) for a in sd_args(tiny_sd, archive, out)]))
+    assert code == 1 and "'../../outside.png'" in capsys.readouterr().err
+    assert not (tmp_path / "outside.png").exists() and not (tmp_path / "work" / "outside.png").exists()
+    assert not list(out.rglob("*.png"))
