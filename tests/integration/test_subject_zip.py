@@ -152,3 +152,23 @@ def test_a_refused_archive_stops_the_script_naming_the_member(tiny_sd, tmp_path,
     assert code == 1 and "'../../outside.png'" in capsys.readouterr().err
     assert not (tmp_path / "outside.png").exists() and not (tmp_path / "work" / "outside.png").exists()
     assert not list(out.rglob("*.png"))
+
+
+def test_two_processes_share_captioning_and_masking(tiny_sd, photos, tmp_path):
+    """Each process captions and masks its share; every caption reaches captions.csv and training
+    on both processes (the replica check at the end) sees the same captions."""
+    from tests.integration.conftest import accelerate_launch
+
+    blip, clipseg = build_blip(tmp_path / "blip"), build_clipseg(tmp_path / "cs")
+    partial = photo_zip(tmp_path / "partial.zip", captions={"three.jpg": "given"})
+    out = tmp_path / "out"
+    result = accelerate_launch("train_text_to_image.py", sd_args(
+        tiny_sd, partial, out, "--max_train_steps", "1", "--use_lora", "--report_to", "none",
+        "--caption_model", blip, "--caption_prefix", "TOK, ", "--mask_model", clipseg,
+        "--mask_target_prompts", "a face", "--masked_loss"), num_processes=2)
+    assert "identical on all 2 processes" in result.stderr + result.stdout
+    with open(out / "captions.csv", newline="") as handle:
+        rows = {row["image_file"]: row["caption"] for row in csv.DictReader(handle)}
+    assert set(rows) == {name for name, _ in PHOTOS} and rows["three.jpg"] == "given"
+    assert all(caption.startswith("TOK, ") for name, caption in rows.items() if name != "three.jpg")
+    assert len(list((out / "masks").rglob("*.png"))) == len(PHOTOS)
