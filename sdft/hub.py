@@ -17,6 +17,8 @@ from huggingface_hub import ModelCard, ModelCardData, create_repo, upload_folder
 logger = logging.getLogger(__name__)
 
 UPLOAD_IGNORE = ["checkpoint-*", "checkpoint-*/**", ".checkpoint-*", ".checkpoint-*/**", "*.partial/**"]
+# The user's photos (extracted archives, upscaled copies) and masks made from them stay private.
+UPLOAD_IGNORE += [".sdft-cache/**", "masks/**"]
 
 
 class HubError(RuntimeError):

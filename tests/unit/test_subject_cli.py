@@ -50,3 +50,14 @@ def test_full_subject_command_line_parses(base):
                                    "--mask_model=CIDAS/clipseg-rd64-refined", "--mask_target_prompts", "a face",
                                    "--masked_loss", "--crop_to_mask"])
     assert args.mask_target_prompts == ["a face"] and args.caption_prefix == "a photo of TOK, "
+
+
+def test_push_to_hub_leaves_the_photos_and_masks_out():
+    from huggingface_hub.utils import filter_repo_objects
+
+    from sdft.hub import UPLOAD_IGNORE
+
+    candidates = [".sdft-cache/archives/photos-0123/me.jpg", ".sdft-cache/upscaled/ab/me.png", "masks/me.png",
+                  "masks/sub/me.png", "captions.csv", "pytorch_lora_weights.safetensors"]
+    assert list(filter_repo_objects(candidates, ignore_patterns=UPLOAD_IGNORE)) == [
+        "captions.csv", "pytorch_lora_weights.safetensors"]
