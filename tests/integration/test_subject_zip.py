@@ -92,6 +92,12 @@ def test_sd1_zip_trains_on_the_csv_captions_and_masks_weight_the_loss(tiny_sd, p
     untouched = unet_weights(tmp_path / "zeros-out")
     assert all(torch.equal(base[k], untouched[k]) for k in base)
 
+    # The same zip as DreamBooth instance data: the CSV captions win over --instance_prompt.
+    dreambooth = DataSpy(monkeypatch, t2i, "dreambooth_data")
+    train(t2i, ["--pretrained_model_name_or_path", tiny_sd, "--instance_data_dir", photos, "--instance_prompt", "sks",
+                "--output_dir", tmp_path / "db", "--resolution", "32", "--seed", "0", *common, "--use_lora"])
+    assert dreambooth.captions(dreambooth.dataset.instance) == CSV_CAPTIONS
+
 
 def test_sdxl_lora_from_a_zip_with_auto_captions_upscaling_and_face_masks(photos, tmp_path, monkeypatch):
     """The README's command, on tiny models."""
