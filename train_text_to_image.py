@@ -37,9 +37,10 @@ def build_parser() -> argparse.ArgumentParser:
     cli.add_ddpm_objective_args(parser, prediction_types=["epsilon", "v_prediction"])
     cli.add_t2i_objective_extras(parser)
     cli.add_ema_args(parser, offload=True)
-    cli.add_lora_args(parser)
+    cli.add_lora_args(parser, kohya=True)
     cli.add_textual_inversion_args(parser)
     cli.add_subject_args(parser)
+    cli.add_single_file_args(parser)
     cli.add_checkpoint_args(parser)
     cli.add_validation_args(parser, prompt_list=True)
     cli.add_logging_args(parser, project_flag=True)
@@ -51,7 +52,7 @@ def build_parser() -> argparse.ArgumentParser:
 def parse_args(input_args: list[str] | None = None) -> argparse.Namespace:
     checks = [cli.check_positive, cli.check_model_path, cli.check_t2i_or_dreambooth_data, cli.check_prediction_type,
               cli.check_lora, cli.check_textual_inversion, cli.check_ema, cli.check_resume, cli.check_validation,
-              cli.check_tracking_and_hub, cli.check_accelerators]
+              cli.check_tracking_and_hub, cli.check_accelerators, cli.check_single_file]
     checks.append(cli.check_subject)
     return cli.parse(build_parser(), input_args, checks)
 

@@ -27,6 +27,7 @@ from accelerate import Accelerator
 
 from sdft.ema import EMA
 from sdft.lora import load_lora, save_lora
+from sdft.model_spec import stamped
 
 logger = logging.getLogger(__name__)
 
@@ -113,10 +114,14 @@ class TrainedWeights:
     ema: EMA | None = None
     lora_key_format: str = "diffusers"
     extras: list = field(default_factory=list)  # more state with save(dir)/load(dir), e.g. learned token embeddings
+    lora_metadata: dict[str, str] | None = None    # sdft.model_spec keys, written into every LoRA file
 
-    def save(self, directory: Path) -> None:
+    def save(self, directory: Path, step: int | None = None) -> None:
         if self.lora:
-            save_lora(self.pipeline_cls, directory, self.modules, key_format=self.lora_key_format)
+            metadata = self.lora_metadata
+            if metadata and step is not None:
+                metadata = stamped(metadata, step)
+            save_lora(self.pipeline_cls, directory, self.modules, key_format=self.lora_key_format, metadata=metadata)
         else:
             for role, module in self.modules.items():
                 module.save_pretrained(directory / role)
@@ -172,7 +177,7 @@ class Checkpointer:
         self.accelerator.wait_for_everyone()
         self.accelerator.save_state(str(partial))
         if self.accelerator.is_main_process:
-            self.weights.save(partial)
+            self.weights.save(partial, step=position.global_step)
             (partial / STATE_FILE).write_text(json.dumps(asdict(position), indent=2))
         self.accelerator.wait_for_everyone()
         if self.accelerator.is_main_process:

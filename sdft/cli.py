@@ -303,7 +303,9 @@ def add_lora_args(parser: argparse.ArgumentParser, *, text_encoder: bool = False
         lora_only.append("train_text_encoder")
     if kohya:
         g.add_argument("--output_kohya_format", action="store_true",
-                       help="Also write pytorch_lora_weights_kohya.safetensors (ComfyUI/A1111/Forge key names).")
+                       help="Also write pytorch_lora_weights_kohya.safetensors: the same LoRA with kohya key names "
+                            "(lora_unet_*, lora_te_* or lora_te1_*/lora_te2_*), the file ComfyUI, A1111 and Forge "
+                            "load from models/loras.")
         lora_only.append("output_kohya_format")
     if debug_loss:
         g.add_argument("--debug_loss", action="store_true",
@@ -323,6 +325,17 @@ def add_sd3_lora_args(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--upcast_before_saving", action="store_true",
                    help="Save the LoRA in fp32 (default: in the training precision, as upstream).")
     parser.set_defaults(_lora_only=["rank", "lora_dropout", "lora_layers", "lora_blocks", "upcast_before_saving"])
+
+
+def add_single_file_args(parser: argparse.ArgumentParser) -> None:
+    g = parser.add_argument_group("single-file checkpoint")
+    g.add_argument("--save_single_file", action="store_true",
+                   help="Full fine-tuning: also write <output_dir>/<name of output_dir>.safetensors, one checkpoint "
+                        "in the original Stability layout (denoiser, VAE, text encoders) for ComfyUI, A1111 and "
+                        "Forge. Default: only the diffusers folder.")
+    g.add_argument("--save_precision", type=str, default=None, choices=["fp16", "bf16", "fp32"],
+                   help="Precision of the --save_single_file checkpoint (default: the training precision, "
+                        "i.e. that of --mixed_precision, fp32 without it).")
 
 
 def add_latent_cache_args(parser: argparse.ArgumentParser) -> None:
@@ -555,6 +568,17 @@ def check_lora(args: argparse.Namespace) -> None:
         raise CliError(f"--rank must be at least 1, got {args.rank}.")
     if getattr(args, "use_ema", False):
         raise CliError("--use_ema is for full fine-tuning; it cannot be combined with --use_lora.")
+
+
+def check_single_file(args: argparse.Namespace) -> None:
+    if not args.save_single_file:
+        if args.save_precision is not None:
+            raise CliError("--save_precision sets the precision of the --save_single_file checkpoint; "
+                           "add --save_single_file.")
+        return
+    if args.use_lora:
+        raise CliError("--save_single_file writes a full model checkpoint and cannot be combined with --use_lora; "
+                       "the LoRA file is what UIs load (see --output_kohya_format for SD 1.x/2.x and SDXL).")
 
 
 def check_ema(args: argparse.Namespace) -> None:

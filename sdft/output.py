@@ -15,6 +15,7 @@ from accelerate.utils import gather_object
 from huggingface_hub import snapshot_download
 
 from sdft.lora import save_kohya, save_lora
+from sdft.single_file import save_single_file
 from sdft.validation import generate, log_images, save_images
 
 logger = logging.getLogger("sdft")
@@ -93,10 +94,23 @@ def set_scheduler_prediction_type(config_file: Path, prediction_type: str) -> No
 
 
 def export_lora(family, trained: dict[str, torch.nn.Module], output_dir: Path, *, kohya: bool,
-                dtype: torch.dtype | None = None) -> Path:
-    path = save_lora(family.pipeline_cls, output_dir, trained, dtype=dtype, key_format=family.lora_key_format)
+                dtype: torch.dtype | None = None, metadata: dict[str, str] | None = None) -> Path:
+    """The diffusers/PEFT LoRA file, and with `kohya` the kohya-layout one beside it; both carry
+    `metadata` (sdft.model_spec.training_metadata)."""
+    path = save_lora(family.pipeline_cls, output_dir, trained, dtype=dtype, key_format=family.lora_key_format,
+                     metadata=metadata)
     if kohya:
-        save_kohya(output_dir, trained, dtype=dtype)
+        save_kohya(output_dir, trained, family.kohya_text_encoder_prefixes, dtype=dtype, metadata=metadata)
+    return path
+
+
+def export_single_file(components: dict[str, torch.nn.Module], output_dir: Path, version: str, dtype: torch.dtype,
+                       metadata: dict[str, str] | None = None, vocab_sizes: dict[str, int] | None = None) -> Path:
+    """<output_dir>/<its name>.safetensors in the original layout; `version` is the
+    ss_base_model_version (sdft.model_spec), which picks the layout."""
+    path = save_single_file(version, components, output_dir / f"{output_dir.name}.safetensors", dtype, metadata,
+                            vocab_sizes)
+    logger.info("Wrote the single-file checkpoint %s", path)
     return path
 
 

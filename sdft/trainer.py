@@ -42,9 +42,12 @@ from sdft.data.latent_cache import fill_latent_cache, sample_from_moments, sampl
 from sdft.data.sources import DataError
 from sdft.ema import EMA
 from sdft.families.source import ModelSource
+from sdft.lora import rank_and_alpha
+from sdft.model_spec import describe_base, stamped, training_metadata
 from sdft.objectives import latent_mask, split_prior
 from sdft.optim import build_lr_scheduler
-from sdft.output import check_replicas_agree, export_lora, export_pipeline, final_images, load_saved_lora
+from sdft.output import (check_replicas_agree, export_lora, export_pipeline, export_single_file, final_images,
+                         load_saved_lora)
 from sdft.textual_inversion import TokenEmbeddings, check_abstractions_used, stop_step
 from sdft.trainable import (LoraSpec, Placement, enable_gradient_checkpointing, param_groups, prepare_models,
                             trainable_params)
@@ -228,7 +231,9 @@ def build_run(args: argparse.Namespace, family, make_objective, accelerator: Acc
     *prepared, optimizer, lr_scheduler = accelerator.prepare(*trained.values(), optimizer, lr_scheduler)
     prepared = dict(zip(trained, prepared))
     weights = TrainedWeights(family.pipeline_cls, trained, lora=args.use_lora, ema=ema,
-                             lora_key_format=family.lora_key_format, extras=[new_tokens] if new_tokens else [])
+                             lora_key_format=family.lora_key_format, extras=[new_tokens] if new_tokens else [],
+                             lora_metadata=file_metadata(args, family, models, trained, max_train_steps)
+                             if args.use_lora else None)
     condition_cache, offloaded = precompute(family, models, dataset, accelerator,
                                             train_text_encoders or new_tokens is not None,
                                             cache_latents=getattr(args, "cache_latents", False))
@@ -473,7 +478,8 @@ def save_outputs(run_state: Run, args: argparse.Namespace) -> None:
     if trained.lora:
         upcast = getattr(args, "upcast_before_saving", True)
         export_lora(family, trained.modules, output_dir, kohya=getattr(args, "output_kohya_format", False),
-                    dtype=None if upcast else run_state.weight_dtype)
+                    dtype=None if upcast else run_state.weight_dtype,
+                    metadata=stamped(trained.lora_metadata, run_state.max_train_steps))
         pipeline = (load_saved_lora(family, run_state.source, output_dir, run_state.weight_dtype, extra)
                     if run_state.validation.enabled else None)
         if pipeline is not None and new_tokens is not None:
@@ -482,12 +488,42 @@ def save_outputs(run_state: Run, args: argparse.Namespace) -> None:
         pipeline = export_pipeline(family, run_state.source, trained.modules, output_dir,
                                    getattr(args, "prediction_type", None), extra, dtype=run_state.weight_dtype,
                                    load_back=run_state.validation.enabled)
+        if args.save_single_file:
+            save_single_file_output(run_state, args, extra)
     samples = []
     if pipeline is not None and run_state.validation.enabled:
         samples = final_images(run_state.accelerator, pipeline, run_state.validation, output_dir,
                                run_state.max_train_steps)
     hub.write_model_card(output_dir, card_info(run_state, args, samples))
     logger.info("Saved the trained model to %s", output_dir)
+
+
+SAVE_PRECISIONS = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
+
+
+def save_single_file_output(run_state: Run, args: argparse.Namespace, extra: dict) -> Path:
+    """--save_single_file: every component as exported (trained ones, the VAE the run used, the
+    frozen rest), in --save_precision or the training precision."""
+    family, modules = run_state.family, run_state.trained.modules
+    metadata = file_metadata(args, family, run_state.models, modules, run_state.max_train_steps)
+    components = {**family.components(run_state.models), **extra, **modules}
+    dtype = SAVE_PRECISIONS.get(args.save_precision, run_state.weight_dtype)
+    # Learned tokens (--train_text_encoder_ti) go to UIs as the embeddings file, beside the checkpoint.
+    new_tokens = run_state.token_embeddings
+    vocab_sizes = {encoder.role: min(encoder.ids) for encoder in new_tokens.encoders} if new_tokens else None
+    return export_single_file(components, run_state.output_dir, metadata["ss_base_model_version"], dtype, metadata,
+                              vocab_sizes)
+
+
+def file_metadata(args: argparse.Namespace, family, models, trained: dict[str, torch.nn.Module],
+                  steps: int) -> dict[str, str]:
+    """The ss_*/modelspec.* header of the files users load in UIs (LoRA files, single-file checkpoints)."""
+    denoiser = getattr(models, family.denoiser_role)   # trained or not (--train_unet false)
+    prediction = getattr(args, "prediction_type", None) or models.noise_scheduler.config.get("prediction_type")
+    base = describe_base(family.name, dict(denoiser.config), prediction)
+    return training_metadata(base, base_model=args.pretrained_model_name_or_path, title=Path(args.output_dir).name,
+                             resolution=args.resolution, steps=steps,
+                             lora=rank_and_alpha(trained) if args.use_lora else None)
 
 
 def card_info(run_state: Run, args: argparse.Namespace, samples: list[tuple[str, str]]) -> hub.CardInfo:

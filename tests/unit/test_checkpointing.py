@@ -141,7 +141,7 @@ def tiny_unet() -> UNet2DConditionModel:
 class CrashingWeights(TrainedWeights):
     """Writes part of the weights, then fails (a full disk, a killed job)."""
 
-    def save(self, directory: Path) -> None:
+    def save(self, directory: Path, step: int | None = None) -> None:
         (directory / "unet").mkdir(parents=True, exist_ok=True)
         (directory / "unet" / "half-written.safetensors").write_bytes(b"\0" * 64)
         raise RuntimeError("disk full")
