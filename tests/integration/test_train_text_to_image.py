@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from safetensors import safe_open
 from safetensors.torch import load_file
 
 from tests.integration.conftest import accelerate_launch, generate, sd_args
@@ -47,7 +48,7 @@ def test_full_finetune_writes_a_pipeline_that_generates(tiny_sd, image_folder, t
         tiny_sd, image_folder, out, "--max_train_steps", "4", "--checkpointing_steps", "2",
         "--validation_prompts", "a red circle", "a blue square", "--center_crop", "--random_flip",
         "--snr_gamma", "5.0", "--noise_offset", "0.05", "--input_perturbation", "0.1", "--dream_training",
-        "--gradient_checkpointing", "--lr_scheduler", "cosine"))
+        "--gradient_checkpointing", "--lr_scheduler", "cosine", "--save_single_file", "--save_precision", "fp16"))
 
     assert checkpoints(out) == {"checkpoint-2", "checkpoint-4"}
     assert (out / "unet" / "diffusion_pytorch_model.safetensors").is_file()
@@ -70,6 +71,16 @@ def test_full_finetune_writes_a_pipeline_that_generates(tiny_sd, image_folder, t
     unet = UNet2DConditionModel.from_pretrained(out, subfolder="checkpoint-2/unet")
     assert np.isfinite(generate(StableDiffusionPipeline.from_pretrained(tiny_sd, unet=unet))).all()
 
+    # --save_single_file: one original-layout checkpoint, in --save_precision, that diffusers reads back.
+    single = StableDiffusionPipeline.from_single_file(str(out / "out.safetensors"), config=str(tiny_sd),
+                                                      local_files_only=True)
+    assert all(torch.equal(v, trained[k].half().to(v.dtype)) for k, v in single.unet.state_dict().items())
+    with safe_open(str(out / "out.safetensors"), framework="pt") as handle:
+        metadata = handle.metadata()
+        assert {handle.get_tensor(k).dtype for k in handle.keys()} == {torch.float16}
+    assert metadata["modelspec.architecture"] == "stable-diffusion-v1" and metadata["ss_steps"] == "4"
+    assert metadata["ss_sd_model_name"] == str(tiny_sd) and metadata["modelspec.title"] == "out"
+
 
 def test_lora_under_bf16_from_accelerate_config_loads_with_load_lora_weights(tiny_sd, image_folder, tmp_path):
     from diffusers import StableDiffusionPipeline
@@ -77,7 +88,7 @@ def test_lora_under_bf16_from_accelerate_config_loads_with_load_lora_weights(tin
     out = tmp_path / "lora"
     # bf16 comes from the launcher (as from `accelerate config`), not from --mixed_precision.
     accelerate_launch(SCRIPT, sd_args(tiny_sd, image_folder, out, "--use_lora", "--rank", "4",
-                                      "--max_train_steps", "2", "--checkpointing_steps", "2"),
+                                      "--max_train_steps", "2", "--checkpointing_steps", "1", "--output_kohya_format"),
                       mixed_precision="bf16")
 
     weights = load_file(out / "pytorch_lora_weights.safetensors")
@@ -93,6 +104,19 @@ def test_lora_under_bf16_from_accelerate_config_loads_with_load_lora_weights(tin
     after = generate(pipe)
     assert np.isfinite(after).all()
     assert not np.allclose(before, after), "the LoRA had no effect on the generated image"
+    # --output_kohya_format: the same LoRA under the names ComfyUI/A1111/Forge load.
+    pipe.unload_lora_weights()
+    pipe.load_lora_weights(out, weight_name="pytorch_lora_weights_kohya.safetensors")
+    np.testing.assert_allclose(generate(pipe), after, atol=1e-5)
+    # Every LoRA file, checkpoints' included, says what it is and how far it was trained.
+    for path, steps in ((out / "pytorch_lora_weights.safetensors", "2"),
+                        (out / "pytorch_lora_weights_kohya.safetensors", "2"),
+                        (out / "checkpoint-1" / "pytorch_lora_weights.safetensors", "1")):
+        with safe_open(str(path), framework="pt") as handle:
+            metadata = handle.metadata()
+        assert (metadata["ss_network_dim"], metadata["ss_network_alpha"], metadata["ss_steps"]) == ("4", "4", steps)
+        assert metadata["ss_base_model_version"] == "sd_v1" and metadata["modelspec.resolution"] == "32x32"
+        assert not any(str(out) in value for value in metadata.values()), "no paths beyond what was passed"
 
 
 def test_resumed_run_equals_uninterrupted_run(tiny_sd, image_folder, tmp_path):

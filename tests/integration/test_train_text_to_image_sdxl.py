@@ -64,6 +64,8 @@ def test_lora_on_unet_and_both_text_encoders_resumes_and_exports_kohya(tiny_sdxl
 
     kohya = load_file(straight / "pytorch_lora_weights_kohya.safetensors")
     assert {k.split("_")[1] for k in kohya if k.startswith("lora_")} == {"unet", "te1", "te2"}
+    # ComfyUI and Forge look the text encoders up under their text_model level (#8).
+    assert all(k.startswith(("lora_te1_text_model_", "lora_te2_text_model_")) for k in kohya if k.startswith("lora_te"))
     assert any(k.endswith(".alpha") for k in kohya) and any(".lora_down." in k for k in kohya)
 
     pipe = StableDiffusionXLPipeline.from_pretrained(tiny_sdxl)
