@@ -49,6 +49,7 @@ class CardInfo:
     validation: list[tuple[str, str]] = field(default_factory=list)   # (relative image path, prompt)
     training: dict = field(default_factory=dict)                        # a few headline settings
     embeddings: EmbeddingsInfo | None = None
+    ui_files: dict[str, str] = field(default_factory=dict)              # file -> "lora" or "checkpoint"
 
 
 def on_hub(model: str) -> bool:
@@ -90,6 +91,7 @@ def card_body(info: CardInfo) -> str:
     lines += ['pipe.to("cuda")', f"image = pipe({json.dumps(prompt)}).images[0]", "```", ""]
     if info.embeddings is not None:
         lines += embedding_notes(info.embeddings)
+    lines += ui_section(info.ui_files)
     if info.training:
         lines += ["## Training", ""] + [f"- {k}: {v}" for k, v in info.training.items()] + [""]
     return "\n".join(lines)
@@ -116,6 +118,20 @@ def embedding_notes(embeddings: EmbeddingsInfo) -> list[str]:
     lines += [f"`{embeddings.file}` holds one tensor per text encoder ({keys}): the embedding layout that "
               "AUTOMATIC1111, Forge and ComfyUI load.", ""]
     return lines
+
+
+# Where ComfyUI and A1111/Forge look for each kind of file.
+UI_FOLDERS = {"lora": ("models/loras", "models/Lora"), "checkpoint": ("models/checkpoints", "models/Stable-diffusion")}
+
+
+def ui_section(ui_files: dict[str, str]) -> list[str]:
+    if not ui_files:
+        return []
+    lines = ["## Use in ComfyUI / A1111 / Forge", ""]
+    for name, kind in ui_files.items():
+        comfy, a1111 = UI_FOLDERS[kind]
+        lines.append(f"- `{name}`: copy to ComfyUI's `{comfy}/` or A1111/Forge's `{a1111}/`.")
+    return lines + [""]
 
 
 def prepare_repo(repo_id: str, token: str | None) -> str:

@@ -42,7 +42,7 @@ from sdft.data.latent_cache import fill_latent_cache, sample_from_moments, sampl
 from sdft.data.sources import DataError
 from sdft.ema import EMA
 from sdft.families.source import ModelSource
-from sdft.lora import rank_and_alpha
+from sdft.lora import KOHYA_WEIGHT_NAME, WEIGHT_NAME, rank_and_alpha
 from sdft.model_spec import describe_base, stamped, training_metadata
 from sdft.objectives import latent_mask, split_prior
 from sdft.optim import build_lr_scheduler
@@ -546,4 +546,14 @@ def card_info(run_state: Run, args: argparse.Namespace, samples: list[tuple[str,
                   "mixed precision": run_state.accelerator.mixed_precision,
                   **({"LoRA rank": args.rank} if args.use_lora else {}),
                   **({"EMA": "yes"} if run_state.trained.ema is not None else {})},
+        ui_files=ui_files(run_state, args),
     )
+
+
+def ui_files(run_state: Run, args: argparse.Namespace) -> dict[str, str]:
+    """The files of the output folder that ComfyUI, A1111 and Forge load, for the model card."""
+    if args.use_lora:
+        if getattr(args, "output_kohya_format", False):
+            return {KOHYA_WEIGHT_NAME: "lora"}
+        return {WEIGHT_NAME: "lora"} if run_state.family.name == "sd3" else {}
+    return {f"{run_state.output_dir.name}.safetensors": "checkpoint"} if args.save_single_file else {}

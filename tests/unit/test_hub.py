@@ -170,3 +170,12 @@ def test_prepare_repo_offline_names_the_repo():
     with pytest.raises(hub.HubError) as exc:
         hub.prepare_repo("me/sd-naruto-model", token=None)
     assert "me/sd-naruto-model" in str(exc.value) and "--push_to_hub" in str(exc.value)
+
+
+def test_card_says_which_file_to_copy_where(tmp_path, no_network):
+    info = card_info(lora=True, ui_files={"pytorch_lora_weights_kohya.safetensors": "lora"})
+    path = hub.write_model_card(tmp_path, info)
+    body = split_card(path)[1]
+    assert "## Use in ComfyUI / A1111 / Forge" in body
+    assert "`pytorch_lora_weights_kohya.safetensors`: copy to ComfyUI's `models/loras/`" in body
+    assert "## Use in ComfyUI" not in split_card(hub.write_model_card(tmp_path, card_info()))[1]

@@ -97,15 +97,15 @@ def test_kohya_and_peft_files_fuse_to_the_trained_weights(tmp_path, family_cls, 
 
     roles = list(trained)
     expected = {role: merged_state(module) for role, module in trained.items()}
+    untouched = family.load(ModelSource(str(base)))
+    for role in roles:   # the comparison means something: the adapters move the weights
+        assert any(not torch.equal(expected[role][k], v) for k, v in getattr(untouched, role).state_dict().items())
     for weight_name in (WEIGHT_NAME, KOHYA_WEIGHT_NAME):
         fused = fused_from_file(family, base, out, weight_name, roles)
         for role in roles:
             assert fused[role].keys() == expected[role].keys()
             worst = max((fused[role][k] - expected[role][k]).abs().max().item() for k in expected[role])
-            changed = sum(not torch.equal(fused[role][k], v) for k, v in merged_state(
-                getattr(family.load(ModelSource(str(base))), role)).items())
             assert worst < 1e-5, f"{weight_name}: {role} fused weights differ by {worst}"
-            assert changed > 0, f"{weight_name}: the LoRA changed nothing in the {role}"
 
     for path in (out / WEIGHT_NAME, out / KOHYA_WEIGHT_NAME):
         meta = header(path)
