@@ -49,7 +49,7 @@ class CardInfo:
     validation: list[tuple[str, str]] = field(default_factory=list)   # (relative image path, prompt)
     training: dict = field(default_factory=dict)                        # a few headline settings
     embeddings: EmbeddingsInfo | None = None
-    ui_files: dict[str, str] = field(default_factory=dict)              # file -> "lora" or "checkpoint"
+    ui_files: dict[str, str] = field(default_factory=dict)              # file -> a UI_FOLDERS kind
 
 
 def on_hub(model: str) -> bool:
@@ -121,7 +121,8 @@ def embedding_notes(embeddings: EmbeddingsInfo) -> list[str]:
 
 
 # Where ComfyUI and A1111/Forge look for each kind of file.
-UI_FOLDERS = {"lora": ("models/loras", "models/Lora"), "checkpoint": ("models/checkpoints", "models/Stable-diffusion")}
+UI_FOLDERS = {"lora": ("models/loras", "models/Lora"), "checkpoint": ("models/checkpoints", "models/Stable-diffusion"),
+              "embedding": ("models/embeddings", "embeddings")}
 
 
 def ui_section(ui_files: dict[str, str]) -> list[str]:

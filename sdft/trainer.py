@@ -552,8 +552,13 @@ def card_info(run_state: Run, args: argparse.Namespace, samples: list[tuple[str,
 
 def ui_files(run_state: Run, args: argparse.Namespace) -> dict[str, str]:
     """The files of the output folder that ComfyUI, A1111 and Forge load, for the model card."""
-    if args.use_lora:
-        if getattr(args, "output_kohya_format", False):
-            return {KOHYA_WEIGHT_NAME: "lora"}
-        return {WEIGHT_NAME: "lora"} if run_state.family.name == "sd3" else {}
-    return {f"{run_state.output_dir.name}.safetensors": "checkpoint"} if args.save_single_file else {}
+    files = {}
+    if args.use_lora and getattr(args, "output_kohya_format", False):
+        files[KOHYA_WEIGHT_NAME] = "lora"
+    elif args.use_lora and run_state.family.name == "sd3":
+        files[WEIGHT_NAME] = "lora"
+    elif not args.use_lora and args.save_single_file:
+        files[f"{run_state.output_dir.name}.safetensors"] = "checkpoint"
+    if run_state.token_embeddings is not None:
+        files[f"{run_state.output_dir.name}_emb.safetensors"] = "embedding"
+    return files
