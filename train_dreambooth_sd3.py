@@ -35,6 +35,7 @@ def build_parser() -> argparse.ArgumentParser:
     cli.add_training_args(parser)
     cli.add_text_encoder_optimizer_args(parser)
     cli.add_optimizer_args(parser, choice=True)
+    cli.add_memory_args(parser)
     cli.add_precision_args(parser, xformers=False)
     cli.add_flow_objective_args(parser)
     cli.add_sd3_lora_args(parser)
@@ -54,6 +55,7 @@ def parse_args(input_args: list[str] | None = None) -> argparse.Namespace:
               cli.check_resume, cli.check_validation, cli.check_tracking_and_hub, cli.check_accelerators,
               cli.check_single_file]
     checks.append(cli.check_subject)
+    checks.append(cli.check_memory_flags)
     return cli.parse(build_parser(), input_args, checks)
 
 

@@ -32,7 +32,8 @@ def build_parser() -> argparse.ArgumentParser:
     cli.add_dreambooth_args(parser, hub_dataset=False, instance_prompt_required=False)
     cli.add_image_args(parser)
     cli.add_training_args(parser)
-    cli.add_optimizer_args(parser)
+    cli.add_optimizer_args(parser, choice=True)
+    cli.add_memory_args(parser)
     cli.add_precision_args(parser)
     cli.add_ddpm_objective_args(parser, prediction_types=["epsilon", "v_prediction"])
     cli.add_t2i_objective_extras(parser)
@@ -54,6 +55,7 @@ def parse_args(input_args: list[str] | None = None) -> argparse.Namespace:
               cli.check_lora, cli.check_textual_inversion, cli.check_ema, cli.check_resume, cli.check_validation,
               cli.check_tracking_and_hub, cli.check_accelerators, cli.check_single_file]
     checks.append(cli.check_subject)
+    checks += [cli.check_optimizer, cli.check_memory_flags]
     return cli.parse(build_parser(), input_args, checks)
 
 

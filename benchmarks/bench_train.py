@@ -65,6 +65,9 @@ from sdft import tiny  # noqa: E402
 from sdft.families.sd import StableDiffusion  # noqa: E402
 from sdft.families.sd3 import StableDiffusion3  # noqa: E402
 from sdft.families.sdxl import StableDiffusionXL  # noqa: E402
+from sdft import memory_estimate  # noqa: E402
+from sdft.builders import memory_setup  # noqa: E402
+from sdft.stepping import OptimizerStepper  # noqa: E402
 
 CACHE = HERE / ".cache"
 RESULTS = HERE / "results.jsonl"
@@ -79,6 +82,7 @@ class Step:
     end: float                 # perf_counter when the optimizer step returned
     phases: dict[str, float]   # seconds spent in each phase during this step
     rss_mib: float             # ru_maxrss at the end of the step
+    current_rss_mib: float     # VmRSS at the end of the step (what training holds, loading's peak aside)
     cpu_s: float               # user + system CPU time of the process so far
     machine_cpu_s: float       # the same for the whole machine (Linux; 0 elsewhere)
 
@@ -93,18 +97,21 @@ class StepClock:
 
     @contextmanager
     def phase(self, name: str):
+        """Time spent in phases nested inside this one (the optimizer steps that
+        --fused_backward_pass runs inside the backward pass) counts only towards those."""
         sync()
-        start = time.perf_counter()
+        start, nested_before = time.perf_counter(), sum(self.current.values())
         try:
             yield
         finally:
             sync()
-            self.current[name] += time.perf_counter() - start
+            nested = sum(self.current.values()) - nested_before
+            self.current[name] += time.perf_counter() - start - nested
 
     def end_step(self) -> None:
         usage = resource.getrusage(resource.RUSAGE_SELF)
-        self.steps.append(Step(time.perf_counter(), self.current, peak_rss_mib(), usage.ru_utime + usage.ru_stime,
-                               machine_cpu_s()))
+        self.steps.append(Step(time.perf_counter(), self.current, peak_rss_mib(), current_rss_mib(),
+                               usage.ru_utime + usage.ru_stime, machine_cpu_s()))
         self.current = dict.fromkeys(PHASES, 0.0)
 
 
@@ -118,6 +125,18 @@ def peak_rss_mib() -> float:
     # ru_maxrss is in KiB on Linux, bytes on macOS.
     scale = 1 if sys.platform == "darwin" else 1024
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * scale / 2**20
+
+
+def current_rss_mib() -> float:
+    """Resident memory now (Linux /proc; 0 elsewhere): unlike the peak, it does not keep the moment
+    the weight files were mapped while being converted at load time."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+    except (OSError, ValueError):
+        pass
+    return 0.0
 
 
 def machine_cpu_s() -> float:
@@ -190,10 +209,33 @@ def patched(owner, name: str, replacement):
         setattr(owner, name, original)
 
 
-def describe_optimizer(optimizer: torch.optim.Optimizer) -> str:
+def describe_optimizer(optimizer: torch.optim.Optimizer, stepper: OptimizerStepper) -> str:
     """E.g. "AdamW (fused)": torch's AdamW runs a per-tensor loop on CPU unless fused or foreach is set."""
     kernel = [name for name in ("fused", "foreach") if optimizer.defaults.get(name)]
-    return type(optimizer).__name__ + (f" ({kernel[0]})" if kernel else "")
+    if stepper.updater is not None:
+        kernel.append("in the backward pass" if stepper.fused else "per parameter")
+        kernel += ["stochastic rounding"] if stepper.updater.stochastic_rounding else []
+    return type(optimizer).__name__ + (f" ({', '.join(kernel)})" if kernel else "")
+
+
+def timed_stepper_step(clock: StepClock) -> Callable:
+    """The trainer's OptimizerStepper.step runs once per (micro-)step, whether it steps the optimizer,
+    updates parameter by parameter, or finds the backward pass did; a step ends when it returns
+    and the optimizer ran (it does not while gradients accumulate)."""
+    original = OptimizerStepper.step
+
+    @functools.wraps(original)
+    def step(self):
+        original(self)
+        if "trainable_params" not in clock.notes:
+            inner = getattr(self.optimizer, "optimizer", self.optimizer)
+            clock.notes["trainable_params"] = sum(p.numel() for g in inner.param_groups for p in g["params"])
+            clock.notes["optimizer"] = describe_optimizer(inner, self)
+        calls = clock.notes.get("optimizer_calls", 0)
+        if calls > clock.notes.get("optimizer_calls_at_step_end", 0):  # in this step or its backward pass
+            clock.notes["optimizer_calls_at_step_end"] = calls
+            clock.end_step()
+    return step
 
 
 @contextmanager
@@ -202,22 +244,21 @@ def timing(clock: StepClock):
     started: list[float] = []
 
     def before_step(optimizer, args, kwargs):
-        if "trainable_params" not in clock.notes:
-            clock.notes["trainable_params"] = sum(p.numel() for g in optimizer.param_groups for p in g["params"])
-            clock.notes["optimizer"] = describe_optimizer(optimizer)
         sync()
         started.append(time.perf_counter())
 
     def after_step(optimizer, args, kwargs):
+        # Called once per parameter when the trainer updates parameter by parameter.
         sync()
         clock.current["optimizer"] += time.perf_counter() - started.pop()
-        clock.end_step()
+        clock.notes["optimizer_calls"] = clock.notes.get("optimizer_calls", 0) + 1
 
     Accelerator = accelerate.Accelerator
     with ExitStack() as stack:
         stack.enter_context(patched(Accelerator, "backward", timed_method(Accelerator.backward, clock, "backward")))
         stack.enter_context(patched(Accelerator, "clip_grad_norm_",
                                     timed_method(Accelerator.clip_grad_norm_, clock, "clip")))
+        stack.enter_context(patched(OptimizerStepper, "step", timed_stepper_step(clock)))
         stack.callback(register_optimizer_step_pre_hook(before_step).remove)
         stack.callback(register_optimizer_step_post_hook(after_step).remove)
         yield
@@ -363,8 +404,6 @@ class Model:
     resolution: int                # default --resolution
     steps: int                     # default --steps (timed steps, after the warm-up)
     description: str
-    # Parameters of the denoiser, where full fine-tuning may not fit in memory: checked before a full run.
-    denoiser_params: int | None = None
 
 
 @dataclass(frozen=True)
@@ -388,7 +427,7 @@ FAMILIES = {
             "tiny": Model(tiny.build_sd, resolution=32, steps=100,
                           description="sdft.tiny.build_sd: UNet (32, 64), CLIP text 32 wide x 2 layers, "
                                       "VAE (16, 32) with 2x downsampling"),
-            "sd15-shaped": Model(build_sd15_shaped, resolution=64, steps=5, denoiser_params=859_520_964,
+            "sd15-shaped": Model(build_sd15_shaped, resolution=64, steps=5,
                                  description="SD 1.5 configs, random weights: UNet (320, 640, 1280, 1280), "
                                              "CLIP ViT-L/14 text tower (768 wide x 12 layers, tiny ~900-token "
                                              "vocabulary), SD 1.5 VAE with 8x downsampling"),
@@ -398,7 +437,7 @@ FAMILIES = {
         "train_text_to_image_sdxl", StableDiffusionXL, "metadata", T2I_DATA,
         models={
             "tiny": Model(tiny.build_sdxl, resolution=32, steps=100, description="sdft.tiny.build_sdxl"),
-            "sdxl-shaped": Model(build_sdxl_shaped, resolution=64, steps=5, denoiser_params=2_567_463_684,
+            "sdxl-shaped": Model(build_sdxl_shaped, resolution=64, steps=5,
                                  description="SDXL base 1.0 configs, random weights: UNet (320, 640, 1280), "
                                              "transformer depths (1, 2, 10), cross-attention 2048 (2567.5 M); "
                                              "CLIP ViT-L text tower (768 wide x 12 layers) and OpenCLIP bigG text "
@@ -413,7 +452,7 @@ FAMILIES = {
         models={
             "tiny": Model(tiny.build_sd3, resolution=32, steps=100, description="sdft.tiny.build_sd3"),
             "sd3-medium-shaped": Model(
-                build_sd3_medium_shaped, resolution=64, steps=5, denoiser_params=328_713_280,
+                build_sd3_medium_shaped, resolution=64, steps=5,
                 description=f"SD3-medium configs, random weights: MMDiT 1536 wide (24 heads x 64), patch 2, "
                             f"{SD3_MEDIUM_LAYERS} of its 24 blocks (328.7 M instead of 2028 M); CLIP ViT-L and "
                             f"OpenCLIP bigG text towers at full depth (12 and 32 layers) and a T5 with T5-XXL's "
@@ -490,28 +529,21 @@ def parse_bench_args(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
         args.steps = models[args.model].steps if args.steps is None else args.steps
         if args.steps < 1 or args.warmup_steps < 1:
             parser.error("--steps and --warmup-steps must be at least 1 (the first step allocates optimizer state)")
-        params = models[args.model].denoiser_params
-        available, where = training_memory()
-        if params and not (args.use_lora or args.build_only) and FULL_BYTES_PER_PARAM * params > available:
-            parser.error(f"full fine-tuning of --model {args.model} does not fit: fp32 weights, gradients and two "
-                         f"AdamW moments are {FULL_BYTES_PER_PARAM} bytes x {params / 1e9:.2f} B denoiser parameters "
-                         f"= {FULL_BYTES_PER_PARAM * params / 1e9:.0f} GB ({FULL_BYTES_PER_PARAM * params / 2**30:.0f} "
-                         f"GiB) before activations, and this machine has {available / 2**30:.0f} GiB of {where}. "
-                         "Add --use-lora.")
     return args, extra
 
 
-FULL_BYTES_PER_PARAM = 16   # fp32 weight + gradient + AdamW's two moments
-
-
-def training_memory() -> tuple[int, str]:
-    """The memory the trained model lives in: the first GPU's, else the machine's RAM."""
-    if torch.cuda.is_available():
-        return torch.cuda.get_device_properties(0).total_memory, f"memory on {torch.cuda.get_device_name()}"
+def check_memory(args: argparse.Namespace, model: Path, role: str) -> int:
+    """The trainer's own memory estimate, made here too so that a run that cannot fit stops with the
+    arithmetic instead of a traceback from main() (before anything is loaded, as there). Returns
+    the estimated bytes, recorded beside the measured peak."""
+    stats = memory_estimate.denoiser_stats(str(model), role)
+    setup = memory_setup(args, args.mixed_precision)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     try:
-        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"), "RAM"
-    except (ValueError, OSError):
-        return 2**62, "RAM"
+        print(memory_estimate.check(stats, setup, role, device, skip=args.skip_memory_check))
+    except memory_estimate.DoesNotFit as err:
+        sys.exit(f"bench_train.py: {err}")
+    return memory_estimate.total(memory_estimate.estimate(stats, setup))
 
 
 def train_argv(bench: argparse.Namespace, model: Path, data: Path, output: Path, extra: list[str]) -> list[str]:
@@ -539,6 +571,7 @@ def run_benchmark(bench: argparse.Namespace, extra: list[str]) -> dict:
     argv = train_argv(bench, model, data, output, extra)
     script = importlib.import_module(spec.script)
     args = script.parse_args(argv)
+    estimated = check_memory(args, model, spec.family_cls.denoiser_role)
     name = spec.family_cls.__name__
     if getattr(script, name, None) is not spec.family_cls:
         raise RuntimeError(f"{spec.script}.py no longer uses {name} by that name; update FAMILIES")
@@ -558,8 +591,12 @@ def run_benchmark(bench: argparse.Namespace, extra: list[str]) -> dict:
     finally:
         if not bench.keep_output:
             shutil.rmtree(output, ignore_errors=True)
-    return summarize(bench, argv, clock, started=started + build_s, main_start=main_start, finished=finished,
-                     rss_before=rss_before, build_s=build_s, load=(load_before, os.getloadavg()[0]))
+    result = summarize(bench, argv, clock, started=started + build_s, main_start=main_start, finished=finished,
+                       rss_before=rss_before, build_s=build_s, load=(load_before, os.getloadavg()[0]))
+    # What the trainer was told about memory, and what sdft.memory_estimate expected of the trained weights.
+    result.update(optimizer_flag=args.optimizer, fused_backward_pass=args.fused_backward_pass,
+                  full_bf16=args.full_bf16, estimated_mib=round(estimated / 2**20))
+    return result
 
 
 def summarize(bench, argv, clock: StepClock, *, started, main_start, finished, rss_before, build_s, load) -> dict:
@@ -598,6 +635,7 @@ def summarize(bench, argv, clock: StepClock, *, started, main_start, finished, r
         "after_last_step_s": round(finished - steps[-1].end, 2),
         "peak_rss_mib_before_train": round(rss_before),
         "peak_rss_mib": round(steps[-1].rss_mib),
+        "rss_mib_at_last_step": round(steps[-1].current_rss_mib),
         "peak_rss_mib_incl_save": round(peak_rss_mib()),
         "share": {name: round(t / elapsed, 4) for name, t in phases.items()},
         "s_per_step_by_phase": {name: round(t / bench.steps, 4) for name, t in phases.items()},
@@ -652,6 +690,10 @@ def mode(r: dict) -> str:
         parts.append("grad ckpt")
     if r["mixed_precision"] != "no":
         parts.append(r["mixed_precision"])
+    if r.get("optimizer_flag", "AdamW").lower() != "adamw":
+        parts.append(r["optimizer_flag"])
+    parts += [name for name, key in (("fused backward", "fused_backward_pass"), ("full bf16", "full_bf16"))
+              if r.get(key)]
     if "fused_adamw" in r:
         # Recorded before 95b16d7 made fused AdamW the default: until then every run used torch's
         # per-tensor AdamW loop, except with the benchmark's --fused-adamw experiment (since removed).
@@ -677,7 +719,9 @@ def print_report(r: dict) -> None:
                                 + " s (other: loading and preparing the models, data)"),
         ("after last step", f"{r['after_last_step_s']:.1f} s (saving the output, end of training)"),
         ("peak RSS", f"{r['peak_rss_mib']} MiB at the last step ({r['peak_rss_mib_before_train']} MiB before "
-                     f"main(), {r['peak_rss_mib_incl_save']} MiB including saving)"),
+                     f"main(), {r['peak_rss_mib_incl_save']} MiB including saving; estimated for the trained "
+                     f"weights: {r['estimated_mib']} MiB; resident at the last step: "
+                     f"{r['rss_mib_at_last_step']} MiB)"),
         ("share of step time", shares(r)),
         ("CPU use", f"{r['cpu_cores_used']:.2f} cores by this run and {r['other_processes_cpu_cores']:.2f} by other "
                     f"processes during the timed steps; 1-min load average {r['load_average_1min']['before']} "

@@ -22,8 +22,12 @@ from sdft.data.dreambooth import (DreamBoothDataset, generate_class_images, load
                                   missing_class_images)
 from sdft.data.sources import load_captioned_images
 from sdft.data.transforms import ImageTransform
+from sdft.families.source import ModelSource
 from sdft.objectives import DDPMObjective, FlowMatchingObjective, flow_sigma_table, timestep_bias_weights
-from sdft.optim import AdamSettings, ProdigySettings, build_adamw, build_prodigy, scaled_lr
+from sdft import memory_estimate
+from sdft.optim import (AdafactorSettings, AdamSettings, ProdigySettings, build_adafactor, build_adamw, build_prodigy,
+                        scaled_lr)
+from sdft.stepping import OptimizerStepper, ParamUpdater
 from sdft.textual_inversion import TokenEmbeddings, TokenPlan, build_token_embeddings
 
 logger = logging.getLogger("sdft")
@@ -167,9 +171,67 @@ def build_optimizer(args: argparse.Namespace, groups: list[dict], num_processes:
             lr=lr, betas=betas, beta3=args.prodigy_beta3, weight_decay=args.adam_weight_decay, eps=args.adam_epsilon,
             decouple=args.prodigy_decouple, use_bias_correction=args.prodigy_use_bias_correction,
             safeguard_warmup=args.prodigy_safeguard_warmup))
+    if getattr(args, "optimizer", "adamw").lower() == "adafactor":
+        return build_adafactor(groups, AdafactorSettings(lr=lr, weight_decay=args.adam_weight_decay))
     settings = AdamSettings(lr=lr, betas=betas, weight_decay=args.adam_weight_decay, eps=args.adam_epsilon,
                             use_8bit=args.use_8bit_adam)
     return build_adamw(groups, settings)
+
+
+def check_memory(args: argparse.Namespace, family, accelerator: Accelerator) -> None:
+    """Before any weight is loaded: the flags the accelerator decides, then the memory estimate
+    (printed, and refused when it exceeds the device's memory unless --skip_memory_check)."""
+    fused, full_bf16 = getattr(args, "fused_backward_pass", False), getattr(args, "full_bf16", False)
+    if fused and accelerator.num_processes > 1:
+        # DDP all-reduces gradients in buckets after the hooks would already have applied the local ones.
+        raise CliError(f"--fused_backward_pass works with one process only, not {accelerator.num_processes}: the "
+                       "updates would use each process's own gradients before they are averaged.")
+    if fused and accelerator.mixed_precision == "fp16":
+        raise CliError("--fused_backward_pass cannot be used with fp16 mixed precision (set in the accelerate "
+                       "config here); use --mixed_precision bf16.")
+    if full_bf16 and accelerator.mixed_precision != "bf16":
+        raise CliError(f"--full_bf16 needs --mixed_precision bf16; this run's is '{accelerator.mixed_precision}'.")
+    try:
+        stats = memory_estimate.denoiser_stats(args.pretrained_model_name_or_path, family.denoiser_role,
+                                               args.revision, args.cache_dir)
+    except (OSError, KeyError, AttributeError, ValueError) as err:  # the model loader reports a bad model better
+        logger.warning("No memory estimate: the %s config could not be read (%s).", family.denoiser_role, err)
+        return
+    try:
+        logger.info("%s", memory_estimate.check(stats, memory_setup(args, accelerator.mixed_precision),
+                                                family.denoiser_role, accelerator.device,
+                                                skip=getattr(args, "skip_memory_check", False)))
+    except memory_estimate.DoesNotFit as err:
+        raise CliError(str(err)) from err
+
+
+def memory_setup(args: argparse.Namespace, mixed_precision: str) -> memory_estimate.TrainingSetup:
+    return memory_estimate.TrainingSetup(
+        lora=args.use_lora, optimizer=getattr(args, "optimizer", "adamw"), use_8bit_adam=args.use_8bit_adam,
+        full_bf16=getattr(args, "full_bf16", False), fused_backward_pass=getattr(args, "fused_backward_pass", False),
+        mixed_precision=mixed_precision, ema=getattr(args, "use_ema", False),
+        offload_ema=getattr(args, "offload_ema", False))
+
+
+def model_source(args: argparse.Namespace, weight_dtype: torch.dtype) -> ModelSource:
+    """With --full_bf16 the trained denoiser, and the text encoders unless they are trained fully,
+    are read from disk in bf16 (the training precision) instead of fp32 first."""
+    bf16 = getattr(args, "full_bf16", False)
+    trains_text_encoders = getattr(args, "train_text_encoder", False) and not args.use_lora
+    return ModelSource(args.pretrained_model_name_or_path, args.revision, args.variant, args.cache_dir,
+                       denoiser_dtype=torch.bfloat16 if bf16 else None,
+                       text_encoder_dtype=weight_dtype if bf16 and not trains_text_encoders else None)
+
+
+def build_stepper(args: argparse.Namespace, optimizer, seed: int) -> OptimizerStepper:
+    """`optimizer` is accelerate's wrapper; per-parameter updates use the torch optimizer inside it."""
+    fused, full_bf16 = getattr(args, "fused_backward_pass", False), getattr(args, "full_bf16", False)
+    if not (fused or full_bf16):
+        return OptimizerStepper(optimizer)
+    if fused and args.max_grad_norm:
+        logger.info("Gradient clipping is off with --fused_backward_pass (no step ever holds all gradients).")
+    updater = ParamUpdater(getattr(optimizer, "optimizer", optimizer), seed=seed, stochastic_rounding=full_bf16)
+    return OptimizerStepper(optimizer, updater, fused=fused)
 
 
 def tracker_config(args: argparse.Namespace) -> dict:

@@ -137,8 +137,10 @@ def add_optimizer_args(parser: argparse.ArgumentParser, *, choice: bool = False)
     g = parser.add_argument_group("optimizer and learning rate")
     if choice:
         g.add_argument("--optimizer", type=str, default="AdamW",
-                       help="AdamW or Prodigy (case does not matter). Prodigy adapts the step size: use "
-                            "--learning_rate=1.0.")
+                       help="AdamW, Prodigy or Adafactor (case does not matter). Prodigy adapts the step size: "
+                            "use --learning_rate=1.0. Adafactor (transformers', its own step size off) follows "
+                            "--learning_rate and --lr_scheduler, takes --adam_weight_decay, and keeps a small "
+                            "fraction of AdamW's optimizer state.")
     g.add_argument("--learning_rate", type=float, default=1e-4, help="Peak learning rate (after warmup).")
     g.add_argument("--scale_lr", action="store_true",
                    help="Multiply the learning rate by accumulation steps x batch size x processes.")
@@ -161,6 +163,22 @@ def add_optimizer_args(parser: argparse.ArgumentParser, *, choice: bool = False)
                        help="Prodigy: Adam's bias correction.")
         g.add_argument("--prodigy_safeguard_warmup", type=parse_bool, default=True,
                        help="Prodigy: do not let the step size grow during warmup.")
+
+
+def add_memory_args(parser: argparse.ArgumentParser) -> None:
+    g = parser.add_argument_group("memory for full fine-tuning")
+    g.add_argument("--fused_backward_pass", action="store_true",
+                   help="Apply each parameter's optimizer update as soon as its gradient is complete, during the "
+                        "backward pass, and free that gradient, so the gradients of the whole model are never "
+                        "held at once. AdamW or Adafactor, one process, no gradient accumulation; gradient "
+                        "clipping is off with it. Default: update after the backward pass.")
+    g.add_argument("--full_bf16", action="store_true",
+                   help="Keep the trained model's weights in bf16 (2 bytes per parameter instead of 4; needs "
+                        "--mixed_precision bf16), with each update computed in fp32 and written back by "
+                        "stochastic rounding so small updates are not lost. Default: fp32 weights.")
+    g.add_argument("--skip_memory_check", action="store_true",
+                   help="Start even when the estimated memory of weights, gradients, optimizer state and EMA "
+                        "exceeds the accelerator's memory (the machine's RAM on the CPU). Default: refuse.")
 
 
 def add_text_encoder_optimizer_args(parser: argparse.ArgumentParser) -> None:
@@ -702,10 +720,7 @@ def check_textual_inversion(args: argparse.Namespace) -> None:
 def check_sd3(args: argparse.Namespace) -> None:
     if not 1 <= args.max_sequence_length <= 512:
         raise CliError(f"--max_sequence_length must be between 1 and 512 (T5's limit), got {args.max_sequence_length}.")
-    if args.optimizer.lower() not in ("adamw", "prodigy"):
-        raise CliError(f"--optimizer '{args.optimizer}' is not supported; use AdamW or prodigy.")
-    if args.optimizer.lower() == "prodigy" and importlib.util.find_spec("prodigyopt") is None:
-        raise CliError("--optimizer=prodigy needs prodigyopt: pip install prodigyopt.")
+    check_optimizer(args)
     if args.precondition_outputs not in (0, 1):
         raise CliError(f"--precondition_outputs must be 0 or 1, got {args.precondition_outputs}.")
     if args.text_encoder_lr <= 0:
@@ -715,6 +730,45 @@ def check_sd3(args: argparse.Namespace) -> None:
             [int(block) for block in args.lora_blocks.split(",")]
         except ValueError as err:
             raise CliError(f"--lora_blocks must be comma-separated block numbers, got '{args.lora_blocks}'.") from err
+
+
+OPTIMIZERS = ("adamw", "prodigy", "adafactor")
+
+
+def check_optimizer(args: argparse.Namespace) -> None:
+    if args.optimizer.lower() not in OPTIMIZERS:
+        raise CliError(f"--optimizer '{args.optimizer}' is not supported; use AdamW, prodigy or adafactor.")
+    if args.optimizer.lower() == "prodigy" and importlib.util.find_spec("prodigyopt") is None:
+        raise CliError("--optimizer=prodigy needs prodigyopt: pip install prodigyopt.")
+
+
+def check_memory_flags(args: argparse.Namespace) -> None:
+    """The combinations the accelerator does not decide (the process count and an fp16/no mixed
+    precision set in `accelerate config` are checked when the accelerator exists)."""
+    if args.fused_backward_pass:
+        if args.gradient_accumulation_steps > 1:
+            raise CliError("--fused_backward_pass applies each gradient as soon as it is computed, so it cannot "
+                           f"accumulate them: drop --gradient_accumulation_steps={args.gradient_accumulation_steps} "
+                           "or --fused_backward_pass.")
+        if args.optimizer.lower() == "prodigy":
+            raise CliError("--fused_backward_pass cannot be used with --optimizer prodigy, whose step size depends "
+                           "on all parameters at once; use --optimizer adafactor or AdamW.")
+        if args.use_8bit_adam:
+            raise CliError("--fused_backward_pass cannot be used with --use_8bit_adam; use --optimizer adafactor.")
+        if "max_grad_norm" in args._given:
+            raise CliError("--max_grad_norm needs every gradient at once, which --fused_backward_pass never holds; "
+                           "drop --max_grad_norm (clipping is off with --fused_backward_pass).")
+        if getattr(args, "train_text_encoder_ti", False):
+            raise CliError("--fused_backward_pass cannot be used with --train_text_encoder_ti, whose new-token "
+                           "gradients are masked after the backward pass; drop one of them.")
+        if args.mixed_precision == "fp16":
+            raise CliError("--fused_backward_pass cannot be used with --mixed_precision fp16 (the gradient scaler "
+                           "checks all gradients before a step); use --mixed_precision bf16.")
+    if args.full_bf16:
+        if args.use_lora:
+            raise CliError("--full_bf16 is for full fine-tuning; LoRA weights are kept in fp32 (drop --full_bf16).")
+        if args.mixed_precision in ("no", "fp16"):
+            raise CliError(f"--full_bf16 needs --mixed_precision bf16, got --mixed_precision {args.mixed_precision}.")
 
 
 def check_accelerators(args: argparse.Namespace) -> None:

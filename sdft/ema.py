@@ -25,6 +25,9 @@ class EMA:
         # Offloading only saves memory when training happens on an accelerator.
         self.offload = offload and device.type != "cpu"
         self.ema = EMAModel(model.parameters(), model_cls=self.model_cls, model_config=model.config, foreach=foreach)
+        # An fp32 average even of bf16 weights (--full_bf16): a decay of 0.9999 moves it by 1e-4 of the
+        # difference per step, which bf16's 8-bit mantissa would round away.
+        self.ema.to(dtype=torch.float32)
         self._park()
 
     def _park(self) -> None:

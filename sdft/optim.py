@@ -65,3 +65,23 @@ def build_prodigy(param_groups: list[dict], settings: ProdigySettings) -> torch.
                               weight_decay=settings.weight_decay, eps=settings.eps, decouple=settings.decouple,
                               use_bias_correction=settings.use_bias_correction,
                               safeguard_warmup=settings.safeguard_warmup)
+
+
+@dataclass(frozen=True)
+class AdafactorSettings:
+    lr: float
+    weight_decay: float = 0.0
+    clip_threshold: float = 1.0
+    decay_rate: float = -0.8
+
+
+def build_adafactor(param_groups: list[dict], settings: AdafactorSettings) -> torch.optim.Optimizer:
+    """Adafactor (Shazeer & Stern 2018, arXiv 1804.04235): factored second moments (a row and a column
+    vector per matrix instead of a full tensor) and no first moment, so its state is a small fraction
+    of AdamW's 8 bytes per parameter. Its own relative step size, parameter scaling and warmup are
+    off: the learning rate is ours, set by the LR schedule like any other optimizer's."""
+    from transformers.optimization import Adafactor
+
+    return Adafactor(param_groups, lr=settings.lr, relative_step=False, scale_parameter=False, warmup_init=False,
+                     weight_decay=settings.weight_decay, clip_threshold=settings.clip_threshold,
+                     decay_rate=settings.decay_rate)

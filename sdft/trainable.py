@@ -25,6 +25,7 @@ class Placement:
     device: torch.device
     weight_dtype: torch.dtype          # frozen modules and LoRA base weights
     vae_dtype: torch.dtype             # some VAEs overflow in fp16 (SDXL)
+    trained_dtype: torch.dtype = torch.float32   # fully trained modules: fp32 master weights, bf16 with --full_bf16
 
 
 def prepare_models(family, models, trained_roles: list[str], placement: Placement, *, lora: LoraSpec | None,
@@ -46,7 +47,7 @@ def prepare_models(family, models, trained_roles: list[str], placement: Placemen
                                 lora, placement)
         else:
             module.requires_grad_(True)
-            module.to(placement.device, dtype=torch.float32)
+            module.to(placement.device, dtype=placement.trained_dtype)
         if gradient_checkpointing:
             enable_gradient_checkpointing(module, needs_input_grads=lora is not None and not is_denoiser)
         module.train()

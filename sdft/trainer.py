@@ -34,7 +34,8 @@ from tqdm.auto import tqdm
 
 from sdft import hub
 from sdft.checkpointing import Checkpointer, Position, TrainedWeights, read_position, resolve_resume
-from sdft.builders import build_optimizer, ddpm_objective, text_image_data, token_embeddings, token_plan, tracker_config
+from sdft.builders import (build_optimizer, build_stepper, check_memory, ddpm_objective, model_source, text_image_data,
+                           token_embeddings, token_plan, tracker_config)
 from sdft.cli import CliError
 from sdft.conditioning import ConditionCache
 from sdft.data.dataset import EpochShuffleSampler
@@ -48,6 +49,7 @@ from sdft.objectives import latent_mask, split_prior
 from sdft.optim import build_lr_scheduler
 from sdft.output import (check_replicas_agree, export_lora, export_pipeline, export_single_file, final_images,
                          load_saved_lora)
+from sdft.stepping import OptimizerStepper
 from sdft.textual_inversion import TokenEmbeddings, check_abstractions_used, stop_step
 from sdft.trainable import (LoraSpec, Placement, enable_gradient_checkpointing, param_groups, prepare_models,
                             trainable_params)
@@ -110,6 +112,7 @@ class Run:
     offloaded: list[str] = field(default_factory=list)   # frozen roles kept on the CPU between validations
     token_embeddings: TokenEmbeddings | None = None        # --train_text_encoder_ti
     masked_loss: bool = False                            # weight the loss by the batch's masks
+    stepper: OptimizerStepper | None = None               # applies the optimizer (after or during backward)
 
 
 def make_accelerator(args: argparse.Namespace) -> Accelerator:
@@ -156,6 +159,7 @@ def weight_dtype_of(accelerator: Accelerator) -> torch.dtype:
 def train(args: argparse.Namespace, family, make_objective=ddpm_objective, make_data=text_image_data,
           tracker_name: str = "text2image-fine-tune") -> None:
     accelerator = make_accelerator(args)
+    check_memory(args, family, accelerator)
     output_dir = Path(args.output_dir)
     resume_dir = resolve_resume(args.resume_from_checkpoint, output_dir)
     if args.resume_from_checkpoint and resume_dir is None:
@@ -189,10 +193,11 @@ def train(args: argparse.Namespace, family, make_objective=ddpm_objective, make_
 
 
 def build_run(args: argparse.Namespace, family, make_objective, accelerator: Accelerator, dataset, seed: int) -> Run:
-    source = ModelSource(args.pretrained_model_name_or_path, args.revision, args.variant, args.cache_dir)
-    models = load_models(family, source)
     weight_dtype = weight_dtype_of(accelerator)
-    placement = Placement(accelerator.device, weight_dtype, family.vae_dtype(weight_dtype))
+    source = model_source(args, weight_dtype)
+    trained_dtype = source.denoiser_dtype or torch.float32
+    models = load_models(family, source)
+    placement = Placement(accelerator.device, weight_dtype, family.vae_dtype(weight_dtype), trained_dtype)
     train_text_encoders = getattr(args, "train_text_encoder", False)
     train_denoiser = getattr(args, "train_unet", True)
     roles = ([family.denoiser_role] if train_denoiser else []) + (
@@ -230,6 +235,7 @@ def build_run(args: argparse.Namespace, family, make_objective, accelerator: Acc
                                       num_cycles=args.lr_num_cycles, power=args.lr_power)
     *prepared, optimizer, lr_scheduler = accelerator.prepare(*trained.values(), optimizer, lr_scheduler)
     prepared = dict(zip(trained, prepared))
+    stepper = build_stepper(args, optimizer, seed)
     weights = TrainedWeights(family.pipeline_cls, trained, lora=args.use_lora, ema=ema,
                              lora_key_format=family.lora_key_format, extras=[new_tokens] if new_tokens else [],
                              lora_metadata=file_metadata(args, family, models, trained, max_train_steps)
@@ -247,7 +253,7 @@ def build_run(args: argparse.Namespace, family, make_objective, accelerator: Acc
         checkpointer=Checkpointer(accelerator, Path(args.output_dir), args.checkpoints_total_limit, weights),
         trained=weights, seed=seed, max_train_steps=max_train_steps, updates_per_epoch=updates_per_epoch,
         num_epochs=math.ceil(max_train_steps / updates_per_epoch), checkpointing_steps=args.checkpointing_steps,
-        max_grad_norm=args.max_grad_norm, weight_dtype=weight_dtype,
+        max_grad_norm=0.0 if stepper.fused else args.max_grad_norm, weight_dtype=weight_dtype,
         validation=ValidationPlan(new_tokens.plan.apply_all(prompts) if new_tokens else prompts, seed=seed,
                                   resolution=args.resolution),
         validation_epochs=args.validation_epochs, output_dir=Path(args.output_dir), source=source,
@@ -257,6 +263,7 @@ def build_run(args: argparse.Namespace, family, make_objective, accelerator: Acc
         debug_loss=getattr(args, "debug_loss", False), condition_cache=condition_cache, offloaded=offloaded,
         token_embeddings=new_tokens,
         masked_loss=getattr(args, "masked_loss", False),
+        stepper=stepper,
     )
 
 
@@ -404,14 +411,14 @@ def training_step(run_state: Run, batch: dict, micro_step: int) -> tuple[torch.T
         loss = split_prior(per_sample, run_state.prior_loss_weight)
     else:
         loss = per_sample.mean()
+    run_state.stepper.begin(micro_step // accelerator.gradient_accumulation_steps)  # seeds stochastic rounding
     accelerator.backward(loss)
     if learn_tokens and accelerator.sync_gradients:
         new_tokens.prepare_gradients(accelerator)
     if accelerator.sync_gradients and run_state.max_grad_norm:
         accelerator.clip_grad_norm_(run_state.params_to_clip, run_state.max_grad_norm)
-    run_state.optimizer.step()
+    run_state.stepper.step()  # optimizer.step() and zero_grad, or nothing when the backward pass did it
     run_state.lr_scheduler.step()
-    run_state.optimizer.zero_grad(set_to_none=True)
     if learn_tokens and accelerator.sync_gradients:
         new_tokens.restore()
     if accelerator.sync_gradients and run_state.trained.ema is not None:

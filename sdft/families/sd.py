@@ -42,14 +42,14 @@ class StableDiffusion:
     def load(self, source: ModelSource) -> SDModels:
         return SDModels(
             tokenizer=CLIPTokenizer.from_pretrained(source.path, subfolder="tokenizer", **source.hub_kwargs()),
-            text_encoder=CLIPTextModel.from_pretrained(source.path, subfolder="text_encoder", **source.weight_kwargs()),
+            text_encoder=CLIPTextModel.from_pretrained(source.path, subfolder="text_encoder", **source.text_encoder_kwargs()),
             vae=AutoencoderKL.from_pretrained(source.path, subfolder="vae", **source.weight_kwargs()),
             unet=self.load_denoiser(source, self.denoiser_revision),
             noise_scheduler=DDPMScheduler.from_pretrained(source.path, subfolder="scheduler", **source.hub_kwargs()),
         )
 
     def load_denoiser(self, source: ModelSource, revision: str | None = None) -> UNet2DConditionModel:
-        kwargs = source.weight_kwargs()
+        kwargs = source.denoiser_kwargs()
         if revision is not None:
             kwargs["revision"] = revision
         return UNet2DConditionModel.from_pretrained(source.path, subfolder="unet", **kwargs)

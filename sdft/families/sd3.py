@@ -84,17 +84,19 @@ class StableDiffusion3:
             tokenizer=CLIPTokenizer.from_pretrained(source.path, subfolder="tokenizer", **hub),
             tokenizer_2=CLIPTokenizer.from_pretrained(source.path, subfolder="tokenizer_2", **hub),
             tokenizer_3=T5TokenizerFast.from_pretrained(source.path, subfolder="tokenizer_3", **hub),
-            text_encoder=CLIPTextModelWithProjection.from_pretrained(source.path, subfolder="text_encoder", **weights),
+            text_encoder=CLIPTextModelWithProjection.from_pretrained(source.path, subfolder="text_encoder",
+                                                                     **source.text_encoder_kwargs()),
             text_encoder_2=CLIPTextModelWithProjection.from_pretrained(source.path, subfolder="text_encoder_2",
-                                                                       **weights),
-            text_encoder_3=T5EncoderModel.from_pretrained(source.path, subfolder="text_encoder_3", **weights),
+                                                                       **source.text_encoder_kwargs()),
+            text_encoder_3=T5EncoderModel.from_pretrained(source.path, subfolder="text_encoder_3",
+                                                          **source.text_encoder_kwargs()),
             vae=AutoencoderKL.from_pretrained(source.path, subfolder="vae", **weights),
             transformer=self.load_denoiser(source),
             noise_scheduler=FlowMatchEulerDiscreteScheduler.from_pretrained(source.path, subfolder="scheduler", **hub),
         )
 
     def load_denoiser(self, source: ModelSource) -> SD3Transformer2DModel:
-        return SD3Transformer2DModel.from_pretrained(source.path, subfolder="transformer", **source.weight_kwargs())
+        return SD3Transformer2DModel.from_pretrained(source.path, subfolder="transformer", **source.denoiser_kwargs())
 
     def components(self, models: SD3Models) -> dict[str, torch.nn.Module]:
         return {"text_encoder": models.text_encoder, "text_encoder_2": models.text_encoder_2,

@@ -73,9 +73,10 @@ class StableDiffusionXL:
         return SDXLModels(
             tokenizer=CLIPTokenizer.from_pretrained(source.path, subfolder="tokenizer", **hub),
             tokenizer_2=CLIPTokenizer.from_pretrained(source.path, subfolder="tokenizer_2", **hub),
-            text_encoder=CLIPTextModel.from_pretrained(source.path, subfolder="text_encoder", **weights),
+            text_encoder=CLIPTextModel.from_pretrained(source.path, subfolder="text_encoder",
+                                                       **source.text_encoder_kwargs()),
             text_encoder_2=CLIPTextModelWithProjection.from_pretrained(source.path, subfolder="text_encoder_2",
-                                                                       **weights),
+                                                                       **source.text_encoder_kwargs()),
             vae=self.load_vae(source),
             unet=self.load_denoiser(source),
             noise_scheduler=DDPMScheduler.from_pretrained(source.path, subfolder="scheduler", **hub),
@@ -87,7 +88,7 @@ class StableDiffusionXL:
         return AutoencoderKL.from_pretrained(source.path, subfolder="vae", **source.weight_kwargs())
 
     def load_denoiser(self, source: ModelSource) -> UNet2DConditionModel:
-        return UNet2DConditionModel.from_pretrained(source.path, subfolder="unet", **source.weight_kwargs())
+        return UNet2DConditionModel.from_pretrained(source.path, subfolder="unet", **source.denoiser_kwargs())
 
     def components(self, models: SDXLModels) -> dict[str, torch.nn.Module]:
         return {"text_encoder": models.text_encoder, "text_encoder_2": models.text_encoder_2,

@@ -1,0 +1,184 @@
+"""The memory a run's trained model needs, from its parameter shapes and the flags, before any
+weight is loaded: weights, gradients, optimizer state and EMA. Activations and the frozen
+components (VAE, text encoders) come on top and are not estimated.
+
+Bytes per parameter, as the trainer and the optimizers allocate them:
+
+- weights: fp32 (4) for full fine-tuning, bf16 (2) with --full_bf16; with LoRA the denoiser is
+  frozen in the mixed-precision dtype and the adapters are negligible;
+- gradients: one per weight in the weight's dtype, except with --fused_backward_pass, where each
+  gradient is applied and freed in its hook (counted as the largest tensor's);
+- optimizer state: AdamW two moments (8 bytes in fp32, 2 with 8-bit Adam), Prodigy four tensors
+  (16), Adafactor a row and a column vector per matrix and one value per element of the other
+  tensors (fp32); with --full_bf16 each parameter's update runs on a transient fp32 copy of that
+  one tensor, and the optimizer's state is fp32;
+- EMA: an fp32 copy of the denoiser on the accelerator, none there with --offload_ema.
+
+Parameter shapes come from the denoiser's config.json: the model is built on the meta device
+(accelerate's `init_empty_weights`), which allocates nothing.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import dataclass
+
+import torch
+
+GB = 1e9
+GIB = 2**30
+
+
+@dataclass(frozen=True)
+class ParamStats:
+    """What the arithmetic needs from a model's parameter shapes."""
+
+    count: int
+    largest: int                  # elements of the largest tensor
+    adafactor_values: int         # elements of Adafactor's second-moment state
+
+    @classmethod
+    def of_shapes(cls, shapes: list[tuple[int, ...]]) -> "ParamStats":
+        numels = [math.prod(s) for s in shapes]
+        factored = [math.prod(s[:-1]) + math.prod(s[:-2] + s[-1:]) if len(s) >= 2 else math.prod(s) for s in shapes]
+        return cls(sum(numels), max(numels, default=0), sum(factored))
+
+    @classmethod
+    def of_module(cls, module: torch.nn.Module) -> "ParamStats":
+        return cls.of_shapes([tuple(p.shape) for p in module.parameters()])
+
+
+@dataclass(frozen=True)
+class TrainingSetup:
+    """The flags that decide the bytes per parameter."""
+
+    lora: bool = False
+    optimizer: str = "adamw"          # adamw | prodigy | adafactor (any case)
+    use_8bit_adam: bool = False
+    full_bf16: bool = False
+    fused_backward_pass: bool = False
+    mixed_precision: str = "no"       # no | fp16 | bf16
+    ema: bool = False
+    offload_ema: bool = False
+
+
+@dataclass(frozen=True)
+class Line:
+    name: str
+    arithmetic: str
+    bytes: int
+
+
+def _line(name: str, values: int, width: int, what: str) -> Line:
+    return Line(name, f"{values / 1e6:,.1f} M x {width} bytes ({what})", values * width)
+
+
+def estimate(stats: ParamStats, setup: TrainingSetup) -> list[Line]:
+    """The estimate, line by line (weights, gradients, optimizer state, EMA)."""
+    if setup.lora:
+        width = 2 if setup.mixed_precision in ("fp16", "bf16") else 4
+        return [_line("weights", stats.count, width, f"frozen, {setup.mixed_precision}; LoRA adapters not counted")]
+    width = 2 if setup.full_bf16 else 4
+    kind = "bf16" if setup.full_bf16 else "fp32"
+    lines = [_line("weights", stats.count, width, kind)]
+    if setup.fused_backward_pass:
+        lines.append(_line("gradients", stats.largest, width, "fused backward pass: about one tensor at a time"))
+    else:
+        lines.append(_line("gradients", stats.count, width, kind))
+    if setup.full_bf16:
+        lines.append(_line("update copy", stats.largest, 8, "fp32 weight and gradient of one tensor"))
+    lines.append(optimizer_line(stats, setup))
+    if setup.ema:
+        if setup.offload_ema:
+            lines.append(Line("EMA", "on the CPU (--offload_ema)", 0))
+        else:
+            lines.append(_line("EMA", stats.count, 4, "fp32"))
+    return lines
+
+
+def optimizer_line(stats: ParamStats, setup: TrainingSetup) -> Line:
+    name = setup.optimizer.lower()
+    if name == "adafactor":
+        return _line("optimizer", stats.adafactor_values, 4, "Adafactor factored second moments, fp32")
+    if name == "prodigy":
+        return _line("optimizer", stats.count, 16, "Prodigy: four fp32 tensors per weight")
+    if setup.use_8bit_adam:
+        return _line("optimizer", stats.count, 2, "8-bit AdamW moments")
+    # fp32 moments with --full_bf16 too: the update runs on an fp32 copy (see the module docstring)
+    return _line("optimizer", stats.count, 8, "AdamW: two fp32 moments")
+
+
+def total(lines: list[Line]) -> int:
+    return sum(line.bytes for line in lines)
+
+
+def binary_size(count: int) -> str:
+    return f"{count / GIB:.1f} GiB" if count >= GIB else f"{count / 2**20:.1f} MiB"
+
+
+def describe(role: str, stats: ParamStats, lines: list[Line], capacity: int | None, where: str) -> str:
+    rows = [f"Memory estimate for training the {role} ({stats.count / 1e9:.2f} B parameters), before "
+            "activations and the frozen components:"]
+    rows += [f"  {line.name:<12} {line.arithmetic:<68} = {line.bytes / GB:7.2f} GB" for line in lines]
+    summed = total(lines)
+    rows.append(f"  {'total':<12} {'':<68} = {summed / GB:7.2f} GB ({binary_size(summed)})"
+                + (f" of {binary_size(capacity)} {where}" if capacity else ""))
+    return "\n".join(rows)
+
+
+def refusal(description: str, capacity: int, where: str) -> str:
+    return (f"{description}\nThis does not fit the {binary_size(capacity)} of {where}. Full fine-tuning needs "
+            "less with --optimizer adafactor --fused_backward_pass --full_bf16 --mixed_precision bf16 "
+            "(or --use_8bit_adam, --offload_ema, or LoRA with --use_lora); --skip_memory_check runs anyway.")
+
+
+def fits(lines: list[Line], capacity: int | None) -> bool:
+    return capacity is None or total(lines) <= capacity
+
+
+class DoesNotFit(Exception):
+    """The estimate exceeds the device's memory; the message holds the arithmetic."""
+
+
+def check(stats: ParamStats, setup: TrainingSetup, role: str, device: torch.device, *, skip: bool = False) -> str:
+    """The estimate as text, to print; raises DoesNotFit with it when it exceeds the memory of
+    `device` (unless `skip`)."""
+    lines = estimate(stats, setup)
+    capacity, where = device_memory(device)
+    description = describe(role, stats, lines, capacity, where)
+    if not skip and not fits(lines, capacity):
+        raise DoesNotFit(refusal(description, capacity, where))
+    return description
+
+
+def device_memory(device: torch.device) -> tuple[int | None, str]:
+    """Total memory of the device the trained model lives on. On the CPU that is the machine's RAM:
+    the weights, gradients and optimizer state live there (swap aside)."""
+    if device.type == "cuda":
+        index = device.index if device.index is not None else torch.cuda.current_device()
+        return torch.cuda.get_device_properties(index).total_memory, f"memory on {torch.cuda.get_device_name(index)}"
+    if device.type == "mps":
+        return torch.mps.recommended_max_memory(), "memory the MPS device recommends"
+    if device.type == "cpu":
+        try:
+            return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"), "RAM"
+        except (ValueError, OSError):
+            return None, "RAM"
+    return None, device.type
+
+
+def denoiser_stats(path: str, subfolder: str, revision: str | None = None, cache_dir: str | None = None) -> ParamStats:
+    """Parameter shapes of a diffusers model from its config alone (nothing is loaded or allocated)."""
+    import diffusers
+    from accelerate import init_empty_weights
+    from diffusers.configuration_utils import ConfigMixin
+
+    class AnyModelConfig(ConfigMixin):  # load_config needs a class that names its config file
+        config_name = "config.json"
+
+    config = AnyModelConfig.load_config(path, subfolder=subfolder, revision=revision, cache_dir=cache_dir)
+    model_cls = getattr(diffusers, config["_class_name"])
+    with init_empty_weights():
+        model = model_cls.from_config(config)
+    return ParamStats.of_module(model)
