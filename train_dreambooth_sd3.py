@@ -56,6 +56,7 @@ def parse_args(input_args: list[str] | None = None) -> argparse.Namespace:
               cli.check_single_file]
     checks.append(cli.check_subject)
     checks.append(cli.check_memory_flags)
+    checks.append(cli.check_caches)
     return cli.parse(build_parser(), input_args, checks)
 
 

@@ -35,6 +35,7 @@ def build_parser() -> argparse.ArgumentParser:
     cli.add_dreambooth_args(parser, hub_dataset=False, instance_prompt_required=False)
     cli.add_empty_prompt_args(parser)
     cli.add_image_args(parser)
+    cli.add_latent_cache_args(parser)
     cli.add_training_args(parser)
     cli.add_optimizer_args(parser, choice=True)
     cli.add_memory_args(parser)
@@ -60,6 +61,7 @@ def parse_args(input_args: list[str] | None = None) -> argparse.Namespace:
               cli.check_tracking_and_hub, cli.check_accelerators, cli.check_single_file]
     checks.append(cli.check_subject)
     checks += [cli.check_optimizer, cli.check_memory_flags]
+    checks.append(cli.check_caches)
     return cli.parse(build_parser(), input_args, checks)
 
 

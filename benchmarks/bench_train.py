@@ -485,9 +485,9 @@ def build_model(family: str, model: str) -> Path:
     return folder
 
 
-def image_folder(batch_size: int, layout: str) -> Path:
+def image_folder(batch_size: int, layout: str, num_images: int | None = None) -> Path:
     """A multiple of the batch size, so every batch is full."""
-    count = batch_size * max(1, 8 // batch_size)
+    count = batch_size * max(1, (num_images or 8) // batch_size)
     folder = CACHE / "data" / f"{layout}-{count}"
     if not folder.is_dir():
         tiny.make_images(folder.with_name(folder.name + ".partial"), num_images=count, layout=layout)
@@ -511,6 +511,8 @@ def parse_bench_args(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
                                                   "default 100 for tiny, 5 for the *-shaped models")
     parser.add_argument("--warmup-steps", type=int, default=2, help="untimed first steps (default 2)")
     parser.add_argument("--batch-size", type=int, default=1)
+    parser.add_argument("--num-images", type=int, default=None,
+                        help="images in the generated data set (default 8; rounded down to a multiple of the batch)")
     parser.add_argument("--use-lora", action="store_true",
                         help="train LoRA adapters (rank 4) instead of the whole denoiser (UNet or transformer)")
     parser.add_argument("--gradient-checkpointing", action="store_true")
@@ -565,7 +567,7 @@ def run_benchmark(bench: argparse.Namespace, extra: list[str]) -> dict:
     started = process_start()
     spec = FAMILIES[bench.family]
     model, build_s = model_folder(bench.family, bench.model)
-    data = image_folder(bench.batch_size, spec.data_layout)
+    data = image_folder(bench.batch_size, spec.data_layout, bench.num_images)
     output = CACHE / "runs" / f"{bench.family}-{bench.model}-{os.getpid()}"
     shutil.rmtree(output, ignore_errors=True)
     argv = train_argv(bench, model, data, output, extra)
@@ -619,6 +621,7 @@ def summarize(bench, argv, clock: StepClock, *, started, main_start, finished, r
         "family": bench.family, "model": bench.model, "model_description": model.description,
         "resolution": bench.resolution, "latent_shape": clock.notes.get("latent_shape"),
         "batch_size": bench.batch_size, "lora": bench.use_lora,
+        "num_images": bench.batch_size * max(1, (bench.num_images or 8) // bench.batch_size),
         "gradient_checkpointing": bench.gradient_checkpointing, "mixed_precision": bench.mixed_precision,
         "trainable_params": clock.notes.get("trainable_params"), "optimizer": clock.notes.get("optimizer"),
         "warmup_steps": bench.warmup_steps, "steps": bench.steps,
@@ -694,6 +697,11 @@ def mode(r: dict) -> str:
         parts.append(r["optimizer_flag"])
     parts += [name for name, key in (("fused backward", "fused_backward_pass"), ("full bf16", "full_bf16"))
               if r.get(key)]
+    caches = [flag[len("--cache_"):] for flag in r.get("train_args", []) if flag.startswith("--cache_")]
+    if caches:
+        parts.append("caches: " + ", ".join(caches))
+    if r.get("num_images", 8) != 8:
+        parts.append(f"{r['num_images']} images")
     if "fused_adamw" in r:
         # Recorded before 95b16d7 made fused AdamW the default: until then every run used torch's
         # per-tensor AdamW loop, except with the benchmark's --fused-adamw experiment (since removed).

@@ -14,8 +14,9 @@ from pathlib import Path
 import torch
 from accelerate import Accelerator
 
-from sdft.cli import CliError
+from sdft.cli import CliError, cache_folder
 from sdft.data.archives import data_folder
+from sdft.data.caches import CacheSettings
 from sdft.data.dataset import CaptionedImageDataset
 from sdft.data.preprocess.subject import CACHE_FOLDER, SubjectPlan, prepare_subject
 from sdft.data.dreambooth import (DreamBoothDataset, generate_class_images, load_class_images, load_instance_images,
@@ -121,6 +122,15 @@ def token_embeddings(args: argparse.Namespace, family, models, seed: int) -> Tok
     if plan is None:
         return None
     return build_token_embeddings(family, models, plan, seed=seed, initializer_concept=args.initializer_concept)
+
+
+def cache_settings(args: argparse.Namespace) -> CacheSettings:
+    latents_to_disk = getattr(args, "cache_latents_to_disk", False)
+    text_to_disk = getattr(args, "cache_text_encoder_outputs_to_disk", False)
+    return CacheSettings(
+        latents=getattr(args, "cache_latents", False) or latents_to_disk, latents_to_disk=latents_to_disk,
+        text=getattr(args, "cache_text_encoder_outputs", False) or text_to_disk, text_to_disk=text_to_disk,
+        folder=cache_folder(args) if latents_to_disk or text_to_disk else None)
 
 
 def ddpm_objective(args: argparse.Namespace, noise_scheduler, device: torch.device) -> DDPMObjective:

@@ -18,6 +18,9 @@ import sys
 from pathlib import Path
 from typing import Callable, Iterable, Sequence
 
+from sdft.data.cache_store import prepare_folder
+from sdft.data.sources import DataError
+
 INTERPOLATION_MODES = ["bicubic", "bilinear", "box", "hamming", "lanczos", "nearest", "nearest_exact"]
 LR_SCHEDULERS = [
     "linear", "cosine", "cosine_with_restarts", "polynomial",
@@ -357,9 +360,22 @@ def add_single_file_args(parser: argparse.ArgumentParser) -> None:
 
 
 def add_latent_cache_args(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--cache_latents", action="store_true",
-                        help="Encode every image once before training and free the VAE from the GPU; the "
-                             "augmentation (crop, flip) is then drawn once per image.")
+    g = parser.add_argument_group("caches (see README, Large datasets)")
+    g.add_argument("--cache_latents", action="store_true",
+                   help="Encode every image once before training, keep the VAE posteriors in RAM and free the "
+                        "VAE from the GPU; the crop is then fixed per image (with --random_flip the mirror image "
+                        "is cached too and the flip still varies per epoch).")
+    g.add_argument("--cache_latents_to_disk", action="store_true",
+                   help="Like --cache_latents, but one file per image in --latents_cache_dir, read lazily during "
+                        "training and reused by later runs while the image, VAE and transform match.")
+    g.add_argument("--latents_cache_dir", type=str, default=None,
+                   help="Folder of the disk caches (default: <output_dir>/cache).")
+    g.add_argument("--cache_text_encoder_outputs", action="store_true",
+                   help="With frozen text encoders: encode every distinct caption once, keep the outputs in RAM "
+                        "and free the text encoders from the GPU (default: only when there are at most 64).")
+    g.add_argument("--cache_text_encoder_outputs_to_disk", action="store_true",
+                   help="Like --cache_text_encoder_outputs, but one file per caption in --latents_cache_dir, "
+                        "reused by later runs with the same encoders.")
 
 
 def add_subject_args(parser: argparse.ArgumentParser) -> None:
@@ -769,6 +785,22 @@ def check_memory_flags(args: argparse.Namespace) -> None:
             raise CliError("--full_bf16 is for full fine-tuning; LoRA weights are kept in fp32 (drop --full_bf16).")
         if args.mixed_precision in ("no", "fp16"):
             raise CliError(f"--full_bf16 needs --mixed_precision bf16, got --mixed_precision {args.mixed_precision}.")
+
+
+def check_caches(args: argparse.Namespace) -> None:
+    """Text outputs can only be cached for frozen encoders; a disk cache folder must be writable."""
+    text = args.cache_text_encoder_outputs or args.cache_text_encoder_outputs_to_disk
+    if text and getattr(args, "train_text_encoder", False):
+        raise CliError("--cache_text_encoder_outputs needs frozen text encoders; drop --train_text_encoder.")
+    if args.cache_latents_to_disk or args.cache_text_encoder_outputs_to_disk:
+        try:
+            prepare_folder(cache_folder(args), "--latents_cache_dir")
+        except DataError as err:
+            raise CliError(str(err)) from err
+
+
+def cache_folder(args: argparse.Namespace) -> Path:
+    return Path(args.latents_cache_dir) if args.latents_cache_dir else Path(args.output_dir) / "cache"
 
 
 def check_accelerators(args: argparse.Namespace) -> None:

@@ -34,13 +34,14 @@ from tqdm.auto import tqdm
 
 from sdft import hub
 from sdft.checkpointing import Checkpointer, Position, TrainedWeights, read_position, resolve_resume
-from sdft.builders import (build_optimizer, build_stepper, check_memory, ddpm_objective, model_source, text_image_data,
-                           token_embeddings, token_plan, tracker_config)
+from sdft.builders import (build_optimizer, build_stepper, cache_settings, check_memory, ddpm_objective,
+                           model_source, text_image_data, token_embeddings, token_plan, tracker_config)
 from sdft.cli import CliError
-from sdft.conditioning import ConditionCache
 from sdft.data.dataset import EpochShuffleSampler
-from sdft.data.latent_cache import fill_latent_cache, sample_from_moments, sample_latents
+from sdft.data.caches import CacheSettings, fill_caches
+from sdft.data.latent_cache import sample_from_moments, sample_latents
 from sdft.data.sources import DataError
+from sdft.data.text_cache import TextCache
 from sdft.ema import EMA
 from sdft.families.source import ModelSource
 from sdft.lora import KOHYA_WEIGHT_NAME, WEIGHT_NAME, rank_and_alpha
@@ -108,7 +109,7 @@ class Run:
     train_text_encoders: bool = False
     prior_loss_weight: float | None = None
     debug_loss: bool = False
-    condition_cache: ConditionCache | None = None
+    condition_cache: TextCache | None = None
     offloaded: list[str] = field(default_factory=list)   # frozen roles kept on the CPU between validations
     token_embeddings: TokenEmbeddings | None = None        # --train_text_encoder_ti
     masked_loss: bool = False                            # weight the loss by the batch's masks
@@ -242,7 +243,7 @@ def build_run(args: argparse.Namespace, family, make_objective, accelerator: Acc
                              if args.use_lora else None)
     condition_cache, offloaded = precompute(family, models, dataset, accelerator,
                                             train_text_encoders or new_tokens is not None,
-                                            cache_latents=getattr(args, "cache_latents", False))
+                                            caches=cache_settings(args), source=source)
     prompts = validation_prompts(args)
     return Run(
         accelerator=accelerator, family=family, models=models,
@@ -268,19 +269,12 @@ def build_run(args: argparse.Namespace, family, make_objective, accelerator: Acc
 
 
 def precompute(family, models, dataset, accelerator: Accelerator, train_text_encoders: bool, *,
-               cache_latents: bool, caption_limit: int = 64) -> tuple[ConditionCache | None, list[str]]:
-    """Encode what will not change during training once, then park the encoders on the CPU."""
-    offloaded = []
-    if cache_latents:
-        dataset.latent_cache = fill_latent_cache(dataset, models.vae, accelerator.device,
-                                                 show_progress=accelerator.is_local_main_process)
-        offloaded.append("vae")
-    cache = None
-    captions = dataset.distinct_captions(caption_limit)
-    if captions is not None and not train_text_encoders:
-        cache = ConditionCache(family, models, accelerator.device, captions)
-        offloaded += [role for role in family.components(models) if role.startswith("text_encoder")]
-        logger.info("Encoded the %d distinct caption(s) once; text encoders wait on the CPU", len(captions))
+               caches: CacheSettings, source: ModelSource,
+               caption_limit: int = 64) -> tuple[TextCache | None, list[str]]:
+    """Encode what will not change during training once (sdft.data.caches), then park the encoders
+    on the CPU."""
+    cache, offloaded = fill_caches(family, models, dataset, accelerator, caches, source,
+                                   train_text_encoders=train_text_encoders, caption_limit=caption_limit)
     for role in offloaded:
         getattr(models, role).to("cpu")
     return cache, offloaded

@@ -18,8 +18,9 @@ from typing import Iterator
 import torch
 from torch.utils.data import Dataset, Sampler
 
+from sdft.data.latent_cache import CacheImage, LatentCache, describe_image
 from sdft.data.sources import CaptionedImages
-from sdft.data.transforms import ImageTransform
+from sdft.data.transforms import ImageTransform, Placement, Transformed, upright
 
 
 def seeded_rng(seed: int, epoch: int, index: int) -> random.Random:
@@ -37,6 +38,7 @@ class CaptionedImageDataset(Dataset):
         self.seed = seed
         self.empty_caption_rate = empty_caption_rate
         self.epoch = 0
+        self.latent_cache: LatentCache | None = None   # set by sdft.data.caches with --cache_latents
 
     def use_epoch(self, epoch: int) -> None:
         self.epoch = epoch
@@ -54,23 +56,35 @@ class CaptionedImageDataset(Dataset):
             found.add("")
         return found
 
+    def cache_keys(self) -> list[int]:
+        return list(range(len(self.images)))
+
+    def cache_image(self, key: int) -> CacheImage:
+        """The image's fixed plan(s) for the latent cache: the crop is drawn once, from epoch 0."""
+        with self.images.open_image(key, header_only=True) as header:
+            mask = self.images.open_mask(key, header) if self.transform.crop_to_mask else None
+            return describe_image(self.transform, header, self.images.describe(key),
+                                  self.images.content_identity(key), seeded_rng(self.seed, 0, key), mask=mask)
+
+    def cache_pixels(self, key: int, plan: Placement) -> Transformed:
+        image = self.images.open_image(key)
+        return self.transform.apply(upright(image), plan, self.images.open_mask(key, image))
+
     def __getitem__(self, index: int) -> dict:
         rng = seeded_rng(self.seed, self.epoch, index)
-        image = self.images.open_image(index)
-        out = self.transform(image, rng, self.images.open_mask(index, image))
+        if self.latent_cache is not None:
+            item = self.latent_cache.draw(index, rng)
+        else:
+            image = self.images.open_image(index)
+            out = self.transform(image, rng, self.images.open_mask(index, image))
+            item = {"pixel_values": out.pixels, "original_size": out.original_size,
+                    "crop_top_left": out.crop_top_left}
+            if out.mask is not None:
+                item["mask"] = out.mask
         caption = rng.choice(self.images.captions(index))
         if self.empty_caption_rate and rng.random() < self.empty_caption_rate:
             caption = ""
-        item = {
-            "pixel_values": out.pixels,
-            "caption": caption,
-            "original_size": out.original_size,
-            "crop_top_left": out.crop_top_left,
-            "name": self.images.name(index),
-        }
-        if out.mask is not None:
-            item["mask"] = out.mask
-        return item
+        return {**item, "caption": caption, "name": self.images.name(index)}
 
 
 class EpochShuffleSampler(Sampler[int]):
@@ -93,10 +107,13 @@ class EpochShuffleSampler(Sampler[int]):
 
 
 def collate(examples: list[dict]) -> dict:
-    """A batch: pixel_values (B,3,H,W), captions (list), original_sizes and crop_top_lefts (B,2) as
-    (height, width) and (top, left), and masks (B,1,H,W) when the images have masks."""
+    """A batch: pixel_values (B,3,H,W) or, from the latent cache, latent_moments (B,2C,h,w);
+    captions (list), original_sizes, crop_top_lefts and target_sizes (B,2) as (height, width),
+    (top, left) and (height, width); masks (B,1,H,W) when the images have masks."""
+    tensor_key = "latent_moments" if "latent_moments" in examples[0] else "pixel_values"
     return {
-        "pixel_values": torch.stack([e["pixel_values"] for e in examples]).contiguous(),
+        tensor_key: torch.stack([e[tensor_key] for e in examples]).contiguous(),
+        "target_sizes": target_sizes(examples, ""),
         "captions": [e["caption"] for e in examples],
         "original_sizes": torch.tensor([e["original_size"] for e in examples], dtype=torch.long),
         "crop_top_lefts": torch.tensor([e["crop_top_left"] for e in examples], dtype=torch.long),
@@ -111,3 +128,9 @@ def stack_masks(masks: list[torch.Tensor | None]) -> dict:
         return {}
     shape = next(mask for mask in masks if mask is not None).shape
     return {"masks": torch.stack([torch.ones(shape) if mask is None else mask for mask in masks]).contiguous()}
+
+
+def target_sizes(examples: list[dict], prefix: str) -> torch.Tensor:
+    """(height, width) of each example's pixels, or of the pixels its cached latent was made from."""
+    return torch.tensor([e[prefix + "target_size"] if prefix + "target_size" in e
+                         else tuple(e[prefix + "pixel_values"].shape[-2:]) for e in examples], dtype=torch.long)

@@ -17,7 +17,7 @@ from __future__ import annotations
 import hashlib
 import logging
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Callable
 
 import datasets
 import torch
@@ -26,7 +26,8 @@ from PIL import Image, UnidentifiedImageError
 from torch.utils.data import Dataset
 from tqdm.auto import tqdm
 
-from sdft.data.dataset import seeded_rng, stack_masks
+from sdft.data.dataset import seeded_rng, stack_masks, target_sizes
+from sdft.data.latent_cache import CacheImage, LatentCache, describe_image
 from sdft.data.sources import (
     IMAGE_SUFFIXES,
     CaptionedImages,
@@ -35,8 +36,9 @@ from sdft.data.sources import (
     checked_images,
     find_images,
     load_named_dataset,
+    file_identity,
 )
-from sdft.data.transforms import ImageTransform
+from sdft.data.transforms import ImageTransform, Placement, Transformed, upright, upright_size
 
 logger = logging.getLogger(__name__)
 
@@ -215,8 +217,8 @@ class DreamBoothDataset(Dataset):
     its caption) and, with prior preservation, class image `index % len(class_images)` with
     `class_prompt`. The length is the larger of the two, as upstream.
 
-    `latent_cache`, when the trainer sets it, maps the keys of `cache_items` to latent tensors;
-    items then carry those tensors instead of pixels and never open an image."""
+    `latent_cache`, when the trainer sets it (sdft.data.caches), holds an entry per key of
+    `cache_keys`; items then carry posterior moments instead of pixels and never open an image."""
 
     def __init__(self, instance: CaptionedImages, transform: ImageTransform, seed: int, repeats: int = 1,
                  class_images: list[Path] | None = None, class_prompt: str | None = None):
@@ -237,11 +239,7 @@ class DreamBoothDataset(Dataset):
         self.class_images = [Path(p) for p in class_images] if class_images else None
         self.class_prompt = class_prompt
         self.epoch = 0
-        self.latent_cache: dict[CacheKey, torch.Tensor] | None = None
-        # (original_size, crop_top_left) of the fixed augmentation each cached latent was made
-        # with, filled by cache_items, so cached items report the geometry of their own latents.
-        self.cache_geometry: dict[CacheKey, tuple[tuple[int, int], tuple[int, int]]] = {}
-        self.cache_masks: dict[CacheKey, torch.Tensor] = {}
+        self.latent_cache: LatentCache | None = None
 
     def use_epoch(self, epoch: int) -> None:
         self.epoch = epoch
@@ -275,22 +273,38 @@ class DreamBoothDataset(Dataset):
         keys = [("instance", i) for i in range(len(self.instance))]
         return keys + [("class", j) for j in range(len(self.class_images or []))]
 
-    def cache_items(self) -> Iterator[tuple[CacheKey, dict]]:
-        """Every distinct image once, transformed with a fixed augmentation (the cache is encoded
-        once, so a crop or flip drawn here is the one training sees in every epoch)."""
-        for key in self.cache_keys():
-            stream = key[1] if key[0] == "instance" else CLASS_STREAM + key[1]
-            out = self._transform(key, seeded_rng(self.seed, 0, stream))
-            self.cache_geometry[key] = (out.original_size, out.crop_top_left)
-            if out.mask is not None:
-                # The mask is cut with the same fixed crop and flip as the cached latent.
-                self.cache_masks[key] = out.mask
-            yield key, {"pixel_values": out.pixels, "original_size": out.original_size,
-                        "crop_top_left": out.crop_top_left}
+    def cache_image(self, key: CacheKey) -> CacheImage:
+        """The image's fixed placement(s) for the latent cache (the cache is encoded once, so the
+        crop drawn here is the one training sees in every epoch; the flip still varies)."""
+        kind, position = key
+        stream = position if kind == "instance" else CLASS_STREAM + position
+        if kind == "instance":
+            label, identity = self.instance.describe(position), self.instance.content_identity(position)
+            header = self.instance.open_image(position, header_only=True)
+        else:
+            path = self.class_images[position]
+            label, identity, header = str(path), file_identity(path), Image.open(path)
+        with header:
+            mask = self._mask(key, header) if self.transform.crop_to_mask else None
+            return describe_image(self.transform, header, label, identity, seeded_rng(self.seed, 0, stream),
+                                  mask=mask)
+
+    def cache_pixels(self, key: CacheKey, plan: Placement) -> Transformed:
+        image = self._open(key)
+        return self.transform.apply(upright(image), plan, self._mask(key, image))
+
+    def _mask(self, key: CacheKey, image: Image.Image) -> Image.Image | None:
+        """Instance images carry their masks; class images have none, so the prior-preservation
+        half of a batch is never masked."""
+        mask = self.instance.open_mask(key[1], image) if key[0] == "instance" else None
+        height, width = upright_size(image)
+        if mask is not None and mask.size != (width, height):
+            mask = mask.resize((width, height), resample=Image.Resampling.BILINEAR)
+        return mask
 
     def _image(self, key: CacheKey, rng, prefix: str) -> dict:
         if self.latent_cache is not None:
-            return self._cached(key, prefix)
+            return {prefix + name: value for name, value in self.latent_cache.draw(key, rng).items()}
         out = self._transform(key, rng)
         item = {prefix + "pixel_values": out.pixels, prefix + "original_size": out.original_size,
                 prefix + "crop_top_left": out.crop_top_left}
@@ -298,23 +312,9 @@ class DreamBoothDataset(Dataset):
             item[prefix + "mask"] = out.mask
         return item
 
-    def _transform(self, key: CacheKey, rng):
-        """Instance images carry their masks through the transform; class images have none, so the
-        prior-preservation half of a batch is never masked."""
+    def _transform(self, key: CacheKey, rng) -> Transformed:
         image = self._open(key)
-        mask = self.instance.open_mask(key[1], image) if key[0] == "instance" else None
-        return self.transform(image, rng, mask)
-
-    def _cached(self, key: CacheKey, prefix: str) -> dict:
-        if key not in self.latent_cache or key not in self.cache_geometry:
-            raise RuntimeError(f"latent_cache has no entry for {key}: fill it with every key that cache_items() "
-                               "yields, in this process, before reading items.")
-        original_size, crop_top_left = self.cache_geometry[key]
-        item = {prefix + "latent_moments": self.latent_cache[key], prefix + "original_size": original_size,
-                prefix + "crop_top_left": crop_top_left}
-        if key in self.cache_masks:
-            item[prefix + "mask"] = self.cache_masks[key]
-        return item
+        return self.transform(image, rng, self._mask(key, image))
 
     def _open(self, key: CacheKey) -> Image.Image:
         kind, position = key
@@ -337,4 +337,5 @@ class DreamBoothDataset(Dataset):
             "names": [e[p + "name"] for e, p in rows],
             "num_instance": len(examples),
             **stack_masks([e.get(p + "mask") for e, p in rows]),
+            "target_sizes": torch.cat([target_sizes([e], p) for e, p in rows]),
         }

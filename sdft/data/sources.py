@@ -12,6 +12,7 @@ or malformed captions, unreadable image files on disk) are reported here, before
 from __future__ import annotations
 
 import csv
+import hashlib
 import io
 import os
 from dataclasses import dataclass
@@ -53,7 +54,8 @@ class CaptionedImages:
         path = value if isinstance(value, str) else (value or {}).get("path")
         return Path(path).name if path else f"row-{index}"
 
-    def open_image(self, index: int) -> Image.Image:
+    def open_image(self, index: int, header_only: bool = False) -> Image.Image:
+        """The decoded image; with `header_only`, opened without decoding (size and EXIF only)."""
         value = self.table[index][self.image_column]
         try:
             if isinstance(value, str):
@@ -62,7 +64,8 @@ class CaptionedImages:
                 image = Image.open(io.BytesIO(value["bytes"]))
             else:
                 image = Image.open(value["path"])
-            image.load()
+            if not header_only:
+                image.load()
         except (OSError, UnidentifiedImageError, ValueError) as err:
             raise DataError(f"Cannot read image {self.describe(index)}: {err}") from err
         return image
@@ -85,6 +88,18 @@ class CaptionedImages:
             return Image.new("L", image.size, 255)   # no alpha: the whole image is the subject
         return None
 
+    def content_identity(self, index: int) -> str:
+        """What a cache entry of this image is keyed by: its bytes' hash, or for a file on disk its
+        path, size and modification time (cheap, and any rewrite of the file changes it)."""
+        value = self.table[index][self.image_column]
+        if not isinstance(value, str) and value.get("bytes") is not None:
+            identity = "sha256:" + hashlib.sha256(value["bytes"]).hexdigest()
+        else:
+            identity = file_identity(Path(value if isinstance(value, str) else value["path"]))
+        mask = self.table[index][self.mask_column] if self.mask_column else None
+        return identity + (f"|mask:{file_identity(Path(mask))}" if mask else "") + (
+            "|alpha" if self.alpha_mask else "")
+
     def distinct_captions(self, limit: int) -> set[str] | None:
         """All captions the data can produce, or None when there are more than `limit`."""
         found: set[str] = set()
@@ -104,6 +119,11 @@ class CaptionedImages:
         if isinstance(value, str):
             return [value]
         return caption_choices(value, self.describe(index), self.caption_column)
+
+
+def file_identity(path: Path) -> str:
+    stat = path.stat()
+    return f"file:{path.resolve()}:{stat.st_size}:{stat.st_mtime_ns}"
 
 
 def caption_choices(value: object, where: str, column: str) -> list[str]:

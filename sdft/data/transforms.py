@@ -35,6 +35,17 @@ class Transformed:
 
 
 @dataclass(frozen=True)
+class Placement:
+    """Where an image lands, known before its pixels are decoded: a cache keys entries by it."""
+
+    original_size: tuple[int, int]       # (height, width) before resizing
+    resized_size: tuple[int, int]        # (height, width) after resizing to cover the target
+    target_size: tuple[int, int]         # (height, width) of the crop: the square, or a bucket
+    crop_top_left: tuple[int, int]       # (top, left) of the crop in the resized (and flipped) image
+    flip: bool
+
+
+@dataclass(frozen=True)
 class ImageTransform:
     """`crop_to_mask`: with a mask, the square crop is centred on the mask's centre of mass
     (clamped to the image) instead of drawn at random or at the centre."""
@@ -52,23 +63,49 @@ class ImageTransform:
         if mask is not None and mask.size != image.size:
             mask = mask.resize(image.size, resample=Image.Resampling.BILINEAR)
         image = image.convert("RGB")
-        original_size = (image.height, image.width)
-        image = resize_shorter_side(image, self.resolution, RESAMPLING[self.interpolation])
+        return self.apply(image, self.place((image.height, image.width), rng, mask=mask), mask)
+
+    def place(self, original_size: tuple[int, int], rng: random.Random, target: tuple[int, int] | None = None,
+              mask: Image.Image | None = None, flip: bool | None = None) -> Placement:
+        """The decisions of `__call__` before any pixel moves, with its draws from `rng` in its order
+        (flip, then crop). A latent cache fixes `flip`; `mask` matters only with `crop_to_mask`."""
+        target = target or (self.resolution, self.resolution)
+        resized = cover_size(original_size, target)
+        if flip is None:
+            flip = self.random_flip and rng.random() < 0.5
+        if self.crop_to_mask and mask is not None:
+            fitted = mask.resize((resized[1], resized[0]), resample=Image.Resampling.BILINEAR)
+            corner = mask_crop_corner(ImageOps.mirror(fitted) if flip else fitted, target[0])
+        else:
+            corner = crop_corner(resized[0], resized[1], target, self.center_crop, rng)
+        return Placement(original_size, resized, target, corner, flip)
+
+    def apply(self, image: Image.Image, placement: Placement, mask: Image.Image | None = None) -> Transformed:
+        """Resize, flip and crop an upright RGB image (and its mask, of the same size) as
+        `placement` says."""
+        if placement.resized_size != placement.original_size:
+            height, width = placement.resized_size
+            image = image.resize((width, height), resample=RESAMPLING[self.interpolation])
         if mask is not None:
             mask = mask.resize(image.size, resample=Image.Resampling.BILINEAR)
         # Flip before cropping so the crop corner describes the pixels the model sees
         # (diffusers #6234: SDXL crop conditioning was wrong when the flip came after the crop).
-        if self.random_flip and rng.random() < 0.5:
+        if placement.flip:
             image = ImageOps.mirror(image)
             mask = ImageOps.mirror(mask) if mask is not None else None
-        if self.crop_to_mask and mask is not None:
-            top, left = mask_crop_corner(mask, self.resolution)
-        else:
-            top, left = crop_corner(image.height, image.width, self.resolution, self.center_crop, rng)
-        box = (left, top, left + self.resolution, top + self.resolution)
-        image = image.crop(box)
+        (top, left), (height, width) = placement.crop_top_left, placement.target_size
+        box = (left, top, left + width, top + height)
         mask_tensor = mask_to_tensor(mask.crop(box)) if mask is not None else None
-        return Transformed(to_tensor(image), original_size, (top, left), mask_tensor)
+        return Transformed(to_tensor(image.crop(box)), placement.original_size, (top, left), mask_tensor)
+
+
+def cover_size(size: tuple[int, int], target: tuple[int, int]) -> tuple[int, int]:
+    """(height, width) of `size` scaled, aspect kept, to the smallest size that covers `target`.
+    For a square target this is `resize_shorter_side`'s size."""
+    (height, width), (target_h, target_w) = size, target
+    if target_h * width >= target_w * height:   # the height is the tighter side
+        return target_h, max(target_w, int(target_h * width / height))
+    return max(target_h, int(target_w * height / width)), target_w
 
 
 def resize_shorter_side(image: Image.Image, size: int, resample: Image.Resampling) -> Image.Image:
@@ -82,10 +119,13 @@ def resize_shorter_side(image: Image.Image, size: int, resample: Image.Resamplin
     return image.resize((new_w, new_h), resample=resample)
 
 
-def crop_corner(height: int, width: int, size: int, center: bool, rng: random.Random) -> tuple[int, int]:
+def crop_corner(height: int, width: int, size: int | tuple[int, int], center: bool,
+                rng: random.Random) -> tuple[int, int]:
+    """(top, left) of a `size` crop (an int for a square, else (height, width)) of a height x width image."""
+    crop_h, crop_w = (size, size) if isinstance(size, int) else size
     if center:
-        return int(round((height - size) / 2.0)), int(round((width - size) / 2.0))
-    return rng.randint(0, height - size), rng.randint(0, width - size)
+        return int(round((height - crop_h) / 2.0)), int(round((width - crop_w) / 2.0))
+    return rng.randint(0, height - crop_h), rng.randint(0, width - crop_w)
 
 
 def to_tensor(image: Image.Image) -> torch.Tensor:
@@ -110,3 +150,14 @@ def mask_crop_corner(mask: Image.Image, size: int) -> tuple[int, int]:
 
 def mask_to_tensor(mask: Image.Image) -> torch.Tensor:
     return torch.from_numpy(np.asarray(mask.convert("L"), dtype=np.float32) / 255.0).unsqueeze(0).contiguous()
+
+
+def upright(image: Image.Image) -> Image.Image:
+    return ImageOps.exif_transpose(image).convert("RGB")
+
+
+def upright_size(image: Image.Image) -> tuple[int, int]:
+    """(height, width) after EXIF orientation, read from the header without decoding pixels."""
+    orientation = image.getexif().get(0x0112, 1)
+    # Orientations 5-8 rotate by 90 degrees (EXIF 2.3, tag 0x0112), swapping the sides.
+    return (image.width, image.height) if orientation in (5, 6, 7, 8) else (image.height, image.width)

@@ -70,6 +70,10 @@ class StableDiffusion:
         ).input_ids.to(device)
         return {"encoder_hidden_states": models.text_encoder(ids, return_dict=False)[0]}
 
+    def text_settings(self) -> dict:
+        """Settings besides the encoders that change `encode_text`'s output (none here)."""
+        return {}
+
     def batch_condition(self, text: dict, batch: dict, device: torch.device) -> dict:
         """Conditioning that depends on the images too: none for SD."""
         return text

@@ -112,6 +112,9 @@ class StableDiffusion3:
         prompt_embeds, pooled = encode_prompts(models, captions, self.max_sequence_length, device)
         return {"encoder_hidden_states": prompt_embeds, "pooled_projections": pooled}
 
+    def text_settings(self) -> dict:
+        return {"max_sequence_length": self.max_sequence_length}
+
     def batch_condition(self, text: dict, batch: dict, device: torch.device) -> dict:
         return text
 

@@ -28,10 +28,11 @@ class SDXLModels:
 
 
 def micro_conditioning(original_sizes: torch.Tensor, crop_top_lefts: torch.Tensor,
-                       target_size: tuple[int, int]) -> torch.Tensor:
+                       target_size: tuple[int, int] | torch.Tensor) -> torch.Tensor:
     """SDXL's add_time_ids per sample: original (h, w), crop (top, left), target (h, w)
-    (Podell et al. 2023, arXiv 2307.01952, section 2.2)."""
-    target = torch.tensor(target_size, dtype=original_sizes.dtype, device=original_sizes.device)
+    (Podell et al. 2023, arXiv 2307.01952, section 2.2). `target_size` is one (h, w) for the
+    whole batch or a (B, 2) tensor, one per sample."""
+    target = torch.as_tensor(target_size, dtype=original_sizes.dtype, device=original_sizes.device)
     return torch.cat([original_sizes, crop_top_lefts, target.expand(len(original_sizes), 2)], dim=1)
 
 
@@ -108,8 +109,10 @@ class StableDiffusionXL:
         return {"encoder_hidden_states": prompt_embeds, "text_embeds": pooled}
 
     def batch_condition(self, text: dict, batch: dict, device: torch.device) -> dict:
-        """Adds the size/crop micro-conditioning of the images actually in the batch."""
-        target = tuple(batch["pixel_values"].shape[-2:])
+        """Adds the size/crop micro-conditioning of the images actually in the batch; the target
+        is each image's own bucket (the collated target_sizes), which a batch of cached latents
+        carries as well as one of pixels."""
+        target = batch["target_sizes"] if "target_sizes" in batch else tuple(batch["pixel_values"].shape[-2:])
         time_ids = micro_conditioning(batch["original_sizes"], batch["crop_top_lefts"], target).to(device)
         return {"encoder_hidden_states": text["encoder_hidden_states"],
                 "added_cond_kwargs": {"text_embeds": text["text_embeds"],
@@ -129,3 +132,7 @@ class StableDiffusionXL:
     def export_modules(self, models: SDXLModels) -> dict:
         """The exported pipeline carries the VAE that was trained with, as stored on disk."""
         return {"vae": AutoencoderKL.from_pretrained(self.vae_path)} if self.vae_path is not None else {}
+
+    def text_settings(self) -> dict:
+        """Settings besides the encoders that change `encode_text`'s output (none here)."""
+        return {}

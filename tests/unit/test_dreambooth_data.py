@@ -14,6 +14,7 @@ import pytest
 import torch
 from PIL import Image
 
+from sdft.data.cache_store import MemoryStore
 from sdft.data.dataset import EpochShuffleSampler
 from sdft.data.dreambooth import (
     DreamBoothDataset,
@@ -23,6 +24,7 @@ from sdft.data.dreambooth import (
     load_instance_images,
     missing_class_images,
 )
+from sdft.data.latent_cache import LatentCache
 from sdft.data.sources import DataError
 from sdft.data.transforms import ImageTransform
 from sdft.tiny import make_images
@@ -233,28 +235,34 @@ def test_bad_dataset_arguments(instance, class_images):
 
 
 def fill_cache(dataset: DreamBoothDataset) -> tuple[dict, dict]:
-    """A distinct tensor per cached image, as the trainer would store latents; also the examples."""
+    """A distinct tensor per cached image (+0.5 for its mirror image), stored as the latent cache
+    stores entries; also each key's plans."""
     codes = {key: float(key[1] + (100 if key[0] == "class" else 0)) for key in dataset.cache_keys()}
-    examples = {}
-    dataset.latent_cache = {}
-    for key, example in dataset.cache_items():
-        assert example["pixel_values"].shape == (3, 32, 32)
-        examples[key] = example
-        dataset.latent_cache[key] = torch.full((8, 4, 4), codes[key])
-    assert set(examples) == set(codes)
-    return codes, examples
+    store, names, plans = MemoryStore(), {}, {}
+    for key in dataset.cache_keys():
+        plans[key] = dataset.cache_image(key).plans
+        names[key] = tuple(f"{key}-{plan.flip}" for plan in plans[key])
+        for name, plan in zip(names[key], plans[key]):
+            assert dataset.cache_pixels(key, plan).pixels.shape == (3, 32, 32)
+            store.write(name, {"moments": torch.full((8, 4, 4), codes[key] + 0.5 * plan.flip),
+                               "original_size": torch.tensor(plan.original_size),
+                               "crop_top_left": torch.tensor(plan.crop_top_left),
+                               "target_size": torch.tensor(plan.target_size)})
+    dataset.latent_cache = LatentCache(store, names)
+    return codes, plans
 
 
 def test_cached_latents_follow_their_images_under_shuffling(tmp_path, class_images):
     saved, prompts = saved_dataset(tmp_path)
     images = from_folder(None, dataset_name=str(saved), caption_column="prompt")
     dataset = DreamBoothDataset(images, RANDOM, seed=0, class_images=class_images, class_prompt=CLASS_PROMPT)
-    codes, examples = fill_cache(dataset)
+    codes, plans = fill_cache(dataset)
     instance_key = {images.name(i): ("instance", i) for i in range(len(images))}
     class_key = {path.name: ("class", j) for j, path in enumerate(class_images)}
     for path in [*class_images, *(tmp_path / "images").iterdir()]:
         path.unlink()   # items must not open an image once latents are cached
     sampler = EpochShuffleSampler(len(dataset), seed=0)
+    flips = set()
     for epoch in range(3):
         sampler.use_epoch(epoch)
         dataset.use_epoch(epoch)
@@ -263,14 +271,18 @@ def test_cached_latents_follow_their_images_under_shuffling(tmp_path, class_imag
             assert "pixel_values" not in item and "class_pixel_values" not in item
             for prefix, keys in (("", instance_key), ("class_", class_key)):
                 key = keys[item[prefix + "name"]]
-                assert torch.equal(item[prefix + "latent_moments"], torch.full((8, 4, 4), codes[key]))
-                assert item[prefix + "original_size"] == examples[key]["original_size"]
-                assert item[prefix + "crop_top_left"] == examples[key]["crop_top_left"]
+                flip = bool(item[prefix + "latent_moments"][0, 0, 0] - codes[key])
+                flips.add(flip)
+                assert torch.equal(item[prefix + "latent_moments"], torch.full((8, 4, 4), codes[key] + 0.5 * flip))
+                assert item[prefix + "original_size"] == plans[key][flip].original_size
+                assert item[prefix + "crop_top_left"] == plans[key][flip].crop_top_left
+                assert item[prefix + "target_size"] == (32, 32)
             assert item["caption"] == prompts[item["name"]]
+    assert flips == {False, True}, "with --random_flip the cached mirror image must be drawn too"
 
 
 def test_collate_with_cached_latents(instance, class_images):
-    dataset = DreamBoothDataset(instance, RANDOM, seed=0, class_images=class_images, class_prompt=CLASS_PROMPT)
+    dataset = DreamBoothDataset(instance, FIXED, seed=0, class_images=class_images, class_prompt=CLASS_PROMPT)
     codes, _ = fill_cache(dataset)
     batch = DreamBoothDataset.collate([dataset[4], dataset[2]])
     assert "pixel_values" not in batch and batch["num_instance"] == 2
@@ -278,21 +290,27 @@ def test_collate_with_cached_latents(instance, class_images):
     wanted = [codes[("instance", 1)], codes[("instance", 2)], codes[("class", 4)], codes[("class", 2)]]
     assert batch["latent_moments"][:, 0, 0, 0].tolist() == wanted
     assert batch["captions"] == [PROMPT, PROMPT, CLASS_PROMPT, CLASS_PROMPT]
+    assert batch["target_sizes"].tolist() == [[32, 32]] * 4
 
 
-def test_cache_items_use_a_fixed_augmentation(instance):
+def test_cache_plans_are_fixed_per_image_and_flip_only(instance):
     dataset = DreamBoothDataset(instance, RANDOM, seed=0)
-    first = dict(dataset.cache_items())
+    first = {key: dataset.cache_image(key) for key in dataset.cache_keys()}
     dataset.use_epoch(7)
-    again = dict(dataset.cache_items())
+    again = {key: dataset.cache_image(key) for key in dataset.cache_keys()}
     assert first.keys() == {("instance", 0), ("instance", 1), ("instance", 2)}
-    assert all(same_item(first[key], again[key]) for key in first)
+    assert first == again
+    for image in first.values():
+        plain, mirrored = image.plans
+        assert (plain.flip, mirrored.flip) == (False, True)
+        assert plain.crop_top_left == mirrored.crop_top_left
+    assert all(len(DreamBoothDataset(instance, FIXED, seed=0).cache_image(key).plans) == 1 for key in first)
 
 
 def test_missing_latent_is_a_clear_error(instance):
     dataset = DreamBoothDataset(instance, FIXED, seed=0)
-    dataset.latent_cache = {}
-    with pytest.raises(RuntimeError, match="cache_items"):
+    dataset.latent_cache = LatentCache(MemoryStore(), {})
+    with pytest.raises(RuntimeError, match="cache_keys"):
         dataset[0]
 
 
