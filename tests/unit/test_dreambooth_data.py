@@ -303,7 +303,8 @@ def test_cache_plans_are_fixed_per_image_and_flip_only(instance):
     for image in first.values():
         plain, mirrored = image.plans
         assert (plain.flip, mirrored.flip) == (False, True)
-        assert plain.crop_top_left == mirrored.crop_top_left
+        (top, left), width = plain.crop_top_left, plain.resized_size[1]
+        assert mirrored.crop_top_left == (top, width - left - 32), "the same region, mirrored"
     assert all(len(DreamBoothDataset(instance, FIXED, seed=0).cache_image(key).plans) == 1 for key in first)
 
 

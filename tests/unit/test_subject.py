@@ -11,7 +11,9 @@ import pytest
 import torch
 from PIL import Image
 
+from sdft.data.cache_store import MemoryStore
 from sdft.data.dreambooth import DreamBoothDataset, load_instance_images
+from sdft.data.latent_cache import LatentCache
 from sdft.data.preprocess.subject import CAPTIONS_FILE, SubjectPlan, image_size, prepare_subject
 from sdft.data.sources import DataError, load_captioned_images
 from sdft.data.transforms import ImageTransform
@@ -141,9 +143,13 @@ def test_dreambooth_class_half_is_unmasked(tmp_path):
                                 class_images=sorted(classes.iterdir()), class_prompt="a photo")
     batch = dataset.collate([dataset[0], dataset[1]])
     assert batch["masks"].shape == (4, 1, 32, 32) and torch.equal(batch["masks"], torch.ones(4, 1, 32, 32))
-    dataset.cache_masks[("instance", 0)] = torch.zeros(1, 32, 32)
-    dataset.latent_cache = {key: torch.zeros(8, 4, 4) for key in dataset.cache_keys()}
-    dataset.cache_geometry = {key: ((32, 32), (0, 0)) for key in dataset.cache_keys()}
+    store, names = MemoryStore(), {}
+    for key in dataset.cache_keys():
+        names[key] = (str(key),)
+        store.write(str(key), {"moments": torch.zeros(8, 4, 4), "original_size": torch.tensor([32, 32]),
+                               "crop_top_left": torch.tensor([0, 0]), "target_size": torch.tensor([32, 32]),
+                               **({"mask": torch.zeros(1, 32, 32)} if key == ("instance", 0) else {})})
+    dataset.latent_cache = LatentCache(store, names)
     batch = dataset.collate([dataset[0]])
     assert batch["masks"][0].sum() == 0 and batch["masks"][1].min() == 1, "cached mask for instance, ones for class"
 
