@@ -790,8 +790,9 @@ def check_memory_flags(args: argparse.Namespace) -> None:
 def check_caches(args: argparse.Namespace) -> None:
     """Text outputs can only be cached for frozen encoders; a disk cache folder must be writable."""
     text = args.cache_text_encoder_outputs or args.cache_text_encoder_outputs_to_disk
-    if text and getattr(args, "train_text_encoder", False):
-        raise CliError("--cache_text_encoder_outputs needs frozen text encoders; drop --train_text_encoder.")
+    for trains in ("train_text_encoder", "train_text_encoder_ti"):
+        if text and getattr(args, trains, False):
+            raise CliError(f"--cache_text_encoder_outputs needs frozen text encoders; drop --{trains}.")
     if args.cache_latents_to_disk or args.cache_text_encoder_outputs_to_disk:
         try:
             prepare_folder(cache_folder(args), "--latents_cache_dir")
