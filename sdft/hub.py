@@ -50,6 +50,8 @@ class CardInfo:
     training: dict = field(default_factory=dict)                        # a few headline settings
     embeddings: EmbeddingsInfo | None = None
     ui_files: dict[str, str] = field(default_factory=dict)              # file -> a UI_FOLDERS kind
+    pictures: list[str] = field(default_factory=list)                   # loss.png, validation/grid.png
+    run_summary: dict = field(default_factory=dict)                     # sdft.run_stats summary lines
 
 
 def on_hub(model: str) -> bool:
@@ -94,6 +96,10 @@ def card_body(info: CardInfo) -> str:
     lines += ui_section(info.ui_files)
     if info.training:
         lines += ["## Training", ""] + [f"- {k}: {v}" for k, v in info.training.items()] + [""]
+    if info.pictures:
+        lines += ["## Training pictures", ""] + [f"![{Path(p).stem}]({p})" for p in info.pictures] + [""]
+    if info.run_summary:
+        lines += ["## Run summary", ""] + [f"- {k}: {v}" for k, v in info.run_summary.items()] + [""]
     return "\n".join(lines)
 
 

@@ -1,10 +1,13 @@
-"""Tiny, randomly initialised Stable Diffusion model folders and a tiny captioned image set.
+"""Tiny Stable Diffusion model folders and a tiny captioned image set.
 
 The suite's tests and demos cannot download real weights or tokenizers (no GPU and no
 Hugging Face Hub access), so this module writes stand-ins that have the exact diffusers
 folder layout of the real checkpoints but only a few hundred thousand parameters. Code that
 loads and trains Stable Diffusion 1.x, SDXL or SD3 can therefore run end to end on a CPU in
-seconds. The outputs are random noise; only shapes, configs and file layout are realistic.
+seconds. The builders' weights are random (decoded images are noise; only shapes, configs and
+file layout are realistic) unless `fit_vae=True`, which first fits the VAE to generated shape
+images (sdft/tiny_vae.py) so that a trained denoiser's pictures can show shapes and colours; the
+command line does that by default (`--random-vae` skips it).
 
 Everything is generated offline: the CLIP tokenizers are byte-level BPE vocabularies written
 here (with merges learned from a small built-in word list), and the T5 tokenizer is a small
@@ -19,6 +22,7 @@ Command line::
     python -m sdft.tiny data --output tiny-data/metadata
     python -m sdft.tiny data --output tiny-data/captions --layout captions --num-images 12
     python -m sdft.tiny data --output tiny-data/instance --layout images --seed 3
+    python -m sdft.tiny data --output tiny-data/easy --colours red,blue,green,yellow --shapes circle,square --size 48
 
 Each command prints the folder it wrote.
 """
@@ -56,6 +60,8 @@ from transformers import (
     T5TokenizerFast,
 )
 
+from sdft.tiny_vae import fit_vae
+
 __all__ = ["build_sd", "build_sdxl", "build_sd3", "build_blip", "build_swin2sr", "build_clipseg", "make_images",
            "main"]
 
@@ -77,6 +83,7 @@ _COLOURS: dict[str, tuple[int, int, int]] = {
     "pink": (240, 130, 180),
     "grey": (128, 128, 128),
 }
+COLOURS = _COLOURS  # public: scripts/check_demo.py matches generated images against these
 _SHAPES = ("circle", "square", "triangle", "diamond", "cross", "ring")
 _PROMPT_WORDS = (
     "a an the of on in with and at by for to is are this that photo picture painting drawing "
@@ -211,6 +218,24 @@ def _vae(latent_channels: int, scaling_factor: float, sd3: bool = False) -> Auto
     )
 
 
+VAE_FIT_STEPS = 500
+
+
+def _fitted(vae: AutoencoderKL, seed: int, steps: int | None = None) -> None:
+    """Fit the VAE to shape images in place (SD3's, with its 16 channels, also gets a shift).
+    500 steps take about 45 s of one CPU core and reach a mean absolute error of ~11/255."""
+    with torch.random.fork_rng(devices=[]):
+        fit_vae(vae, shape_images(seed, count=256), seed=seed, steps=steps or VAE_FIT_STEPS,
+                with_shift=vae.config.shift_factor is not None)
+
+
+def shape_images(seed: int, count: int, size: int = 32) -> torch.Tensor:
+    """`count` square shape images as a (count, 3, size, size) tensor in [-1, 1], the VAE's range."""
+    rng = random.Random(seed)
+    pixels = np.stack([np.asarray(_draw_image(rng, (size, size))[0]) for _ in range(count)])
+    return torch.from_numpy(pixels).permute(0, 3, 1, 2).float() / 127.5 - 1.0
+
+
 def _sd_unet() -> UNet2DConditionModel:
     return UNet2DConditionModel(
         sample_size=16,
@@ -226,8 +251,11 @@ def _sd_unet() -> UNet2DConditionModel:
     )
 
 
-def build_sd(output_dir: str | Path, seed: int = 0) -> Path:
-    """Write a tiny Stable Diffusion 1.x pipeline folder and return its path."""
+def build_sd(output_dir: str | Path, seed: int = 0, fit_vae: bool = False) -> Path:
+    """Write a tiny Stable Diffusion 1.x pipeline folder and return its path.
+
+    fit_vae=True trains the VAE on generated shape images first (see `_fitted`), so decoded
+    images show shapes instead of noise; the default keeps random weights, which is faster."""
     output = Path(output_dir)
     tokenizer = _clip_tokenizer(output / "tokenizer")
     with torch.random.fork_rng(devices=[]):
@@ -235,6 +263,8 @@ def build_sd(output_dir: str | Path, seed: int = 0) -> Path:
         unet = _sd_unet()
         vae = _vae(latent_channels=4, scaling_factor=0.18215)
         text_encoder = CLIPTextModel(_clip_text_config(tokenizer, hidden_size=32))
+    if fit_vae:
+        _fitted(vae, seed)
     # The SD 1.4/1.5 repositories ship this PNDM config; training code reads the same file
     # as a DDPMScheduler, which shares every noise-schedule key.
     scheduler = PNDMScheduler(
@@ -283,8 +313,8 @@ def _sdxl_unet(cross_attention_dim: int, pooled_dim: int) -> UNet2DConditionMode
     )
 
 
-def build_sdxl(output_dir: str | Path, seed: int = 0) -> Path:
-    """Write a tiny Stable Diffusion XL pipeline folder and return its path."""
+def build_sdxl(output_dir: str | Path, seed: int = 0, fit_vae: bool = False) -> Path:
+    """Write a tiny Stable Diffusion XL pipeline folder and return its path (fit_vae: as build_sd)."""
     output = Path(output_dir)
     tokenizer = _clip_tokenizer(output / "tokenizer")
     tokenizer_2 = _clip_tokenizer(output / "tokenizer_2", pad_token="!")
@@ -297,6 +327,8 @@ def build_sdxl(output_dir: str | Path, seed: int = 0) -> Path:
         vae = _vae(latent_channels=4, scaling_factor=0.13025)
         text_encoder = CLIPTextModel(config_1)
         text_encoder_2 = CLIPTextModelWithProjection(config_2)
+    if fit_vae:
+        _fitted(vae, seed)
     scheduler = EulerDiscreteScheduler(
         beta_start=0.00085,
         beta_end=0.012,
@@ -337,8 +369,9 @@ def _t5_encoder(tokenizer: T5TokenizerFast, d_model: int) -> T5EncoderModel:
     return T5EncoderModel(config)
 
 
-def build_sd3(output_dir: str | Path, seed: int = 0) -> Path:
-    """Write a tiny Stable Diffusion 3 pipeline folder and return its path."""
+def build_sd3(output_dir: str | Path, seed: int = 0, fit_vae: bool = False) -> Path:
+    """Write a tiny Stable Diffusion 3 pipeline folder and return its path (fit_vae: as build_sd;
+    the fitted VAE gets a shift_factor too, as SD3's does)."""
     output = Path(output_dir)
     tokenizer = _clip_tokenizer(output / "tokenizer")
     tokenizer_2 = _clip_tokenizer(output / "tokenizer_2", pad_token="!")
@@ -367,6 +400,8 @@ def build_sd3(output_dir: str | Path, seed: int = 0) -> Path:
         text_encoder = CLIPTextModelWithProjection(config_1)
         text_encoder_2 = CLIPTextModelWithProjection(config_2)
         text_encoder_3 = _t5_encoder(tokenizer_3, t5_width)
+    if fit_vae:
+        _fitted(vae, seed)
     pipeline = StableDiffusion3Pipeline(
         transformer=transformer,
         scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0),
@@ -453,11 +488,12 @@ def build_clipseg(output_dir: str | Path, seed: int = 0) -> Path:
     return output
 
 
-def _draw_image(rng: random.Random, size: tuple[int, int]) -> tuple[Image.Image, str]:
+def _draw_image(rng: random.Random, size: tuple[int, int], colours: Sequence[str] = tuple(_COLOURS),
+                shapes: Sequence[str] = _SHAPES) -> tuple[Image.Image, str]:
     """One shape on a two-tone gradient, plus the caption that describes it."""
     width, height = size
-    shape = rng.choice(_SHAPES)
-    colour, background = rng.sample(sorted(_COLOURS), 2)
+    shape = rng.choice(shapes)
+    colour, background = rng.sample(sorted(colours), 2)
     start = np.array(_COLOURS[background], dtype=np.float32)
     # Fade 40% towards white for dark colours and towards black for light ones, so even grey
     # gets a visible gradient while the colour named in the caption stays dominant.
@@ -508,16 +544,23 @@ def _draw_shape(
 
 
 def make_images(
-    output_dir: str | Path, num_images: int = 8, layout: str = "metadata", seed: int = 0
+    output_dir: str | Path, num_images: int = 8, layout: str = "metadata", seed: int = 0,
+    colours: Sequence[str] | None = None, shapes: Sequence[str] | None = None, size: int | None = None,
 ) -> Path:
     """Write `num_images` small captioned images and return the folder.
 
     layout="metadata": images plus metadata.jsonl ({"file_name", "text"}), the Hugging Face
     imagefolder format; "captions": each image with a same-stem .txt caption; "images":
-    images only, as in a DreamBooth instance folder.
+    images only, as in a DreamBooth instance folder. `colours`, `shapes` (default: all) and a
+    square `size` (default: mixed sizes) make an easier set, as the demo uses.
     """
     if layout not in LAYOUTS:
         raise ValueError(f"layout must be one of {LAYOUTS}, got {layout!r}")
+    colours, shapes = tuple(colours or _COLOURS), tuple(shapes or _SHAPES)
+    unknown = sorted({*colours} - {*_COLOURS}) + sorted({*shapes} - {*_SHAPES})
+    if unknown or len(colours) < 2:
+        raise ValueError(f"need two or more of the colours {list(_COLOURS)} and any of the shapes "
+                         f"{list(_SHAPES)}; unknown: {unknown}")
     if num_images < 1:
         raise ValueError("num_images must be at least 1")
     output = Path(output_dir)
@@ -527,7 +570,8 @@ def make_images(
     offset = rng.randrange(len(_IMAGE_SIZES))
     records = []
     for i in range(num_images):
-        image, caption = _draw_image(rng, _IMAGE_SIZES[(offset + i) % len(_IMAGE_SIZES)])
+        dims = (size, size) if size else _IMAGE_SIZES[(offset + i) % len(_IMAGE_SIZES)]
+        image, caption = _draw_image(rng, dims, colours, shapes)
         # Alternate formats so loaders are exercised on both (JPEG also drops any alpha).
         if i % 2 == 0:
             name = f"image_{i:03d}.png"
@@ -558,6 +602,9 @@ def _parser() -> argparse.ArgumentParser:
     model.add_argument("--family", choices=FAMILIES, required=True)
     model.add_argument("--output", type=Path, required=True)
     model.add_argument("--seed", type=int, default=0)
+    model.add_argument("--random-vae", action="store_true",
+                       help="keep the VAE's random weights (faster; decoded images are noise). By default "
+                            f"the VAE is fitted to shape images for {VAE_FIT_STEPS} steps first.")
     helper = commands.add_parser("helper", help="write a tiny BLIP, Swin2SR or CLIPSeg model folder")
     helper.add_argument("--kind", choices=sorted(_HELPERS), required=True)
     helper.add_argument("--output", type=Path, required=True)
@@ -567,17 +614,28 @@ def _parser() -> argparse.ArgumentParser:
     data.add_argument("--num-images", type=int, default=8)
     data.add_argument("--layout", choices=LAYOUTS, default="metadata")
     data.add_argument("--seed", type=int, default=0)
+    data.add_argument("--colours", type=_names, default=None,
+                      help=f"comma-separated colours to draw from (default: all of {','.join(_COLOURS)})")
+    data.add_argument("--shapes", type=_names, default=None,
+                      help=f"comma-separated shapes to draw from (default: all of {','.join(_SHAPES)})")
+    data.add_argument("--size", type=int, default=None, help="square images of this many pixels "
+                                                               "(default: mixed sizes and aspect ratios)")
     return parser
+
+
+def _names(text: str) -> list[str]:
+    return [name.strip() for name in text.split(",") if name.strip()]
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     if args.command == "model":
-        folder = _BUILDERS[args.family](args.output, seed=args.seed)
+        folder = _BUILDERS[args.family](args.output, seed=args.seed, fit_vae=not args.random_vae)
     elif args.command == "helper":
         folder = _HELPERS[args.kind](args.output, seed=args.seed)
     else:
-        folder = make_images(args.output, args.num_images, args.layout, args.seed)
+        folder = make_images(args.output, args.num_images, args.layout, args.seed, args.colours, args.shapes,
+                             args.size)
     print(folder)
     return 0
 

@@ -50,6 +50,8 @@ from sdft.objectives import latent_mask, split_prior
 from sdft.optim import build_lr_scheduler
 from sdft.output import (check_replicas_agree, export_lora, export_pipeline, export_single_file, final_images,
                          load_saved_lora)
+from sdft.plots import Pictures
+from sdft.run_stats import RunStats
 from sdft.stepping import OptimizerStepper
 from sdft.textual_inversion import TokenEmbeddings, check_abstractions_used, stop_step
 from sdft.trainable import (LoraSpec, Placement, enable_gradient_checkpointing, param_groups, prepare_models,
@@ -114,6 +116,8 @@ class Run:
     token_embeddings: TokenEmbeddings | None = None        # --train_text_encoder_ti
     masked_loss: bool = False                            # weight the loss by the batch's masks
     stepper: OptimizerStepper | None = None               # applies the optimizer (after or during backward)
+    stats: RunStats = field(default_factory=RunStats.off)  # step timers (main process), see run_stats.py
+    pictures: Pictures | None = None                       # loss.png and validation/grid.png (main process)
 
 
 def make_accelerator(args: argparse.Namespace) -> Accelerator:
@@ -188,6 +192,8 @@ def train(args: argparse.Namespace, family, make_objective=ddpm_objective, make_
         position.seed = seed
     if accelerator.is_main_process:
         accelerator.init_trackers(getattr(args, "tracker_project_name", tracker_name), config=tracker_config(args))
+        run_state.pictures = Pictures.attach(accelerator, output_dir)
+    run_state.stats = RunStats(accelerator.is_main_process, accelerator.device, accelerator.num_processes)
     log_plan(run_state, len(dataset), args)
     run_epochs(run_state, position)
     finish(run_state, args, repo_id)
@@ -345,7 +351,7 @@ def run_epoch(run_state: Run, position: Position, epoch: int, skip: int, progres
     position.epoch, position.batches_in_epoch = epoch, skip
     ga = accelerator.gradient_accumulation_steps
     loss_sum, micro_steps = torch.zeros((), device=accelerator.device), 0
-    for batch in loader:
+    for batch in run_state.stats.batches(loader):
         micro_step = position.global_step * ga + micro_steps
         with accelerator.accumulate(*run_state.prepared):
             loss, per_sample = training_step(run_state, batch, micro_step)
@@ -359,6 +365,7 @@ def run_epoch(run_state: Run, position: Position, epoch: int, skip: int, progres
             continue
         # One optimizer step is complete.
         position.global_step += 1
+        run_state.stats.end_step()
         mean_loss = accelerator.reduce(loss_sum / micro_steps, reduction="mean").item()
         loss_sum, micro_steps = torch.zeros((), device=accelerator.device), 0
         lr = run_state.lr_scheduler.get_last_lr()[0]
@@ -385,11 +392,13 @@ def training_step(run_state: Run, batch: dict, micro_step: int) -> tuple[torch.T
         else:
             raw = sample_latents(models.vae, batch["pixel_values"], generator)
         latents = family.scale_latents(models, raw).to(run_state.weight_dtype)
+    run_state.stats.lap("vae")
     if run_state.condition_cache is not None:
         cond = family.batch_condition(run_state.condition_cache(batch), batch, accelerator.device)
     else:
         with nullcontext() if run_state.train_text_encoders or learn_tokens else torch.no_grad():
             cond = family.condition(models, batch, accelerator.device)
+    run_state.stats.lap("text")
     noised = run_state.objective.noise(latents, generator)
     if run_state.dream_detail_preservation is not None:
         with torch.no_grad():
@@ -407,6 +416,7 @@ def training_step(run_state: Run, batch: dict, micro_step: int) -> tuple[torch.T
         loss = per_sample.mean()
     run_state.stepper.begin(micro_step // accelerator.gradient_accumulation_steps)  # seeds stochastic rounding
     accelerator.backward(loss)
+    run_state.stats.lap("denoiser")
     if learn_tokens and accelerator.sync_gradients:
         new_tokens.prepare_gradients(accelerator)
     if accelerator.sync_gradients and run_state.max_grad_norm:
@@ -417,6 +427,7 @@ def training_step(run_state: Run, batch: dict, micro_step: int) -> tuple[torch.T
         new_tokens.restore()
     if accelerator.sync_gradients and run_state.trained.ema is not None:
         run_state.trained.ema.step(run_state.trained.modules[family.denoiser_role].parameters())
+    run_state.stats.lap("optimizer")
     return loss, per_sample.detach()
 
 
@@ -448,6 +459,7 @@ def validate(run_state: Run, phase: str, step: int, folder: str) -> list[Path]:
         for role in run_state.offloaded:
             getattr(run_state.models, role).to("cpu")
         paths = save_images(images, run_state.validation.prompts, run_state.output_dir / "validation" / folder)
+        run_state.pictures.redraw(folder, step)
         log_images(accelerator.trackers, images, run_state.validation.prompts, phase, step)
     accelerator.wait_for_everyone()
     return paths
@@ -495,7 +507,9 @@ def save_outputs(run_state: Run, args: argparse.Namespace) -> None:
     if pipeline is not None and run_state.validation.enabled:
         samples = final_images(run_state.accelerator, pipeline, run_state.validation, output_dir,
                                run_state.max_train_steps)
-    hub.write_model_card(output_dir, card_info(run_state, args, samples))
+    pictures = run_state.pictures.redraw("final" if samples else None, run_state.max_train_steps)
+    summary = run_state.stats.log_summary()
+    hub.write_model_card(output_dir, card_info(run_state, args, samples, pictures, summary))
     logger.info("Saved the trained model to %s", output_dir)
 
 
@@ -527,7 +541,8 @@ def file_metadata(args: argparse.Namespace, family, models, trained: dict[str, t
                              lora=rank_and_alpha(trained) if args.use_lora else None)
 
 
-def card_info(run_state: Run, args: argparse.Namespace, samples: list[tuple[str, str]]) -> hub.CardInfo:
+def card_info(run_state: Run, args: argparse.Namespace, samples: list[tuple[str, str]],
+              pictures: list[Path] = (), summary: dict | None = None) -> hub.CardInfo:
     family, new_tokens = run_state.family, run_state.token_embeddings
     instance_prompt = getattr(args, "instance_prompt", None)
     embeddings = None
@@ -541,7 +556,8 @@ def card_info(run_state: Run, args: argparse.Namespace, samples: list[tuple[str,
         base_model=args.pretrained_model_name_or_path, title=Path(args.output_dir).name, license=family.license,
         tags=family.tags, lora=args.use_lora, pipeline_class=family.pipeline_cls.__name__,
         dataset=getattr(args, "dataset_name", None), instance_prompt=instance_prompt, embeddings=embeddings,
-        validation=samples,
+        validation=samples, pictures=[str(p.relative_to(run_state.output_dir)) for p in pictures],
+        run_summary=summary or {},
         training={"steps": run_state.max_train_steps, "learning rate": args.learning_rate,
                   "batch size per device": args.train_batch_size, "resolution": args.resolution,
                   "mixed precision": run_state.accelerator.mixed_precision,

@@ -58,6 +58,8 @@ def save_images(images: list[Image.Image], prompts: list[str], folder: Path) -> 
 
 def log_images(trackers, images: list[Image.Image], prompts: list[str], phase: str, step: int) -> None:
     for tracker in trackers:
+        if not getattr(tracker, "takes_images", True):  # sdft.plots.Pictures draws its own grid
+            continue
         if tracker.name == "tensorboard":
             stacked = np.stack([np.asarray(img) for img in images])
             tracker.writer.add_images(phase, stacked, step, dataformats="NHWC")

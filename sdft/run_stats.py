@@ -1,0 +1,137 @@
+"""What a training run cost: throughput, time to first step, peak memory and where step time went.
+
+`RunStats` is a lap timer: the loop calls `lap(phase)` after each part of a step, and the time
+since the previous lap is charged to that phase; `batches(loader)` charges the wait for each
+batch to "data". Laps are only taken on the main process (`enabled`), and on CUDA each lap
+synchronises first, because kernels run asynchronously and an unsynchronised clock would charge
+a phase's GPU time to whichever phase happens to wait for it. That costs a few synchronisations
+per step (the GPU's queue drains at each), so timing is off on the other processes.
+
+Step time is the sum of the phases (data, VAE, text encoders, denoiser, optimizer), so logging,
+checkpoints and validation count in the wall time but not in steps/s.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import resource
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterable, Iterator
+
+import torch
+
+logger = logging.getLogger(__name__)
+
+PHASES = ("data", "vae", "text", "denoiser", "optimizer")
+PHASE_NAMES = {"data": "data loading", "vae": "VAE", "text": "text encoders",
+               "denoiser": "denoiser forward+backward", "optimizer": "optimizer"}
+
+
+def process_start() -> float:
+    """When this process started, on the time.time() clock (Linux /proc; elsewhere: now)."""
+    try:
+        ticks = int(Path("/proc/self/stat").read_text().rsplit(")", 1)[1].split()[19])
+        boot = next(float(line.split()[1]) for line in Path("/proc/stat").read_text().splitlines()
+                    if line.startswith("btime"))
+        return boot + ticks / os.sysconf("SC_CLK_TCK")
+    except (OSError, ValueError, IndexError, StopIteration):
+        return time.time()
+
+
+def batch_size(batch: dict) -> int:
+    for key in ("captions", "names"):
+        if isinstance(batch.get(key), list):
+            return len(batch[key])
+    return next(v.shape[0] for v in batch.values() if isinstance(v, torch.Tensor))
+
+
+@dataclass
+class RunStats:
+    enabled: bool
+    device: torch.device
+    num_processes: int = 1
+    started: float = field(default_factory=process_start)
+    phase_s: dict[str, float] = field(default_factory=lambda: dict.fromkeys(PHASES, 0.0))
+    step_s: list[float] = field(default_factory=list)    # per optimizer step, the sum of its phases
+    images: int = 0
+    first_step_at: float | None = None
+    _lap_start: float = 0.0
+    _step_start: float = 0.0
+
+    @classmethod
+    def off(cls) -> "RunStats":
+        return cls(enabled=False, device=torch.device("cpu"))
+
+    def _now(self) -> float:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        return time.perf_counter()
+
+    def batches(self, loader: Iterable[dict]) -> Iterator[dict]:
+        """Yield the loader's batches, charging the wait for each to "data"."""
+        iterator = iter(loader)
+        while True:
+            start = self._now() if self.enabled else 0.0
+            try:
+                batch = next(iterator)
+            except StopIteration:
+                return
+            if self.enabled:
+                self._lap_start = self._now()
+                self.phase_s["data"] += self._lap_start - start
+                self._step_start = self._step_start or start
+                self.images += batch_size(batch) * self.num_processes
+            yield batch
+
+    def lap(self, phase: str) -> None:
+        if self.enabled:
+            now = self._now()
+            self.phase_s[phase] += now - self._lap_start
+            self._lap_start = now
+
+    def end_step(self) -> None:
+        """After an optimizer step (all its accumulation micro-steps) is complete."""
+        if not self.enabled:
+            return
+        self.step_s.append(self._lap_start - self._step_start)
+        self._step_start = 0.0
+        if self.first_step_at is None:
+            self.first_step_at = time.time()
+
+    def summary(self) -> dict[str, str]:
+        """Headline numbers, formatted; steady rates leave out the first step (compilation, warm-up)."""
+        steps = len(self.step_s)
+        wall = time.time() - self.started
+        out = {"steps": str(steps), "images seen": str(self.images), "wall time": f"{wall:.1f} s"}
+        if self.first_step_at is not None:
+            out["time to first step"] = f"{self.first_step_at - self.started:.1f} s"
+        steady = sum(self.step_s[1:])
+        if steps > 1 and steady > 0:
+            per_step = self.images / steps
+            out["steady steps/s"] = f"{(steps - 1) / steady:.2f}"
+            out["steady images/s"] = f"{(steps - 1) * per_step / steady:.1f}"
+        out["peak memory"] = peak_memory(self.device)
+        total = sum(self.phase_s.values())
+        if total > 0:
+            out["step time"] = ", ".join(f"{PHASE_NAMES[p]} {100 * s / total:.0f}%" for p, s in self.phase_s.items())
+        return out
+
+    def log_summary(self) -> dict[str, str]:
+        summary = self.summary() if self.enabled else {}
+        if summary:
+            logger.info("***** Run summary *****")
+            for key, value in summary.items():
+                logger.info("  %s: %s", key, value)
+        return summary
+
+
+def peak_memory(device: torch.device) -> str:
+    if device.type == "cuda":
+        return f"{torch.cuda.max_memory_allocated(device) / 2**30:.2f} GiB CUDA max allocated"
+    # ru_maxrss is in KiB on Linux and in bytes on macOS.
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * (1 if sys.platform == "darwin" else 1024)
+    return f"{rss / 2**30:.2f} GiB peak RSS"

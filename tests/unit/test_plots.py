@@ -1,0 +1,98 @@
+"""loss.png and validation/grid.png from sdft.plots, and the run summary from sdft.run_stats."""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+
+import pytest
+import torch
+from PIL import Image
+
+from sdft import plots
+from sdft.run_stats import RunStats
+
+
+def write_round(validation_dir, folder, colours):
+    out = validation_dir / folder
+    out.mkdir(parents=True)
+    for index, colour in enumerate(colours):
+        Image.new("RGB", (32, 32), colour).save(out / f"{index:02d}.png")
+    (out / "prompts.txt").write_text("00.png\ta red circle\n01.png\ta blue square on a very long background name\n")
+
+
+def test_pictures_record_logged_losses_and_draw_grid_by_step(tmp_path):
+    pictures = plots.Pictures(tmp_path)
+    for step in range(1, 31):
+        pictures.log({"train_loss": 1.0 / step, "lr": 1e-3}, step=step)
+    pictures.log({"val_loss": 0.5}, step=10)
+    pictures.log({"val_loss": 0.2}, step=30)
+    write_round(tmp_path / "validation", "epoch-0000", ["black", "black"])
+    pictures.redraw("epoch-0000", 10)
+    write_round(tmp_path / "validation", "final", ["red", "blue"])
+    drawn = pictures.redraw("final", 30)
+
+    assert pictures.val_loss == [(10, 0.5), (30, 0.2)]
+    assert drawn == [tmp_path / "loss.png", tmp_path / "validation" / "grid.png"]
+    assert Image.open(tmp_path / "loss.png").size == plots.LOSS_SIZE_PX
+    grid = Image.open(tmp_path / "validation" / "grid.png").convert("RGB")
+    assert grid.size == plots.grid_size_px(rows=2, columns=2)
+    assert json.loads((tmp_path / "validation" / "rounds.json").read_text()) == {"epoch-0000": 10, "final": 30}
+    # The last column (final) holds the red image in row 0, the blue one in row 1.
+    cell, (left, top) = plots.GRID_CELL_PX, plots.GRID_LABEL_PX
+    assert grid.getpixel((left + cell + cell // 2, top + cell // 2)) == (255, 0, 0)
+    assert grid.getpixel((left + cell + cell // 2, top + cell + cell // 2)) == (0, 0, 255)
+    assert grid.getpixel((left + cell // 2, top + cell // 2)) == (0, 0, 0)
+
+
+def test_long_runs_show_first_and_last_rounds():
+    rounds = list(range(40))
+    shown = plots.shown_rounds(rounds)
+    assert len(shown) == plots.GRID_MAX_ROUNDS and shown[0] == 0 and shown[-1] == 39
+
+
+def test_without_matplotlib_no_pictures_and_one_warning(tmp_path, monkeypatch, caplog):
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # makes `import matplotlib` raise ImportError
+    monkeypatch.setattr(plots, "_warned", False)
+    pictures = plots.Pictures(tmp_path)
+    pictures.log({"train_loss": 1.0}, step=1)
+    with caplog.at_level(logging.WARNING, logger="sdft.plots"):
+        assert pictures.redraw() == []
+        assert pictures.redraw() == []
+    assert [r.message for r in caplog.records].count(caplog.records[0].message) == 1
+    assert "matplotlib" in caplog.records[0].message
+    assert not (tmp_path / "loss.png").exists()
+
+
+def test_run_stats_summary_excludes_first_step():
+    stats = RunStats(enabled=True, device=torch.device("cpu"), num_processes=2)
+    batches = [{"captions": ["a", "b"], "pixel_values": torch.zeros(2, 3, 4, 4)}] * 3
+    for _ in stats.batches(batches):
+        for phase in ("vae", "text", "denoiser", "optimizer"):
+            stats.lap(phase)
+        stats.end_step()
+    stats.step_s = [5.0, 0.5, 0.5]  # a slow first step must not count in the steady rate
+    summary = stats.summary()
+    assert summary["steps"] == "3" and summary["images seen"] == "12"
+    assert summary["steady steps/s"] == "2.00" and summary["steady images/s"] == "8.0"
+    assert "peak RSS" in summary["peak memory"]
+    assert summary["step time"].startswith("data loading ")
+    assert float(summary["time to first step"].split()[0]) >= 0
+
+
+def test_disabled_stats_record_nothing():
+    stats = RunStats.off()
+    assert list(stats.batches([{"captions": ["a"]}])) == [{"captions": ["a"]}]
+    stats.lap("vae")
+    stats.end_step()
+    assert stats.step_s == [] and stats.log_summary() == {}
+
+
+@pytest.mark.parametrize("phase", ["vae", "text", "denoiser", "optimizer"])
+def test_lap_charges_the_named_phase(phase):
+    stats = RunStats(enabled=True, device=torch.device("cpu"))
+    for _ in stats.batches([{"captions": ["a"]}]):
+        stats._lap_start -= 1.0  # as if the phase took a second
+        stats.lap(phase)
+    assert stats.phase_s[phase] >= 1.0
