@@ -441,6 +441,11 @@ def validation_pipeline(run_state: Run):
         source.path, **{**family.pipeline_modules(run_state.models), **run_state.trained.modules},
         revision=source.revision, variant=source.variant, dtype=run_state.weight_dtype,
     )
+    # --prediction_type may differ from the base model's scheduler; sample the way the model was trained
+    # (the exported scheduler gets the same value in output.export_pipeline).
+    trained_type = getattr(run_state.objective, "prediction_type", None)
+    if trained_type not in (None, pipeline.scheduler.config.get("prediction_type", trained_type)):
+        pipeline.scheduler = type(pipeline.scheduler).from_config(pipeline.scheduler.config, prediction_type=trained_type)
     return pipeline.to(run_state.accelerator.device)
 
 

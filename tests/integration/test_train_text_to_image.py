@@ -44,7 +44,7 @@ def test_full_finetune_writes_a_pipeline_that_generates(tiny_sd, image_folder, t
     from diffusers import StableDiffusionPipeline, UNet2DConditionModel
 
     out = tmp_path / "out"
-    accelerate_launch(SCRIPT, sd_args(
+    result = accelerate_launch(SCRIPT, sd_args(
         tiny_sd, image_folder, out, "--max_train_steps", "4", "--checkpointing_steps", "2",
         "--validation_prompts", "a red circle", "a blue square", "--center_crop", "--random_flip",
         "--snr_gamma", "5.0", "--noise_offset", "0.05", "--input_perturbation", "0.1", "--dream_training",
@@ -59,6 +59,7 @@ def test_full_finetune_writes_a_pipeline_that_generates(tiny_sd, image_folder, t
     assert scalar_steps(out / "logs", "lr") == [1, 2, 3, 4]
     card = (out / "README.md").read_text()
     assert "validation/final/00.png" in card and "StableDiffusionPipeline.from_pretrained" in card
+    assert_pictures_and_summary(out, result.stderr, card)
 
     base = unet_weights(tiny_sd)
     trained = unet_weights(out)
@@ -80,6 +81,23 @@ def test_full_finetune_writes_a_pipeline_that_generates(tiny_sd, image_folder, t
         assert {handle.get_tensor(k).dtype for k in handle.keys()} == {torch.float16}
     assert metadata["modelspec.architecture"] == "stable-diffusion-v1" and metadata["ss_steps"] == "4"
     assert metadata["ss_sd_model_name"] == str(tiny_sd) and metadata["modelspec.title"] == "out"
+
+
+def assert_pictures_and_summary(out: Path, log: str, card: str) -> None:
+    """loss.png, validation/grid.png (2 prompts x the epoch-0 and final rounds), the summary lines."""
+    from PIL import Image
+
+    from sdft.plots import LOSS_SIZE_PX, grid_size_px
+
+    assert Image.open(out / "loss.png").size == LOSS_SIZE_PX
+    assert json.loads((out / "validation" / "rounds.json").read_text()) == {"epoch-0000": 4, "final": 4}
+    assert Image.open(out / "validation" / "grid.png").size == grid_size_px(rows=2, columns=2)
+    assert "![loss](loss.png)" in card and "![grid](validation/grid.png)" in card
+    summary = log[log.index("Run summary"):]
+    for line in ("steps: 4", "images seen: 8", "time to first step: ", "steady steps/s: ", "steady images/s: ",
+                 "peak memory: ", "peak RSS", "step time: data loading "):
+        assert line in summary, line
+        assert line in card, line
 
 
 def test_lora_under_bf16_from_accelerate_config_loads_with_load_lora_weights(tiny_sd, image_folder, tmp_path):

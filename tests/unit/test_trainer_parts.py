@@ -32,3 +32,21 @@ def test_step_generators_depend_on_seed_step_and_process_only():
 
 def test_weight_dtype_follows_the_accelerator(accelerator):
     assert weight_dtype_of(accelerator) == torch.float32
+
+
+def test_validation_samples_with_the_trained_prediction_type(accelerator, tmp_path):
+    """--prediction_type v_prediction on an epsilon model: validation images must be sampled as v too."""
+    from types import SimpleNamespace
+
+    from sdft.families.sd import StableDiffusion
+    from sdft.families.source import ModelSource
+    from sdft.tiny import build_sd
+    from sdft.trainer import validation_pipeline
+
+    family, source = StableDiffusion(), ModelSource(str(build_sd(tmp_path / "sd")), None, None, None)
+    models = family.load(source)
+    run_state = SimpleNamespace(family=family, source=source, models=models, weight_dtype=torch.float32,
+                                trained=SimpleNamespace(modules={"unet": models.unet}), accelerator=accelerator,
+                                objective=SimpleNamespace(prediction_type="v_prediction"))
+    assert models.noise_scheduler.config.prediction_type == "epsilon"
+    assert validation_pipeline(run_state).scheduler.config.prediction_type == "v_prediction"
