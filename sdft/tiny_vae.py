@@ -28,7 +28,7 @@ class VaeFit:
     shift_factor: float | None
 
 
-def fit_vae(vae: AutoencoderKL, images: torch.Tensor, *, seed: int, steps: int = 500, batch_size: int = 16,
+def fit_vae(vae: AutoencoderKL, images: torch.Tensor, *, seed: int, steps: int = 400, batch_size: int = 16,
             learning_rate: float = 3e-3, kl_weight: float = 1e-6, with_shift: bool = False) -> VaeFit:
     """Train `vae` in place on `images` (N, 3, H, W in [-1, 1]), then set its latent scaling.
 
