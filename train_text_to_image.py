@@ -44,6 +44,7 @@ def build_parser() -> argparse.ArgumentParser:
     cli.add_subject_args(parser)
     cli.add_single_file_args(parser)
     cli.add_checkpoint_args(parser)
+    cli.add_divergence_args(parser)
     cli.add_validation_args(parser, prompt_list=True)
     cli.add_logging_args(parser, project_flag=True)
     cli.add_hub_args(parser)
@@ -58,6 +59,7 @@ def parse_args(input_args: list[str] | None = None) -> argparse.Namespace:
     checks.append(cli.check_subject)
     checks += [cli.check_optimizer, cli.check_memory_flags]
     checks.append(cli.check_caches)
+    checks.append(cli.check_output_dir)
     return cli.parse(build_parser(), input_args, checks)
 
 

@@ -6,10 +6,14 @@ states, and `training_state.json` with the global step, the epoch, how many batc
 were consumed and the data seed. With the data order a function of (seed, epoch), that is enough
 for a resumed run to continue exactly where the interrupted one stopped.
 
-Saving is atomic: everything is written to a hidden `.checkpoint-N.partial` folder that is renamed
-only when complete, so a crash during a save never leaves a half-written `checkpoint-N` that
-`--resume_from_checkpoint latest` would pick, and never touches older checkpoints. Old checkpoints
-are rotated out only after the new one is in place.
+Saving is atomic and durable: everything is written to a hidden `.checkpoint-N.partial` folder,
+a `manifest.json` listing every file and its size is added, every file and folder is fsynced, and
+only then is the folder renamed (and its parent fsynced). A crash during a save, of the process or
+of the machine, never leaves a half-written `checkpoint-N` that `--resume_from_checkpoint latest`
+would pick, and never touches older checkpoints. `latest` also skips, with a warning, any
+checkpoint whose files do not match its manifest (a disk that lied about a flush, a copy cut
+short); a checkpoint without a manifest (written by the diffusers scripts or an older sdft) is
+trusted as before. Old checkpoints are rotated out only after the new one is in place.
 """
 
 from __future__ import annotations
@@ -26,6 +30,7 @@ import torch
 from accelerate import Accelerator
 
 from sdft.ema import EMA
+from sdft.guards import require_finite_weights
 from sdft.lora import load_lora, save_lora
 from sdft.model_spec import stamped
 
@@ -33,6 +38,7 @@ logger = logging.getLogger(__name__)
 
 CHECKPOINT_NAME = re.compile(r"^checkpoint-(\d+)$")
 STATE_FILE = "training_state.json"
+MANIFEST_FILE = "manifest.json"
 
 
 @dataclass
@@ -41,6 +47,7 @@ class Position:
     epoch: int = 0                # -1: unknown (a diffusers checkpoint); derived from the step on resume
     batches_in_epoch: int = 0     # dataloader batches of `epoch` already consumed (per process)
     seed: int | None = None
+    skipped_steps: int = 0        # updates skipped for a non-finite loss (--skip_nan_steps)
 
     def placed(self, updates_per_epoch: int, accumulation: int) -> "Position":
         """A position whose epoch is known: diffusers checkpoints only record the step, so the epoch
@@ -48,7 +55,7 @@ class Position:
         if self.epoch >= 0:
             return self
         epoch, updates = divmod(self.global_step, updates_per_epoch)
-        return Position(self.global_step, epoch, updates * accumulation, self.seed)
+        return Position(self.global_step, epoch, updates * accumulation, self.seed, self.skipped_steps)
 
 
 def list_checkpoints(output_dir: str | Path) -> list[tuple[int, Path]]:
@@ -71,15 +78,75 @@ def resolve_resume(value: str | None, output_dir: str | Path) -> Path | None:
     if value is None:
         return None
     if value == "latest":
-        found = list_checkpoints(output_dir)
-        return found[-1][1] if found else None
+        return latest_complete(output_dir)
     given = Path(value).expanduser()
     candidates = [Path(output_dir) / value, given] if given.name == value else [given]
     for candidate in candidates:
         if candidate.is_dir():
+            problems = incomplete_files(candidate)
+            if problems:
+                raise FileNotFoundError(f"--resume_from_checkpoint '{value}': {candidate} is incomplete "
+                                        f"({'; '.join(problems[:3])}).")
             return candidate
     looked = " or ".join(str(c) for c in candidates)
     raise FileNotFoundError(f"--resume_from_checkpoint '{value}' does not exist (looked for {looked}).")
+
+
+def latest_complete(output_dir: str | Path) -> Path | None:
+    """The newest checkpoint that passes the manifest check; skipped ones are named in a warning."""
+    for _, path in reversed(list_checkpoints(output_dir)):
+        problems = incomplete_files(path)
+        if not problems:
+            return path
+        logger.warning("Skipping the incomplete checkpoint %s: %s", path, "; ".join(problems[:3]))
+    return None
+
+
+def incomplete_files(checkpoint: Path) -> list[str]:
+    """What differs from the checkpoint's manifest (missing files, wrong sizes); [] when it matches
+    or when there is no manifest (a diffusers checkpoint is trusted as it is)."""
+    manifest = checkpoint / MANIFEST_FILE
+    if not manifest.is_file():
+        return []
+    try:
+        expected = json.loads(manifest.read_text())["files"]
+    except (ValueError, KeyError, UnicodeDecodeError) as err:
+        return [f"unreadable {MANIFEST_FILE}: {err}"]
+    problems = []
+    for name, size in expected.items():
+        path = checkpoint / name
+        if not path.is_file():
+            problems.append(f"{name} is missing")
+        elif path.stat().st_size != size:
+            problems.append(f"{name} has {path.stat().st_size} bytes, not {size}")
+    return problems
+
+
+def write_manifest(folder: Path) -> None:
+    files = {str(p.relative_to(folder)): p.stat().st_size for p in sorted(folder.rglob("*")) if p.is_file()}
+    (folder / MANIFEST_FILE).write_text(json.dumps({"files": files}, indent=1))
+
+
+def fsync_tree(folder: Path) -> None:
+    """Flush every file, then every folder (deepest first, so entries are durable before their parent)."""
+    for path in sorted(folder.rglob("*")):
+        if path.is_file():
+            _fsync(path, os.O_RDONLY)
+    for path in sorted([p for p in folder.rglob("*") if p.is_dir()] + [folder], key=lambda p: -len(p.parts)):
+        _fsync(path, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+
+
+def _fsync(path: Path, flags: int) -> None:
+    try:
+        fd = os.open(path, flags)
+    except OSError:  # folders cannot be opened on Windows; their entries are flushed with the files there
+        return
+    try:
+        os.fsync(fd)
+    except OSError:  # some file systems refuse fsync on folders
+        pass
+    finally:
+        os.close(fd)
 
 
 def read_position(checkpoint: Path) -> Position:
@@ -174,6 +241,7 @@ class Checkpointer:
         partial = self.output_dir / f".{final.name}.partial"
         if self.accelerator.is_main_process and partial.exists():
             shutil.rmtree(partial)  # left over from a crash during an earlier save
+        require_finite_weights(self.weights.modules, final.name)
         self.accelerator.wait_for_everyone()
         self.accelerator.save_state(str(partial))
         if self.accelerator.is_main_process:
@@ -181,7 +249,10 @@ class Checkpointer:
             (partial / STATE_FILE).write_text(json.dumps(asdict(position), indent=2))
         self.accelerator.wait_for_everyone()
         if self.accelerator.is_main_process:
+            write_manifest(partial)
+            fsync_tree(partial)
             _replace_dir(partial, final)
+            _fsync(self.output_dir, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
             if self.total_limit is not None:
                 rotate(self.output_dir, self.total_limit)
             logger.info("Saved %s", final)

@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
+import json
+import math
 import os
 import sys
 from pathlib import Path
@@ -407,6 +409,13 @@ def add_subject_args(parser: argparse.ArgumentParser) -> None:
                    help="Centre the square crop on the mask (instead of a random or centre crop).")
 
 
+def add_divergence_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--skip_nan_steps", type=int, default=0,
+                        help="Skip up to this many optimizer steps whose loss (or gradient norm) is NaN or "
+                             "infinite, logging each; the step still counts and the LR schedule advances. "
+                             "Default 0: the first such step stops the run before it is applied.")
+
+
 def add_checkpoint_args(parser: argparse.ArgumentParser) -> None:
     g = parser.add_argument_group("checkpoints")
     g.add_argument("--checkpointing_steps", type=int, default=500,
@@ -491,12 +500,18 @@ def given_flags(parser: argparse.ArgumentParser, argv: Sequence[str]) -> set[str
 
 
 def check_positive(args: argparse.Namespace) -> None:
+    check_finite_floats(args)
     for name in ("train_batch_size", "gradient_accumulation_steps", "checkpointing_steps",
                  "resolution", "num_train_epochs", "validation_epochs"):
         if getattr(args, name, 1) < 1:
             raise CliError(f"--{name} must be at least 1, got {getattr(args, name)}.")
     if args.seed is not None and not 0 <= args.seed < 2**32:
         raise CliError(f"--seed must be between 0 and 2**32 - 1, got {args.seed}.")
+    if getattr(args, "skip_nan_steps", 0) < 0:
+        raise CliError(f"--skip_nan_steps cannot be negative, got {args.skip_nan_steps}.")
+    if getattr(args, "skip_nan_steps", 0) and getattr(args, "fused_backward_pass", False):
+        raise CliError("--skip_nan_steps cannot be combined with --fused_backward_pass: the update runs during the "
+                       "backward pass, before the loss and gradients can be checked.")
     for name in ("max_train_steps", "checkpoints_total_limit", "max_train_samples"):
         value = getattr(args, name, None)
         if value is not None and value < 1:
@@ -513,9 +528,42 @@ def check_positive(args: argparse.Namespace) -> None:
         raise CliError("--dataloader_num_workers cannot be negative.")
 
 
+# Float flags for which infinity means something: no clipping.
+INFINITY_ALLOWED = {"max_grad_norm"}
+
+
+def check_finite_floats(args: argparse.Namespace) -> None:
+    """argparse's float() accepts 'nan' and 'inf'; no float flag means anything with NaN, and an
+    infinite learning rate or weight only fails after the models are loaded."""
+    for name, value in vars(args).items():
+        if name.startswith("_") or not isinstance(value, float) or math.isfinite(value):
+            continue
+        if math.isinf(value) and name in INFINITY_ALLOWED:
+            continue
+        raise CliError(f"--{name} must be a finite number, got {value}.")
+
+
+def check_output_dir(args: argparse.Namespace) -> None:
+    path = Path(args.output_dir).expanduser()
+    if path.exists() and not path.is_dir():
+        raise CliError(f"--output_dir '{args.output_dir}' is an existing file; give a folder (it is created "
+                       "if missing).")
+    blocking = next((parent for parent in path.parents if parent.exists() and not parent.is_dir()), None)
+    if blocking is not None:
+        raise CliError(f"--output_dir '{args.output_dir}' cannot be created: {blocking} is a file.")
+
+
+# Components the scripts load from a pipeline folder; the others (safety checker, feature extractor,
+# image encoder) are never read, so a folder without them still trains.
+LOADED_COMPONENTS = ("unet", "transformer", "vae", "scheduler", "text_encoder", "text_encoder_2", "text_encoder_3",
+                     "tokenizer", "tokenizer_2", "tokenizer_3")
+
+
 def check_model_path(args: argparse.Namespace) -> None:
     """A local model folder must exist and hold a diffusers pipeline; Hub ids are checked at load time."""
     check_pipeline_folder("--pretrained_model_name_or_path", args.pretrained_model_name_or_path, "model_index.json")
+    check_pipeline_components(args.pretrained_model_name_or_path,
+                              skip={"vae"} if getattr(args, "pretrained_vae_model_name_or_path", None) else set())
     vae = getattr(args, "pretrained_vae_model_name_or_path", None)
     if vae:
         check_pipeline_folder("--pretrained_vae_model_name_or_path", vae, "config.json")
@@ -530,6 +578,24 @@ def check_pipeline_folder(flag: str, value: str, marker: str) -> None:
         raise CliError(f"{flag} '{value}' is not a diffusers folder (no {marker}).")
     if not path.exists() and _looks_local(value):
         raise CliError(f"{flag} '{value}' does not exist.")
+
+
+def check_pipeline_components(value: str, skip: set[str]) -> None:
+    """Every component that model_index.json lists and the scripts load must have its folder;
+    otherwise diffusers reports a missing config.json without saying which component is absent."""
+    index_file = Path(value).expanduser() / "model_index.json"
+    if not index_file.is_file():
+        return
+    try:
+        index = json.loads(index_file.read_text())
+    except (ValueError, UnicodeDecodeError) as err:
+        raise CliError(f"--pretrained_model_name_or_path: {index_file} is not valid JSON: {err}") from err
+    listed = {name for name, entry in index.items() if isinstance(entry, list) and entry and entry[0] is not None}
+    missing = sorted(name for name in listed & set(LOADED_COMPONENTS) - skip
+                     if not (index_file.parent / name).is_dir())
+    if missing:
+        raise CliError(f"--pretrained_model_name_or_path '{value}' lacks the component folder(s) "
+                       f"{', '.join(name + '/' for name in missing)} that its model_index.json lists.")
 
 
 def _looks_local(path: str) -> bool:

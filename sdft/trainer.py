@@ -44,10 +44,12 @@ from sdft.data.sources import DataError
 from sdft.data.text_cache import TextCache
 from sdft.ema import EMA
 from sdft.families.source import ModelSource
+from sdft.guards import NonFiniteError, NonFiniteGuard, check_precision_device, require_finite_weights
 from sdft.lora import KOHYA_WEIGHT_NAME, WEIGHT_NAME, rank_and_alpha
 from sdft.model_spec import describe_base, stamped, training_metadata
 from sdft.objectives import latent_mask, split_prior
 from sdft.optim import build_lr_scheduler
+from sdft.preemption import Interrupted, StopRequest, stop_if_requested
 from sdft.output import (check_replicas_agree, export_lora, export_pipeline, export_single_file, final_images,
                          load_saved_lora)
 from sdft.plots import Pictures
@@ -60,13 +62,17 @@ from sdft.validation import ValidationPlan, generate, log_images, plan_prompts, 
 
 logger = logging.getLogger("sdft")
 
-USER_ERRORS = (CliError, DataError, hub.HubError, FileNotFoundError)
+USER_ERRORS = (CliError, DataError, hub.HubError, FileNotFoundError, NonFiniteError)
 
 
 def run(main: Callable[[argparse.Namespace], None], args: argparse.Namespace) -> int:
     """Entry-point wrapper: a bad input ends the run with its message instead of a traceback."""
     try:
         main(args)
+    except Interrupted as err:
+        logger.warning("%s", err)
+        print(f"interrupted: {err}", file=sys.stderr)
+        return err.exit_code
     except USER_ERRORS as err:
         logger.error("%s", err)
         print(f"error: {err}", file=sys.stderr)
@@ -118,6 +124,8 @@ class Run:
     stepper: OptimizerStepper | None = None               # applies the optimizer (after or during backward)
     stats: RunStats = field(default_factory=RunStats.off)  # step timers (main process), see run_stats.py
     pictures: Pictures | None = None                       # loss.png and validation/grid.png (main process)
+    guard: NonFiniteGuard | None = None                   # stops (or skips) non-finite steps
+    stop: StopRequest | None = None                       # SIGTERM/SIGINT: checkpoint, then exit
 
 
 def make_accelerator(args: argparse.Namespace) -> Accelerator:
@@ -131,6 +139,7 @@ def make_accelerator(args: argparse.Namespace) -> Accelerator:
     )
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S",
                         level=logging.INFO if accelerator.is_local_main_process else logging.WARNING)
+    check_precision_device(accelerator.mixed_precision, accelerator.device)
     if args.allow_tf32 and torch.cuda.is_available():
         torch.backends.cuda.matmul.allow_tf32 = True
     return accelerator
@@ -195,8 +204,14 @@ def train(args: argparse.Namespace, family, make_objective=ddpm_objective, make_
         run_state.pictures = Pictures.attach(accelerator, output_dir)
     run_state.stats = RunStats(accelerator.is_main_process, accelerator.device, accelerator.num_processes)
     log_plan(run_state, len(dataset), args)
-    run_epochs(run_state, position)
-    finish(run_state, args, repo_id)
+    run_state.guard = NonFiniteGuard(accelerator, getattr(args, "skip_nan_steps", 0), position, output_dir,
+                                     check_grad_norm=accelerator.scaler is None)
+    run_state.stop = StopRequest().install()
+    try:
+        run_epochs(run_state, position)
+        finish(run_state, args, repo_id)
+    finally:
+        run_state.stop.restore()
 
 
 def build_run(args: argparse.Namespace, family, make_objective, accelerator: Accelerator, dataset, seed: int) -> Run:
@@ -372,8 +387,10 @@ def run_epoch(run_state: Run, position: Position, epoch: int, skip: int, progres
         accelerator.log({"train_loss": mean_loss, "lr": lr, "epoch": epoch}, step=position.global_step)
         progress.update(1)
         progress.set_postfix(loss=f"{mean_loss:.4f}", lr=f"{lr:.2e}")
-        if position.global_step % run_state.checkpointing_steps == 0:
+        saved = position.global_step % run_state.checkpointing_steps == 0
+        if saved:
             run_state.checkpointer.save(position)
+        stop_if_requested(run_state.stop, accelerator, run_state.checkpointer, position, saved)
         if position.global_step >= run_state.max_train_steps:
             break
 
@@ -419,13 +436,18 @@ def training_step(run_state: Run, batch: dict, micro_step: int) -> tuple[torch.T
     run_state.stats.lap("denoiser")
     if learn_tokens and accelerator.sync_gradients:
         new_tokens.prepare_gradients(accelerator)
+    grad_norm = None
     if accelerator.sync_gradients and run_state.max_grad_norm:
-        accelerator.clip_grad_norm_(run_state.params_to_clip, run_state.max_grad_norm)
-    run_state.stepper.step()  # optimizer.step() and zero_grad, or nothing when the backward pass did it
+        grad_norm = accelerator.clip_grad_norm_(run_state.params_to_clip, run_state.max_grad_norm)
+    update = run_state.guard is None or run_state.guard.allows_step(loss, grad_norm, accelerator.sync_gradients)
+    if update:
+        run_state.stepper.step()  # optimizer.step() and zero_grad, or nothing when the backward pass did it
+    else:
+        run_state.optimizer.zero_grad(set_to_none=True)  # a skipped step: drop the non-finite gradients
     run_state.lr_scheduler.step()
     if learn_tokens and accelerator.sync_gradients:
         new_tokens.restore()
-    if accelerator.sync_gradients and run_state.trained.ema is not None:
+    if update and accelerator.sync_gradients and run_state.trained.ema is not None:
         run_state.trained.ema.step(run_state.trained.modules[family.denoiser_role].parameters())
     run_state.stats.lap("optimizer")
     return loss, per_sample.detach()
@@ -475,6 +497,7 @@ def finish(run_state: Run, args: argparse.Namespace, repo_id: str | None) -> Non
     accelerator.wait_for_everyone()
     new_tokens = run_state.token_embeddings
     check_replicas_agree(accelerator, {**run_state.trained.modules, **(new_tokens.modules() if new_tokens else {})})
+    require_finite_weights(run_state.trained.modules, f"the model to {run_state.output_dir}")  # on every process
     if accelerator.is_main_process:
         save_outputs(run_state, args)
     accelerator.wait_for_everyone()

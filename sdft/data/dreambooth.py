@@ -22,7 +22,7 @@ from typing import Callable
 import datasets
 import torch
 from accelerate.utils.memory import clear_device_cache
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
 from torch.utils.data import Dataset
 from tqdm.auto import tqdm
 
@@ -30,9 +30,11 @@ from sdft.data.dataset import seeded_rng, stack_masks, target_sizes
 from sdft.data.latent_cache import CacheImage, LatentCache, describe_image
 from sdft.data.sources import (
     IMAGE_SUFFIXES,
+    READ_ERRORS,
     CaptionedImages,
     DataError,
     caption_csv_captions,
+    decode_error,
     checked_images,
     find_images,
     load_named_dataset,
@@ -47,7 +49,6 @@ INSTANCE_PROMPT_COLUMN = "sdft_instance_prompt"
 # Class images draw their augmentation from index + CLASS_STREAM, so the crop and flip of the
 # class half of an item are independent of those of its instance half.
 CLASS_STREAM = 1 << 40
-_READ_ERRORS = (OSError, UnidentifiedImageError, ValueError, SyntaxError)
 
 CacheKey = tuple[str, int]
 
@@ -125,21 +126,18 @@ def _scan_images(folder: Path, flag: str, warn: bool = True, recursive: bool = F
 
 
 def _is_image(path: Path) -> bool:
-    try:
-        with Image.open(path) as image:
-            image.verify()
-    except _READ_ERRORS as err:
-        if path.suffix.lower() in IMAGE_SUFFIXES:
-            raise DataError(f"Cannot read image {path}: {err}") from err
-        return False
-    return True
+    """Decoded in full: a truncated file must fail here, not when the shuffle reaches it."""
+    error = decode_error(path)
+    if error is not None and path.suffix.lower() in IMAGE_SUFFIXES:
+        raise DataError(f"Cannot read image {path}: {error}")
+    return error is None
 
 
 def _open_class_image(path: Path) -> Image.Image:
     try:
         image = Image.open(path)
         image.load()
-    except _READ_ERRORS as err:
+    except READ_ERRORS as err:
         raise DataError(f"Cannot read class image {path}: {err}") from err
     return image
 

@@ -145,7 +145,7 @@ def test_resumed_run_equals_uninterrupted_run(tiny_sd, image_folder, tmp_path):
     straight, resumed = tmp_path / "straight", tmp_path / "resumed"
     accelerate_launch(SCRIPT, sd_args(tiny_sd, image_folder, straight, *common))
     state = json.loads((straight / "checkpoint-3" / "training_state.json").read_text())
-    assert state == {"global_step": 3, "epoch": 1, "batches_in_epoch": 2, "seed": 0}
+    assert state == {"global_step": 3, "epoch": 1, "batches_in_epoch": 2, "seed": 0, "skipped_steps": 0}
 
     resumed.mkdir()
     shutil.copytree(straight / "checkpoint-3", resumed / "checkpoint-3")
@@ -180,8 +180,10 @@ def test_checkpoint_rotation_and_resume_by_name(tiny_sd, image_folder, tmp_path)
     accelerate_launch(SCRIPT, sd_args(tiny_sd, image_folder, out, *base, "--max_train_steps", "4"))
     assert checkpoints(out) == {"checkpoint-2", "checkpoint-4"}
     (out / "checkpoints.txt").write_text("a stray file must not confuse rotation or 'latest'\n")
-    # A checkpoint as diffusers' script writes it has no training_state.json: the step comes from the name.
+    # A checkpoint as diffusers' script writes it has no training_state.json (the step comes from the
+    # name) and no manifest.json (it is trusted as it is).
     (out / "checkpoint-4" / "training_state.json").unlink()
+    (out / "checkpoint-4" / "manifest.json").unlink()
     accelerate_launch(SCRIPT, sd_args(tiny_sd, image_folder, out, *base, "--max_train_steps", "8",
                                       "--resume_from_checkpoint", "checkpoint-4", "--checkpoints_total_limit", "2"))
     assert checkpoints(out) == {"checkpoint-6", "checkpoint-8", "checkpoints.txt"}

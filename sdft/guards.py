@@ -1,0 +1,96 @@
+"""Checks that stop a run before it writes something useless.
+
+- `check_precision_device`: fp16 autocast does not exist on the CPU, where a run would crash at the
+  first matmul with a dtype mismatch; the precision may come from `accelerate config`, so the
+  accelerator, not the flag, is asked.
+- `NonFiniteGuard`: a NaN or infinite loss (or gradient norm) stops the run before the optimizer
+  step that would apply it, or, with `--skip_nan_steps N`, skips up to N such steps. A skipped step
+  still counts as a step (its batches are consumed, the LR schedule advances, `--max_train_steps`
+  and `--checkpointing_steps` keep their meaning); only the weight update (and the EMA update) is
+  left out. The number skipped so far is stored in the checkpoint, so a resumed run has the same
+  budget left as an uninterrupted one.
+- `require_finite_weights`: the last line of defence before weights are written.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import torch
+
+logger = logging.getLogger("sdft")
+
+CAUSES = ("Usual causes: a learning rate too high for this model (lower --learning_rate, or add warmup with "
+          "--lr_warmup_steps), or --mixed_precision fp16 with a VAE that overflows in fp16 (SDXL's VAE: use "
+          "--pretrained_vae_model_name_or_path madebyollin/sdxl-vae-fp16-fix, or bf16). --skip_nan_steps N skips "
+          "up to N such steps instead of stopping.")
+
+
+class NonFiniteError(RuntimeError):
+    """Training diverged; the message names the step, the last good checkpoint and the usual causes."""
+
+
+def check_precision_device(mixed_precision: str, device: torch.device) -> None:
+    if mixed_precision == "fp16" and device.type == "cpu":
+        from sdft.cli import CliError
+
+        raise CliError("Mixed precision fp16 (from --mixed_precision or the accelerate config) needs a GPU; "
+                       "this run is on the CPU. Use --mixed_precision bf16 (or no).")
+
+
+class NonFiniteGuard:
+    """Called once per micro-step, before `optimizer.step()`. Non-finite losses of the micro-steps
+    of an accumulation window are remembered on the device and checked on the sync step, where one
+    host transfer (and, with several processes, one all-reduce, since the loss is per process) decides
+    for every process alike."""
+
+    def __init__(self, accelerator, skip_budget: int, position, output_dir: Path, check_grad_norm: bool):
+        self.accelerator = accelerator
+        self.skip_budget = skip_budget
+        self.position = position          # its `skipped_steps` is saved with every checkpoint
+        self.output_dir = Path(output_dir)
+        # Under fp16 the grad scaler expects (and skips) steps with infinite gradients; only the loss counts then.
+        self.check_grad_norm = check_grad_norm
+        self.bad = torch.zeros((), dtype=torch.bool, device=accelerator.device)
+
+    def allows_step(self, loss: torch.Tensor, grad_norm: torch.Tensor | None, sync: bool) -> bool:
+        """False: skip this optimizer step. Raises NonFiniteError when the skip budget is spent."""
+        self.bad |= ~torch.isfinite(loss.detach()).all()
+        if not sync:
+            return True
+        what = "loss"
+        if grad_norm is not None and self.check_grad_norm and not self.bad.item():
+            self.bad |= ~torch.isfinite(torch.as_tensor(grad_norm, device=self.bad.device))
+            what = "loss or gradient norm"
+        bad = self.bad.float().reshape(1)
+        if self.accelerator.num_processes > 1:
+            bad = self.accelerator.reduce(bad, reduction="sum")
+        self.bad = torch.zeros_like(self.bad)
+        if not bad.item():
+            return True
+        step = self.position.global_step + 1
+        if self.position.skipped_steps < self.skip_budget:
+            self.position.skipped_steps += 1
+            logger.warning("Step %d: non-finite %s; skipped the update (%d of --skip_nan_steps %d).", step, what,
+                           self.position.skipped_steps, self.skip_budget)
+            return False
+        raise NonFiniteError(f"Step {step}: the {what} is not finite (NaN or inf); stopped before applying it. "
+                             f"{last_good_checkpoint(self.output_dir)} {CAUSES}")
+
+
+def last_good_checkpoint(output_dir: Path) -> str:
+    from sdft.checkpointing import resolve_resume
+
+    latest = resolve_resume("latest", output_dir)
+    if latest is None:
+        return "No checkpoint was written yet."
+    return f"The last good checkpoint is {latest} (resume with --resume_from_checkpoint latest)."
+
+
+def require_finite_weights(modules: dict[str, torch.nn.Module], what: str) -> None:
+    """Raise before writing `what` if any trained weight is NaN or infinite."""
+    for role, module in modules.items():
+        for name, param in module.named_parameters():
+            if param.requires_grad and not torch.isfinite(param.detach()).all():
+                raise NonFiniteError(f"Not writing {what}: the trained weight {role}.{name} is not finite. {CAUSES}")
