@@ -91,8 +91,8 @@ from diffusers import UNet2DModel
 from sdft.checkpointing import Checkpointer, Position, TrainedWeights
 
 class StallingWeights(TrainedWeights):
-    def save(self, directory):
-        super().save(directory)                  # the weights are written, the save is not finished
+    def save(self, directory, **kwargs):
+        super().save(directory, **kwargs)                  # the weights are written, the save is not finished
         (Path(sys.argv[1]) / "stalled").write_text("")
         time.sleep(600)
 
