@@ -257,3 +257,16 @@ def test_bucket_flags_parse_in_every_script_with_kohya_defaults(base):
     assert (args.enable_bucket, args.min_bucket_reso, args.max_bucket_reso, args.bucket_reso_steps,
             args.bucket_no_upscale) == (True, 256, 1024, 64, False)
     assert not t2i.parse_args(base[:2]).enable_bucket
+
+
+@pytest.mark.parametrize("crop_to_mask", [False, True])
+def test_a_mask_is_cropped_to_the_bucket_with_its_image(crop_to_mask):
+    image = Image.new("RGB", (120, 48), (0, 0, 255))
+    mask = Image.new("L", (120, 48), 0)
+    mask.paste(255, (90, 10, 114, 40))   # the subject sits at the right; resized, the image is 60x24
+    transform = ImageTransform(32, center_crop=True, random_flip=False, crop_to_mask=crop_to_mask)
+    out = transform(image, None, mask, (24, 40))
+    assert tuple(out.pixels.shape) == (3, 24, 40) and tuple(out.mask.shape) == (1, 24, 40)
+    placement = transform.place((48, 120), None, (24, 40), mask.resize((60, 24)))
+    assert out.crop_top_left == placement.crop_top_left
+    assert out.crop_top_left == ((0, 20) if crop_to_mask else (0, 10)), "the crop follows the mask only with crop_to_mask"
