@@ -41,6 +41,8 @@ def build_parser() -> argparse.ArgumentParser:
     cli.add_sd3_lora_args(parser)
     cli.add_subject_args(parser)
     cli.add_single_file_args(parser)
+    cli.add_bucket_args(parser, multiple=16)
+    cli.add_validation_loss_args(parser, dreambooth=True)
     cli.add_checkpoint_args(parser)
     cli.add_divergence_args(parser)
     cli.add_validation_args(parser, prompt_list=False)
@@ -54,7 +56,8 @@ def build_parser() -> argparse.ArgumentParser:
 def parse_args(input_args: list[str] | None = None) -> argparse.Namespace:
     checks = [cli.check_positive, cli.check_model_path, cli.check_dreambooth, cli.check_sd3, cli.check_lora,
               cli.check_resume, cli.check_validation, cli.check_tracking_and_hub, cli.check_accelerators,
-              cli.check_single_file]
+              cli.check_single_file,
+              cli.check_buckets, cli.check_validation_loss]
     checks.append(cli.check_subject)
     checks.append(cli.check_memory_flags)
     checks.append(cli.check_caches)

@@ -17,11 +17,13 @@ from accelerate import Accelerator
 from sdft.cli import CliError, cache_folder
 from sdft.data.archives import data_folder
 from sdft.data.caches import CacheSettings
+from sdft.data.buckets import BucketPlan, BucketSettings, captioned_image_sizes, log_plan
 from sdft.data.dataset import CaptionedImageDataset
 from sdft.data.preprocess.subject import CACHE_FOLDER, SubjectPlan, prepare_subject
 from sdft.data.dreambooth import (DreamBoothDataset, generate_class_images, load_class_images, load_instance_images,
                                   missing_class_images)
-from sdft.data.sources import load_captioned_images
+from sdft.data.held_out import split_held_out
+from sdft.data.sources import CaptionedImages, load_captioned_images
 from sdft.data.transforms import ImageTransform
 from sdft.families.source import ModelSource
 from sdft.objectives import DDPMObjective, FlowMatchingObjective, flow_sigma_table, timestep_bias_weights
@@ -56,6 +58,28 @@ def subject_plan(args: argparse.Namespace, root: Path | None) -> SubjectPlan:
     )
 
 
+def bucket_settings(args: argparse.Namespace) -> BucketSettings | None:
+    if not getattr(args, "enable_bucket", False):
+        return None
+    return BucketSettings(args.resolution, args.min_bucket_reso, args.max_bucket_reso, args.bucket_reso_steps,
+                          args.bucket_no_upscale)
+
+
+def bucket_plan(args: argparse.Namespace, images: CaptionedImages, what: str = "training") -> BucketPlan | None:
+    """The buckets of `images` under --enable_bucket (None without), logged as a table."""
+    settings = bucket_settings(args)
+    if settings is None:
+        return None
+    plan = BucketPlan.build(captioned_image_sizes(images), settings)
+    log_plan(plan, images.name, settings, what)
+    return plan
+
+
+def validation_seed(args: argparse.Namespace, seed: int) -> int:
+    chosen = getattr(args, "validation_seed", None)
+    return seed if chosen is None else chosen
+
+
 def text_image_data(args: argparse.Namespace, seed: int, accelerator: Accelerator, family) -> CaptionedImageDataset:
     data_dir, _ = data_folder(args.train_data_dir, cache_root(args), accelerator)
     images = load_captioned_images(
@@ -66,8 +90,19 @@ def text_image_data(args: argparse.Namespace, seed: int, accelerator: Accelerato
     )
     root = Path(data_dir) if data_dir is not None and args.dataset_name is None else None
     images = prepare_subject(images, subject_plan(args, root), accelerator)
-    return CaptionedImageDataset(images, image_transform(args), seed,
-                                 empty_caption_rate=getattr(args, "proportion_empty_prompts", 0.0))
+    images, held_out = split_held_out(images, getattr(args, "validation_split", 0.0), validation_seed(args, seed))
+    if getattr(args, "validation_data_dir", None) is not None:
+        held_out = load_captioned_images(
+            dataset_name=None, dataset_config_name=None, train_data_dir=args.validation_data_dir,
+            image_column=args.image_column, caption_column=args.caption_column, cache_dir=args.cache_dir,
+            max_train_samples=None, seed=seed)
+    dataset = CaptionedImageDataset(images, image_transform(args), seed,
+                                    empty_caption_rate=getattr(args, "proportion_empty_prompts", 0.0),
+                                    buckets=bucket_plan(args, images))
+    if held_out is not None:
+        dataset.held_out = CaptionedImageDataset(held_out, image_transform(args), validation_seed(args, seed),
+                                                 buckets=bucket_plan(args, held_out, "held-out"))
+    return dataset
 
 
 def dreambooth_data(args: argparse.Namespace, seed: int, accelerator: Accelerator, family) -> DreamBoothDataset:
@@ -90,8 +125,19 @@ def dreambooth_data(args: argparse.Namespace, seed: int, accelerator: Accelerato
                                   sample_batch_size=args.sample_batch_size, accelerator=accelerator, seed=seed,
                                   start_index=args.num_class_images - missing)
         class_images = load_class_images(class_dir, recursive=nested)[: args.num_class_images]
-    return DreamBoothDataset(instance, image_transform(args), seed, repeats=args.repeats,
-                             class_images=class_images, class_prompt=args.class_prompt)
+    instance, held_out = split_held_out(instance, getattr(args, "validation_split", 0.0), validation_seed(args, seed))
+    if getattr(args, "validation_data_dir", None) is not None:
+        held_out = load_instance_images(
+            instance_data_dir=args.validation_data_dir, dataset_name=None, dataset_config_name=None,
+            image_column=args.image_column, caption_column=None, instance_prompt=args.instance_prompt,
+            cache_dir=args.cache_dir)
+    dataset = DreamBoothDataset(instance, image_transform(args), seed, repeats=args.repeats,
+                                class_images=class_images, class_prompt=args.class_prompt,
+                                buckets=bucket_plan(args, instance))
+    if held_out is not None:
+        dataset.held_out = DreamBoothDataset(held_out, image_transform(args), validation_seed(args, seed),
+                                             buckets=bucket_plan(args, held_out, "held-out"))
+    return dataset
 
 
 class ClassImagePipeline:

@@ -113,7 +113,8 @@ def add_dreambooth_args(parser: argparse.ArgumentParser, *, hub_dataset: bool = 
 def add_image_args(parser: argparse.ArgumentParser) -> None:
     g = parser.add_argument_group("image preprocessing")
     g.add_argument("--resolution", type=int, default=512,
-                   help="Training resolution in pixels: the shorter side is resized to it, then a square is cropped.")
+                   help="Training resolution in pixels: the shorter side is resized to it, then a square is cropped "
+                        "(with --enable_bucket: buckets of about this many pixels squared).")
     g.add_argument("--center_crop", action="store_true", help="Crop the centre (default: a random crop).")
     g.add_argument("--random_flip", action="store_true", help="Flip images horizontally with probability 0.5.")
     g.add_argument("--image_interpolation_mode", type=str, default="lanczos", choices=INTERPOLATION_MODES,
@@ -414,6 +415,41 @@ def add_divergence_args(parser: argparse.ArgumentParser) -> None:
                         help="Skip up to this many optimizer steps whose loss (or gradient norm) is NaN or "
                              "infinite, logging each; the step still counts and the LR schedule advances. "
                              "Default 0: the first such step stops the run before it is applied.")
+
+
+def add_bucket_args(parser: argparse.ArgumentParser, *, multiple: int = 8) -> None:
+    """kohya sd-scripts' bucket flags. `multiple`: what --bucket_reso_steps must divide into for
+    this family (8 = the VAE's downsampling; SD3 needs 16: VAE 8 x transformer patch 2)."""
+    g = parser.add_argument_group("aspect-ratio buckets")
+    g.add_argument("--enable_bucket", action="store_true",
+                   help="Train each image near its own aspect ratio: images are grouped into buckets of about "
+                        "--resolution² pixels and every batch holds one bucket's images (default: every image is "
+                        "cropped to a --resolution square).")
+    g.add_argument("--min_bucket_reso", type=int, default=256, help="Smallest bucket side in pixels.")
+    g.add_argument("--max_bucket_reso", type=int, default=1024, help="Largest bucket side in pixels.")
+    g.add_argument("--bucket_reso_steps", type=int, default=64,
+                   help=f"Bucket sides are multiples of this many pixels (a multiple of {multiple}).")
+    g.add_argument("--bucket_no_upscale", action="store_true",
+                   help="Never enlarge an image: one its bucket would enlarge gets a smaller bucket of its own.")
+    parser.set_defaults(_bucket_multiple=multiple)
+
+
+def add_validation_loss_args(parser: argparse.ArgumentParser, *, dreambooth: bool = False) -> None:
+    """kohya sd-scripts' held-out validation-loss flags (image validation is add_validation_args)."""
+    g = parser.add_argument_group("validation loss on held-out images")
+    g.add_argument("--validation_split", type=float, default=0.0,
+                   help="Fraction of the training images held out (never trained on) to compute val_loss on; "
+                        "0 (default) holds none out.")
+    g.add_argument("--validation_data_dir", type=str, default=None,
+                   help="A folder of held-out images to compute val_loss on, "
+                        + ("captioned with --instance_prompt." if dreambooth else
+                           "laid out like --train_data_dir (with --instance_data_dir: images captioned with "
+                           "--instance_prompt)."))
+    g.add_argument("--validation_seed", type=int, default=None,
+                   help="Seed choosing the held-out images and the fixed noise and timesteps of val_loss "
+                        "(default: --seed).")
+    g.add_argument("--validate_every_n_steps", type=int, default=None,
+                   help="Compute val_loss every N optimizer steps (default: at the end of every epoch).")
 
 
 def add_checkpoint_args(parser: argparse.ArgumentParser) -> None:
@@ -886,3 +922,46 @@ def check_accelerators(args: argparse.Namespace) -> None:
               f"{args.optimizer}", file=sys.stderr)
     if args.use_8bit_adam and importlib.util.find_spec("bitsandbytes") is None:
         raise CliError("--use_8bit_adam needs bitsandbytes: pip install bitsandbytes.")
+
+
+def check_buckets(args: argparse.Namespace) -> None:
+    from sdft.data.buckets import BucketSettings, bucket_sizes
+
+    if not args.enable_bucket:
+        typed = [f"--{name}" for name in ("min_bucket_reso", "max_bucket_reso", "bucket_reso_steps",
+                                          "bucket_no_upscale") if name in args._given]
+        if typed:
+            print(f"warning: {', '.join(typed)} has no effect without --enable_bucket", file=sys.stderr)
+        return
+    step, multiple = args.bucket_reso_steps, args._bucket_multiple
+    if step < multiple or step % multiple:
+        raise CliError(f"--bucket_reso_steps must be a positive multiple of {multiple}, got {step}.")
+    for name in ("min_bucket_reso", "max_bucket_reso"):
+        if getattr(args, name) < step or getattr(args, name) % step:
+            raise CliError(f"--{name} must be a multiple of --bucket_reso_steps {step}, got {getattr(args, name)}.")
+    if args.min_bucket_reso > args.max_bucket_reso:
+        raise CliError(f"--min_bucket_reso {args.min_bucket_reso} is larger than --max_bucket_reso "
+                       f"{args.max_bucket_reso}.")
+    if not bucket_sizes(BucketSettings(args.resolution, args.min_bucket_reso, args.max_bucket_reso, step)):
+        raise CliError(f"No bucket of about --resolution {args.resolution} squared pixels has both sides between "
+                       f"--min_bucket_reso {args.min_bucket_reso} and --max_bucket_reso {args.max_bucket_reso}.")
+    if getattr(args, "cache_latents", False) and getattr(args, "with_prior_preservation", False):
+        raise CliError("--enable_bucket with --cache_latents does not support --with_prior_preservation yet "
+                       "(a class image takes the bucket of each instance image it is paired with).")
+
+
+def check_validation_loss(args: argparse.Namespace) -> None:
+    if not 0 <= args.validation_split < 1:
+        raise CliError(f"--validation_split must be at least 0 and below 1, got {args.validation_split}.")
+    if args.validation_split and args.validation_data_dir is not None:
+        raise CliError("Give --validation_split or --validation_data_dir, not both.")
+    if args.validation_data_dir is not None and not Path(args.validation_data_dir).is_dir():
+        raise CliError(f"--validation_data_dir '{args.validation_data_dir}' is not a folder.")
+    enabled = bool(args.validation_split) or args.validation_data_dir is not None
+    for name in ("validate_every_n_steps", "validation_seed"):
+        if name in args._given and not enabled:
+            raise CliError(f"--{name} needs held-out images: add --validation_split or --validation_data_dir.")
+    if args.validate_every_n_steps is not None and args.validate_every_n_steps < 1:
+        raise CliError(f"--validate_every_n_steps must be at least 1, got {args.validate_every_n_steps}.")
+    if args.validation_seed is not None and not 0 <= args.validation_seed < 2**32:
+        raise CliError(f"--validation_seed must be between 0 and 2**32 - 1, got {args.validation_seed}.")

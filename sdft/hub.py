@@ -52,6 +52,7 @@ class CardInfo:
     ui_files: dict[str, str] = field(default_factory=dict)              # file -> a UI_FOLDERS kind
     pictures: list[str] = field(default_factory=list)                   # loss.png, validation/grid.png
     run_summary: dict = field(default_factory=dict)                     # sdft.run_stats summary lines
+    best_val_loss: tuple[float, int] | None = None                      # (val_loss, step) on held-out images
 
 
 def on_hub(model: str) -> bool:
@@ -100,6 +101,9 @@ def card_body(info: CardInfo) -> str:
         lines += ["## Training pictures", ""] + [f"![{Path(p).stem}]({p})" for p in info.pictures] + [""]
     if info.run_summary:
         lines += ["## Run summary", ""] + [f"- {k}: {v}" for k, v in info.run_summary.items()] + [""]
+    if info.best_val_loss is not None:
+        value, step = info.best_val_loss
+        lines += [f"Best validation loss on held-out images: {value:.6f} at step {step}.", ""]
     return "\n".join(lines)
 
 

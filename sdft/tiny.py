@@ -547,6 +547,7 @@ def _draw_shape(
 def make_images(
     output_dir: str | Path, num_images: int = 8, layout: str = "metadata", seed: int = 0,
     colours: Sequence[str] | None = None, shapes: Sequence[str] | None = None, size: int | None = None,
+    sizes: Sequence[tuple[int, int]] | None = None,
 ) -> Path:
     """Write `num_images` small captioned images and return the folder.
 
@@ -554,6 +555,8 @@ def make_images(
     imagefolder format; "captions": each image with a same-stem .txt caption; "images":
     images only, as in a DreamBooth instance folder. `colours`, `shapes` (default: all) and a
     square `size` (default: mixed sizes) make an easier set, as the demo uses.
+    `sizes`, (width, height) pairs used in turn, replaces the default mix of sizes, e.g.
+    ((40, 24), (24, 40), (32, 32)) for aspect buckets.
     """
     if layout not in LAYOUTS:
         raise ValueError(f"layout must be one of {LAYOUTS}, got {layout!r}")
@@ -569,9 +572,11 @@ def make_images(
     rng = random.Random(seed)
     # Rotating the size list (instead of sampling it) guarantees varied sizes in small sets.
     offset = rng.randrange(len(_IMAGE_SIZES))
+    chosen = [_IMAGE_SIZES[(offset + i) % len(_IMAGE_SIZES)] if sizes is None else tuple(sizes[i % len(sizes)])
+              for i in range(num_images)]
     records = []
     for i in range(num_images):
-        dims = (size, size) if size else _IMAGE_SIZES[(offset + i) % len(_IMAGE_SIZES)]
+        dims = (size, size) if size else chosen[i]
         image, caption = _draw_image(rng, dims, colours, shapes)
         # Alternate formats so loaders are exercised on both (JPEG also drops any alpha).
         if i % 2 == 0:

@@ -35,9 +35,10 @@ from tqdm.auto import tqdm
 from sdft import hub
 from sdft.checkpointing import Checkpointer, Position, TrainedWeights, read_position, resolve_resume
 from sdft.builders import (build_optimizer, build_stepper, cache_settings, check_memory, ddpm_objective,
-                           model_source, text_image_data, token_embeddings, token_plan, tracker_config)
+                           model_source, text_image_data, token_embeddings, token_plan, tracker_config,
+                           validation_seed)
 from sdft.cli import CliError
-from sdft.data.dataset import EpochShuffleSampler
+from sdft.data.dataset import EpochShuffleSampler, loader_order
 from sdft.data.caches import CacheSettings, fill_caches
 from sdft.data.latent_cache import sample_from_moments, sample_latents
 from sdft.data.sources import DataError
@@ -59,6 +60,7 @@ from sdft.textual_inversion import TokenEmbeddings, check_abstractions_used, sto
 from sdft.trainable import (LoraSpec, Placement, enable_gradient_checkpointing, param_groups, prepare_models,
                             trainable_params)
 from sdft.validation import ValidationPlan, generate, log_images, plan_prompts, save_images
+from sdft.validation_loss import ValidationLoss
 
 logger = logging.getLogger("sdft")
 
@@ -98,7 +100,7 @@ class Run:
     lr_scheduler: object
     dataloader: torch.utils.data.DataLoader
     dataset: torch.utils.data.Dataset
-    sampler: EpochShuffleSampler
+    sampler: EpochShuffleSampler           # or a BucketBatchSampler (--enable_bucket)
     checkpointer: Checkpointer
     trained: TrainedWeights
     seed: int
@@ -126,6 +128,7 @@ class Run:
     pictures: Pictures | None = None                       # loss.png and validation/grid.png (main process)
     guard: NonFiniteGuard | None = None                   # stops (or skips) non-finite steps
     stop: StopRequest | None = None                       # SIGTERM/SIGINT: checkpoint, then exit
+    val_loss: ValidationLoss | None = None                # held-out images (--validation_split/_data_dir)
 
 
 def make_accelerator(args: argparse.Namespace) -> Accelerator:
@@ -244,10 +247,9 @@ def build_run(args: argparse.Namespace, family, make_objective, accelerator: Acc
                                                    getattr(args, "adam_weight_decay_text_encoder", None))
                                 + ([{"params": new_tokens.params()}] if new_tokens else []),
                                 accelerator.num_processes)
-    sampler = EpochShuffleSampler(len(dataset), seed)
+    sampler, order = loader_order(dataset, args.train_batch_size, seed)
     dataloader = accelerator.prepare(torch.utils.data.DataLoader(
-        dataset, batch_size=args.train_batch_size, sampler=sampler, collate_fn=dataset.collate,
-        num_workers=args.dataloader_num_workers))
+        dataset, **order, collate_fn=dataset.collate, num_workers=args.dataloader_num_workers))
     updates_per_epoch = math.ceil(len(dataloader) / args.gradient_accumulation_steps)
     max_train_steps = args.max_train_steps or args.num_train_epochs * updates_per_epoch
     if new_tokens is not None:
@@ -286,7 +288,21 @@ def build_run(args: argparse.Namespace, family, make_objective, accelerator: Acc
         token_embeddings=new_tokens,
         masked_loss=getattr(args, "masked_loss", False),
         stepper=stepper,
+        val_loss=held_out_loss(args, accelerator, dataset, family, objective, weight_dtype, offloaded, seed,
+                               caption_map=new_tokens.plan.apply_all if new_tokens else None),
     )
+
+
+def held_out_loss(args: argparse.Namespace, accelerator: Accelerator, dataset, family, objective,
+                  weight_dtype: torch.dtype, offloaded: list[str], seed: int,
+                  caption_map=None) -> ValidationLoss | None:
+    held_out = getattr(dataset, "held_out", None)
+    if held_out is None:
+        return None
+    val_loss = ValidationLoss(held_out, args.train_batch_size, validation_seed(args, seed),
+                              args.validate_every_n_steps, family, objective, weight_dtype, offloaded, caption_map)
+    val_loss.register(accelerator)
+    return val_loss
 
 
 def precompute(family, models, dataset, accelerator: Accelerator, train_text_encoders: bool, *,
@@ -351,6 +367,8 @@ def run_epochs(run_state: Run, position: Position) -> Position:
             epoch += 1
             continue
         run_epoch(run_state, position, epoch, skip, progress)
+        if run_state.val_loss is not None and run_state.val_loss.due(position.global_step, end_of_epoch=True):
+            evaluate_held_out(run_state, position.global_step)
         if run_state.validation.enabled and epoch % run_state.validation_epochs == 0:
             validate(run_state, phase="validation", step=position.global_step, folder=f"epoch-{epoch:04d}")
         epoch += 1
@@ -387,6 +405,8 @@ def run_epoch(run_state: Run, position: Position, epoch: int, skip: int, progres
         accelerator.log({"train_loss": mean_loss, "lr": lr, "epoch": epoch}, step=position.global_step)
         progress.update(1)
         progress.set_postfix(loss=f"{mean_loss:.4f}", lr=f"{lr:.2e}")
+        if run_state.val_loss is not None and run_state.val_loss.due(position.global_step, end_of_epoch=False):
+            evaluate_held_out(run_state, position.global_step)
         saved = position.global_step % run_state.checkpointing_steps == 0
         if saved:
             run_state.checkpointer.save(position)
@@ -454,6 +474,13 @@ def training_step(run_state: Run, batch: dict, micro_step: int) -> tuple[torch.T
 
 
 # --------------------------------------------------------------------------- validation and output
+
+
+def evaluate_held_out(run_state: Run, step: int) -> None:
+    role = run_state.family.denoiser_role
+    # The unwrapped denoiser, trained or (textual inversion alone) frozen.
+    denoiser = run_state.trained.modules.get(role) or getattr(run_state.models, role)
+    run_state.val_loss.evaluate(run_state.accelerator, run_state.models, denoiser, step)
 
 
 def validation_pipeline(run_state: Run):
@@ -584,7 +611,8 @@ def card_info(run_state: Run, args: argparse.Namespace, samples: list[tuple[str,
         base_model=args.pretrained_model_name_or_path, title=Path(args.output_dir).name, license=family.license,
         tags=family.tags, lora=args.use_lora, pipeline_class=family.pipeline_cls.__name__,
         dataset=getattr(args, "dataset_name", None), instance_prompt=instance_prompt, embeddings=embeddings,
-        validation=samples, pictures=[str(p.relative_to(run_state.output_dir)) for p in pictures],
+        validation=samples, best_val_loss=run_state.val_loss.best if run_state.val_loss is not None else None,
+        pictures=[str(p.relative_to(run_state.output_dir)) for p in pictures],
         run_summary=summary or {},
         training={"steps": run_state.max_train_steps, "learning rate": args.learning_rate,
                   "batch size per device": args.train_batch_size, "resolution": args.resolution,

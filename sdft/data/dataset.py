@@ -3,7 +3,9 @@
 All randomness here (shuffle order, crop, flip, caption choice) is a pure function of
 (seed, epoch, index). A run resumed in the middle of an epoch therefore sees exactly the batches
 an uninterrupted run would have seen, whatever happened to the global RNGs in between, and the
-result does not depend on the number of data-loading workers.
+result does not depend on the number of data-loading workers. With aspect-ratio buckets
+(`sdft.data.buckets`) the batches are drawn the same way, by `BucketBatchSampler`; `loader_order`
+picks the sampler.
 
 The epoch is set with `use_epoch` rather than `set_epoch` on purpose: accelerate calls any
 `set_epoch` it finds with its own iteration counter, which restarts at 0 for the loader that
@@ -18,6 +20,7 @@ from typing import Iterator
 import torch
 from torch.utils.data import Dataset, Sampler
 
+from sdft.data.buckets import BucketBatchSampler, BucketPlan, captioned_image_sizes
 from sdft.data.latent_cache import CacheImage, LatentCache, describe_image
 from sdft.data.sources import CaptionedImages
 from sdft.data.transforms import ImageTransform, Placement, Transformed, upright
@@ -30,14 +33,23 @@ def seeded_rng(seed: int, epoch: int, index: int) -> random.Random:
 
 class CaptionedImageDataset(Dataset):
     """`empty_caption_rate` replaces captions with "" at that rate, drawn anew every epoch
-    (SDXL's --proportion_empty_prompts; upstream draws once, when it precomputes embeddings)."""
+    (SDXL's --proportion_empty_prompts; upstream draws once, when it precomputes embeddings).
 
-    def __init__(self, images: CaptionedImages, transform: ImageTransform, seed: int, empty_caption_rate: float = 0.0):
+    `buckets` (a `sdft.data.buckets.BucketPlan` over `images`, --enable_bucket) gives each image
+    its own target size; without it every image is cropped to the square --resolution.
+    `target_size(index)` and `placement(index, epoch)` say, without decoding pixels, what item
+    `index` of an epoch is: its size, resize, crop corner and flip. `held_out` is the dataset of
+    the images kept out of training for the validation loss, if any."""
+
+    def __init__(self, images: CaptionedImages, transform: ImageTransform, seed: int, empty_caption_rate: float = 0.0,
+                 buckets: BucketPlan | None = None):
         self.images = images
         self.transform = transform
         self.seed = seed
         self.empty_caption_rate = empty_caption_rate
         self.epoch = 0
+        self.buckets = buckets
+        self.held_out: Dataset | None = None
         self.latent_cache: LatentCache | None = None   # set by sdft.data.caches with --cache_latents
 
     def use_epoch(self, epoch: int) -> None:
@@ -56,6 +68,23 @@ class CaptionedImageDataset(Dataset):
             found.add("")
         return found
 
+    def target_size(self, index: int) -> tuple[int, int]:
+        """(height, width) item `index` is cropped to: its bucket, or the square --resolution."""
+        if self.buckets is None:
+            return (self.transform.resolution, self.transform.resolution)
+        return self.buckets.bucket[index]
+
+    def item_buckets(self) -> list[tuple[int, int]]:
+        return list(self.buckets.bucket)
+
+    def placement(self, index: int, epoch: int | None = None) -> Placement:
+        """The geometry item `index` has in `epoch` (default: the current one), as __getitem__ makes it
+        (under --crop_to_mask the crop follows the mask, which this does not read)."""
+        rng = seeded_rng(self.seed, self.epoch if epoch is None else epoch, index)
+        size = self.buckets.sizes[index] if self.buckets is not None else captioned_image_sizes(
+            self.images, index, index + 1)[0]
+        return self.transform.place(size, rng, self.target_size(index))
+
     def cache_keys(self) -> list[int]:
         return list(range(len(self.images)))
 
@@ -64,7 +93,8 @@ class CaptionedImageDataset(Dataset):
         with self.images.open_image(key, header_only=True) as header:
             mask = self.images.open_mask(key, header) if self.transform.crop_to_mask else None
             return describe_image(self.transform, header, self.images.describe(key),
-                                  self.images.content_identity(key), seeded_rng(self.seed, 0, key), mask=mask)
+                                  self.images.content_identity(key), seeded_rng(self.seed, 0, key),
+                                  target=self.target_size(key), mask=mask)
 
     def cache_pixels(self, key: int, plan: Placement) -> Transformed:
         image = self.images.open_image(key)
@@ -76,7 +106,7 @@ class CaptionedImageDataset(Dataset):
             item = self.latent_cache.draw(index, rng)
         else:
             image = self.images.open_image(index)
-            out = self.transform(image, rng, self.images.open_mask(index, image))
+            out = self.transform(image, rng, self.images.open_mask(index, image), self.target_size(index))
             item = {"pixel_values": out.pixels, "original_size": out.original_size,
                     "crop_top_left": out.crop_top_left}
             if out.mask is not None:
@@ -134,3 +164,13 @@ def target_sizes(examples: list[dict], prefix: str) -> torch.Tensor:
     """(height, width) of each example's pixels, or of the pixels its cached latent was made from."""
     return torch.tensor([e[prefix + "target_size"] if prefix + "target_size" in e
                          else tuple(e[prefix + "pixel_values"].shape[-2:]) for e in examples], dtype=torch.long)
+
+
+def loader_order(dataset, batch_size: int, seed: int) -> tuple[object, dict]:
+    """The per-epoch sampler of `dataset` and the DataLoader arguments that use it: batches of one
+    bucket when the dataset has buckets, else a shuffled permutation cut into `batch_size`."""
+    if getattr(dataset, "buckets", None) is None:
+        sampler = EpochShuffleSampler(len(dataset), seed)
+        return sampler, {"sampler": sampler, "batch_size": batch_size}
+    sampler = BucketBatchSampler(dataset.item_buckets(), batch_size, seed)
+    return sampler, {"batch_sampler": sampler}

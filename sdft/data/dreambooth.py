@@ -26,6 +26,7 @@ from PIL import Image
 from torch.utils.data import Dataset
 from tqdm.auto import tqdm
 
+from sdft.data.buckets import BucketPlan
 from sdft.data.dataset import seeded_rng, stack_masks, target_sizes
 from sdft.data.latent_cache import CacheImage, LatentCache, describe_image
 from sdft.data.sources import (
@@ -216,10 +217,16 @@ class DreamBoothDataset(Dataset):
     `class_prompt`. The length is the larger of the two, as upstream.
 
     `latent_cache`, when the trainer sets it (sdft.data.caches), holds an entry per key of
-    `cache_keys`; items then carry posterior moments instead of pixels and never open an image."""
+    `cache_keys`; items then carry posterior moments instead of pixels and never open an image.
+
+    `buckets` (a `BucketPlan` over the instance images, --enable_bucket) sets each item's target
+    size from its instance image; the class image paired with it is resized and cropped to the
+    same bucket, so a batch's [instance half; class half] stays one tensor at any batch size.
+    `held_out` is the dataset of instance images kept out of training for the validation loss."""
 
     def __init__(self, instance: CaptionedImages, transform: ImageTransform, seed: int, repeats: int = 1,
-                 class_images: list[Path] | None = None, class_prompt: str | None = None):
+                 class_images: list[Path] | None = None, class_prompt: str | None = None,
+                 buckets: BucketPlan | None = None):
         if repeats < 1:
             raise DataError(f"--repeats must be at least 1, got {repeats}.")
         if len(instance) == 0:
@@ -237,6 +244,8 @@ class DreamBoothDataset(Dataset):
         self.class_images = [Path(p) for p in class_images] if class_images else None
         self.class_prompt = class_prompt
         self.epoch = 0
+        self.buckets = buckets
+        self.held_out: Dataset | None = None
         self.latent_cache: LatentCache | None = None
 
     def use_epoch(self, epoch: int) -> None:
@@ -250,14 +259,24 @@ class DreamBoothDataset(Dataset):
         row = index % len(self.instance)
         # The caption is drawn before the image so it is the same with and without a latent cache.
         item = {"caption": rng.choice(self.instance.captions(row)), "name": self.instance.name(row)}
-        item.update(self._image(("instance", row), rng, prefix=""))
+        item.update(self._image(("instance", row), rng, prefix="", target=self.target_size(index)))
         if self.class_images:
             slot = index % len(self.class_images)
             item["class_caption"] = self.class_prompt
             item["class_name"] = self.class_images[slot].name
             class_rng = seeded_rng(self.seed, self.epoch, CLASS_STREAM + index)
-            item.update(self._image(("class", slot), class_rng, prefix="class_"))
+            item.update(self._image(("class", slot), class_rng, prefix="class_", target=self.target_size(index)))
         return item
+
+    def target_size(self, index: int) -> tuple[int, int]:
+        """(height, width) of item `index`, class half included: its instance image's bucket, or
+        the square --resolution."""
+        if self.buckets is None:
+            return (self.transform.resolution, self.transform.resolution)
+        return self.buckets.bucket[index % len(self.instance)]
+
+    def item_buckets(self) -> list[tuple[int, int]]:
+        return [self.target_size(index) for index in range(len(self))]
 
     def distinct_captions(self, limit: int) -> set[str] | None:
         """Every caption an item can carry, class prompt included, or None if there are more than
@@ -275,6 +294,10 @@ class DreamBoothDataset(Dataset):
         """The image's fixed placement(s) for the latent cache (the cache is encoded once, so the
         crop drawn here is the one training sees in every epoch; the flip still varies)."""
         kind, position = key
+        if self.buckets is not None and self.class_images:
+            # A class image takes the bucket of each instance image it is paired with, so one
+            # cached latent per class image would have the wrong size for some of its pairs.
+            raise DataError("--cache_latents with --enable_bucket does not support --with_prior_preservation.")
         stream = position if kind == "instance" else CLASS_STREAM + position
         if kind == "instance":
             label, identity = self.instance.describe(position), self.instance.content_identity(position)
@@ -285,7 +308,7 @@ class DreamBoothDataset(Dataset):
         with header:
             mask = self._mask(key, header) if self.transform.crop_to_mask else None
             return describe_image(self.transform, header, label, identity, seeded_rng(self.seed, 0, stream),
-                                  mask=mask)
+                                  target=self.target_size(position) if kind == "instance" else None, mask=mask)
 
     def cache_pixels(self, key: CacheKey, plan: Placement) -> Transformed:
         image = self._open(key)
@@ -300,19 +323,19 @@ class DreamBoothDataset(Dataset):
             mask = mask.resize((width, height), resample=Image.Resampling.BILINEAR)
         return mask
 
-    def _image(self, key: CacheKey, rng, prefix: str) -> dict:
+    def _image(self, key: CacheKey, rng, prefix: str, target: tuple[int, int]) -> dict:
         if self.latent_cache is not None:
             return {prefix + name: value for name, value in self.latent_cache.draw(key, rng).items()}
-        out = self._transform(key, rng)
+        out = self._transform(key, rng, target)
         item = {prefix + "pixel_values": out.pixels, prefix + "original_size": out.original_size,
-                prefix + "crop_top_left": out.crop_top_left}
+                prefix + "crop_top_left": out.crop_top_left, prefix + "target_size": target}
         if out.mask is not None:
             item[prefix + "mask"] = out.mask
         return item
 
-    def _transform(self, key: CacheKey, rng) -> Transformed:
+    def _transform(self, key: CacheKey, rng, target: tuple[int, int] | None = None) -> Transformed:
         image = self._open(key)
-        return self.transform(image, rng, self._mask(key, image))
+        return self.transform(image, rng, self._mask(key, image), target)
 
     def _open(self, key: CacheKey) -> Image.Image:
         kind, position = key
@@ -332,6 +355,7 @@ class DreamBoothDataset(Dataset):
             "captions": [e[p + "caption"] for e, p in rows],
             "original_sizes": torch.tensor([e[p + "original_size"] for e, p in rows], dtype=torch.long),
             "crop_top_lefts": torch.tensor([e[p + "crop_top_left"] for e, p in rows], dtype=torch.long),
+            "target_sizes": torch.tensor([e[p + "target_size"] for e, p in rows], dtype=torch.long),
             "names": [e[p + "name"] for e, p in rows],
             "num_instance": len(examples),
             **stack_masks([e.get(p + "mask") for e, p in rows]),

@@ -56,14 +56,16 @@ class ImageTransform:
     interpolation: str = "lanczos"
     crop_to_mask: bool = False
 
-    def __call__(self, image: Image.Image, rng: random.Random, mask: Image.Image | None = None) -> Transformed:
+    def __call__(self, image: Image.Image, rng: random.Random, mask: Image.Image | None = None,
+                 target: tuple[int, int] | None = None) -> Transformed:
+        """`target`: the (height, width) to crop to, e.g. the image's aspect bucket; None: the square."""
         # The mask goes through the same decisions as the image (one code path), so any future
         # geometry (buckets, other crops) moves both alike.
         image = ImageOps.exif_transpose(image)
         if mask is not None and mask.size != image.size:
             mask = mask.resize(image.size, resample=Image.Resampling.BILINEAR)
         image = image.convert("RGB")
-        return self.apply(image, self.place((image.height, image.width), rng, mask=mask), mask)
+        return self.apply(image, self.place((image.height, image.width), rng, target, mask=mask), mask)
 
     def place(self, original_size: tuple[int, int], rng: random.Random, target: tuple[int, int] | None = None,
               mask: Image.Image | None = None, flip: bool | None = None) -> Placement:
@@ -75,7 +77,7 @@ class ImageTransform:
             flip = self.random_flip and rng.random() < 0.5
         if self.crop_to_mask and mask is not None:
             fitted = mask.resize((resized[1], resized[0]), resample=Image.Resampling.BILINEAR)
-            corner = mask_crop_corner(ImageOps.mirror(fitted) if flip else fitted, target[0])
+            corner = mask_crop_corner(ImageOps.mirror(fitted) if flip else fitted, target)
         else:
             corner = crop_corner(resized[0], resized[1], target, self.center_crop, rng)
         return Placement(original_size, resized, target, corner, flip)
@@ -133,7 +135,7 @@ def to_tensor(image: Image.Image) -> torch.Tensor:
     return torch.from_numpy(array).permute(2, 0, 1).contiguous()
 
 
-def mask_crop_corner(mask: Image.Image, size: int) -> tuple[int, int]:
+def mask_crop_corner(mask: Image.Image, size: int | tuple[int, int]) -> tuple[int, int]:
     """The corner of the `size` square centred on the mask's centre of mass, inside the image;
     an empty mask falls back to the centre."""
     weights = np.asarray(mask, dtype=np.float64)
@@ -143,9 +145,10 @@ def mask_crop_corner(mask: Image.Image, size: int) -> tuple[int, int]:
     else:
         rows, cols = np.indices(weights.shape)
         cy, cx = (rows * weights).sum() / total, (cols * weights).sum() / total
-    top = int(round(cy - (size - 1) / 2.0))
-    left = int(round(cx - (size - 1) / 2.0))
-    return min(max(top, 0), mask.height - size), min(max(left, 0), mask.width - size)
+    crop_h, crop_w = (size, size) if isinstance(size, int) else size   # a square, or (height, width)
+    top = int(round(cy - (crop_h - 1) / 2.0))
+    left = int(round(cx - (crop_w - 1) / 2.0))
+    return min(max(top, 0), mask.height - crop_h), min(max(left, 0), mask.width - crop_w)
 
 
 def mask_to_tensor(mask: Image.Image) -> torch.Tensor:
