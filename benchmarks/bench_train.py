@@ -84,6 +84,7 @@ class Step:
     phases: dict[str, float]   # seconds spent in each phase during this step
     rss_mib: float             # ru_maxrss at the end of the step
     current_rss_mib: float     # VmRSS at the end of the step (what training holds, loading's peak aside)
+    current_rss_file_mib: float  # the file-backed part of it (RssFile: mapped files, libraries)
     cpu_s: float               # user + system CPU time of the process so far
     machine_cpu_s: float       # the same for the whole machine (Linux; 0 elsewhere)
 
@@ -112,6 +113,7 @@ class StepClock:
     def end_step(self) -> None:
         usage = resource.getrusage(resource.RUSAGE_SELF)
         self.steps.append(Step(time.perf_counter(), self.current, peak_rss_mib(), current_rss_mib(),
+                               current_rss_mib("RssFile"),
                                usage.ru_utime + usage.ru_stime, machine_cpu_s()))
         self.current = dict.fromkeys(PHASES, 0.0)
 
@@ -128,12 +130,12 @@ def peak_rss_mib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * scale / 2**20
 
 
-def current_rss_mib() -> float:
+def current_rss_mib(key: str = "VmRSS") -> float:
     """Resident memory now (Linux /proc; 0 elsewhere): unlike the peak, it does not keep the moment
     the weight files were mapped while being converted at load time."""
     try:
         for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("VmRSS:"):
+            if line.startswith(key + ":"):
                 return int(line.split()[1]) / 1024
     except (OSError, ValueError):
         pass
@@ -673,6 +675,7 @@ def summarize(bench, argv, clock: StepClock, *, started, main_start, finished, r
         "peak_rss_mib_before_train": round(rss_before),
         "peak_rss_mib": round(steps[-1].rss_mib),
         "rss_mib_at_last_step": round(steps[-1].current_rss_mib),
+        "rss_file_mib_at_last_step": round(steps[-1].current_rss_file_mib),
         "peak_rss_mib_incl_save": round(peak_rss_mib()),
         "share": {name: round(t / elapsed, 4) for name, t in phases.items()},
         "s_per_step_by_phase": {name: round(t / bench.steps, 4) for name, t in phases.items()},
@@ -765,7 +768,8 @@ def print_report(r: dict) -> None:
                      f"weights: {r['estimated_mib']} MiB; resident at the last step: "
                      f"{r['rss_mib_at_last_step']} MiB)"),
         *([("peak RSS split", f"anonymous {r['peak_rss_anon_mib']} MiB, file-backed {r['peak_rss_file_mib']} MiB "
-                               "(each sampled every 50 ms over main(), saving included)")]
+                               "(each sampled every 50 ms over main(), saving included); file-backed at the "
+                               f"last step: {r['rss_file_mib_at_last_step']} MiB")]
           if "peak_rss_anon_mib" in r else []),
         ("share of step time", shares(r)),
         ("CPU use", f"{r['cpu_cores_used']:.2f} cores by this run and {r['other_processes_cpu_cores']:.2f} by other "
