@@ -42,6 +42,7 @@ import shlex  # noqa: E402
 import shutil  # noqa: E402
 import subprocess  # noqa: E402
 import sys  # noqa: E402
+import threading  # noqa: E402
 from contextlib import ExitStack, contextmanager  # noqa: E402
 from dataclasses import dataclass, field  # noqa: E402
 from datetime import datetime, timezone  # noqa: E402
@@ -83,6 +84,7 @@ class Step:
     phases: dict[str, float]   # seconds spent in each phase during this step
     rss_mib: float             # ru_maxrss at the end of the step
     current_rss_mib: float     # VmRSS at the end of the step (what training holds, loading's peak aside)
+    current_rss_file_mib: float  # the file-backed part of it (RssFile: mapped files, libraries)
     cpu_s: float               # user + system CPU time of the process so far
     machine_cpu_s: float       # the same for the whole machine (Linux; 0 elsewhere)
 
@@ -111,6 +113,7 @@ class StepClock:
     def end_step(self) -> None:
         usage = resource.getrusage(resource.RUSAGE_SELF)
         self.steps.append(Step(time.perf_counter(), self.current, peak_rss_mib(), current_rss_mib(),
+                               current_rss_mib("RssFile"),
                                usage.ru_utime + usage.ru_stime, machine_cpu_s()))
         self.current = dict.fromkeys(PHASES, 0.0)
 
@@ -127,16 +130,46 @@ def peak_rss_mib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * scale / 2**20
 
 
-def current_rss_mib() -> float:
+def current_rss_mib(key: str = "VmRSS") -> float:
     """Resident memory now (Linux /proc; 0 elsewhere): unlike the peak, it does not keep the moment
     the weight files were mapped while being converted at load time."""
     try:
         for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("VmRSS:"):
+            if line.startswith(key + ":"):
                 return int(line.split()[1]) / 1024
     except (OSError, ValueError):
         pass
     return 0.0
+
+
+class RssSplitSampler:
+    """Peaks of anonymous and of file-backed resident memory (RssAnon, RssFile in /proc/self/status,
+    Linux), sampled every `interval` s in a thread: ru_maxrss counts mapped weight-file pages, which
+    the kernel can drop and re-read, as if they were allocations. A peak shorter than the interval
+    can be missed."""
+
+    def __init__(self, interval: float = 0.05):
+        self.interval, self.peaks, self._stop = interval, {"RssAnon": 0.0, "RssFile": 0.0}, threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def __enter__(self) -> "RssSplitSampler":
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join()
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            try:
+                for line in Path("/proc/self/status").read_text().splitlines():
+                    key = line.split(":", 1)[0]
+                    if key in self.peaks:
+                        self.peaks[key] = max(self.peaks[key], int(line.split()[1]) / 1024)
+            except (OSError, ValueError):
+                return
+            self._stop.wait(self.interval)
 
 
 def machine_cpu_s() -> float:
@@ -586,6 +619,7 @@ def run_benchmark(bench: argparse.Namespace, extra: list[str]) -> dict:
         # The script's own main() runs: it builds its family (now the timed subclass) from the
         # arguments and calls sdft.trainer.train with the objective and data it always uses.
         with ExitStack() as stack:
+            sampler = stack.enter_context(RssSplitSampler())
             stack.enter_context(patched(script, name, timed_family(spec.family_cls, clock)))
             stack.enter_context(timing(clock))
             script.main(args)
@@ -598,6 +632,8 @@ def run_benchmark(bench: argparse.Namespace, extra: list[str]) -> dict:
     # What the trainer was told about memory, and what sdft.memory_estimate expected of the trained weights.
     result.update(optimizer_flag=args.optimizer, fused_backward_pass=args.fused_backward_pass,
                   full_bf16=args.full_bf16, estimated_mib=round(estimated / 2**20))
+    # Sampled over main() (saving included), so it is not comparable to peak_rss_mib at the last step.
+    result.update(peak_rss_anon_mib=round(sampler.peaks["RssAnon"]), peak_rss_file_mib=round(sampler.peaks["RssFile"]))
     return result
 
 
@@ -639,6 +675,7 @@ def summarize(bench, argv, clock: StepClock, *, started, main_start, finished, r
         "peak_rss_mib_before_train": round(rss_before),
         "peak_rss_mib": round(steps[-1].rss_mib),
         "rss_mib_at_last_step": round(steps[-1].current_rss_mib),
+        "rss_file_mib_at_last_step": round(steps[-1].current_rss_file_mib),
         "peak_rss_mib_incl_save": round(peak_rss_mib()),
         "share": {name: round(t / elapsed, 4) for name, t in phases.items()},
         "s_per_step_by_phase": {name: round(t / bench.steps, 4) for name, t in phases.items()},
@@ -730,6 +767,10 @@ def print_report(r: dict) -> None:
                      f"main(), {r['peak_rss_mib_incl_save']} MiB including saving; estimated for the trained "
                      f"weights: {r['estimated_mib']} MiB; resident at the last step: "
                      f"{r['rss_mib_at_last_step']} MiB)"),
+        *([("peak RSS split", f"anonymous {r['peak_rss_anon_mib']} MiB, file-backed {r['peak_rss_file_mib']} MiB "
+                               "(each sampled every 50 ms over main(), saving included); file-backed at the "
+                               f"last step: {r['rss_file_mib_at_last_step']} MiB")]
+          if "peak_rss_anon_mib" in r else []),
         ("share of step time", shares(r)),
         ("CPU use", f"{r['cpu_cores_used']:.2f} cores by this run and {r['other_processes_cpu_cores']:.2f} by other "
                     f"processes during the timed steps; 1-min load average {r['load_average_1min']['before']} "

@@ -8,6 +8,7 @@ import torch
 from diffusers import AutoencoderKL, DDPMScheduler, StableDiffusionPipeline, UNet2DConditionModel
 from transformers import CLIPTextModel, CLIPTokenizer
 
+from sdft.families import streamed_load
 from sdft.families.source import ModelSource
 
 
@@ -49,10 +50,7 @@ class StableDiffusion:
         )
 
     def load_denoiser(self, source: ModelSource, revision: str | None = None) -> UNet2DConditionModel:
-        kwargs = source.denoiser_kwargs()
-        if revision is not None:
-            kwargs["revision"] = revision
-        return UNet2DConditionModel.from_pretrained(source.path, subfolder="unet", **kwargs)
+        return streamed_load.load_denoiser(UNet2DConditionModel, source, "unet", revision)
 
     def components(self, models: SDModels) -> dict[str, torch.nn.Module]:
         return {"text_encoder": models.text_encoder, "vae": models.vae, "unet": models.unet}

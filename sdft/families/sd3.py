@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel, StableDiffusion3Pipeline
 from transformers import CLIPTextModelWithProjection, CLIPTokenizer, T5EncoderModel, T5TokenizerFast
 
+from sdft.families import streamed_load
 from sdft.families.source import ModelSource
 
 DEFAULT_LORA_LAYERS = ["attn.add_k_proj", "attn.add_q_proj", "attn.add_v_proj", "attn.to_add_out",
@@ -96,7 +97,7 @@ class StableDiffusion3:
         )
 
     def load_denoiser(self, source: ModelSource) -> SD3Transformer2DModel:
-        return SD3Transformer2DModel.from_pretrained(source.path, subfolder="transformer", **source.denoiser_kwargs())
+        return streamed_load.load_denoiser(SD3Transformer2DModel, source, "transformer")
 
     def components(self, models: SD3Models) -> dict[str, torch.nn.Module]:
         return {"text_encoder": models.text_encoder, "text_encoder_2": models.text_encoder_2,

@@ -13,6 +13,7 @@ import torch
 from diffusers import AutoencoderKL, DDPMScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
 from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
+from sdft.families import streamed_load
 from sdft.families.source import ModelSource
 
 
@@ -89,7 +90,7 @@ class StableDiffusionXL:
         return AutoencoderKL.from_pretrained(source.path, subfolder="vae", **source.weight_kwargs())
 
     def load_denoiser(self, source: ModelSource) -> UNet2DConditionModel:
-        return UNet2DConditionModel.from_pretrained(source.path, subfolder="unet", **source.denoiser_kwargs())
+        return streamed_load.load_denoiser(UNet2DConditionModel, source, "unet")
 
     def components(self, models: SDXLModels) -> dict[str, torch.nn.Module]:
         return {"text_encoder": models.text_encoder, "text_encoder_2": models.text_encoder_2,
