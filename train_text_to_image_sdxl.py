@@ -61,12 +61,9 @@ def build_parser() -> argparse.ArgumentParser:
 def parse_args(input_args: list[str] | None = None) -> argparse.Namespace:
     checks = [cli.check_positive, cli.check_model_path, cli.check_t2i_or_dreambooth_data, cli.check_prediction_type,
               cli.check_sdxl, cli.check_lora, cli.check_textual_inversion, cli.check_resume, cli.check_validation,
-              cli.check_tracking_and_hub, cli.check_accelerators, cli.check_single_file,
-              cli.check_buckets, cli.check_validation_loss]
-    checks.append(cli.check_subject)
-    checks += [cli.check_optimizer, cli.check_memory_flags]
-    checks.append(cli.check_caches)
-    checks.append(cli.check_output_dir)
+              cli.check_tracking_and_hub, cli.check_accelerators, cli.check_single_file, cli.check_buckets,
+              cli.check_validation_loss, cli.check_subject, cli.check_optimizer, cli.check_memory_flags,
+              cli.check_caches, cli.check_output_dir]
     return cli.parse(build_parser(), input_args, checks)
 
 
