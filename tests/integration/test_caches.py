@@ -21,7 +21,7 @@ from transformers import CLIPTextModel, CLIPTextModelWithProjection, T5EncoderMo
 import train_dreambooth_sd3 as sd3_script
 import train_text_to_image as t2i
 import train_text_to_image_sdxl as sdxl_script
-from sdft.tiny import build_sd3, build_sdxl
+from sdft.tiny import build_sd3, build_sdxl, make_images
 from sdft.trainer import run
 from tests.integration.conftest import accelerate_launch, sd_args
 
@@ -106,14 +106,25 @@ def test_warm_cache_spares_the_encoders_and_a_changed_or_damaged_image_is_encode
     assert load_file(damaged)["moments"].shape[0] == 8
 
 
-def test_disk_caches_resume_exactly_under_gradient_accumulation(tiny_sd, image_folder, tmp_path, monkeypatch):
+@pytest.mark.parametrize("buckets", [False, True], ids=["square", "buckets"])
+def test_disk_caches_resume_exactly_under_gradient_accumulation(tiny_sd, image_folder, tmp_path, monkeypatch,
+                                                                buckets):
     """8 images, batch 1, accumulation 2: 4 updates per epoch; checkpoint-5 is mid-epoch 2. The
-    uninterrupted run fills the cache cold, the resumed one reads it warm."""
+    uninterrupted run fills the cache cold, the resumed one reads it warm. With buckets, the images
+    have three aspect ratios and each latent is cached at its own bucket's size."""
     common = ["--max_train_steps", "6", "--train_batch_size", "1", "--gradient_accumulation_steps", "2",
               "--checkpointing_steps", "5", "--random_flip", "--report_to", "none",
               "--latents_cache_dir", tmp_path / "cache", *CACHES]
+    if buckets:
+        image_folder = make_images(tmp_path / "mixed", num_images=8, sizes=((40, 24), (24, 40), (32, 32)))
+        common += ["--enable_bucket", "--min_bucket_reso", "16", "--max_bucket_reso", "64",
+                   "--bucket_reso_steps", "8"]
     straight, resumed = tmp_path / "straight", tmp_path / "resumed"
     assert train(t2i, sd_args(tiny_sd, image_folder, straight, *common), monkeypatch)["vae"] == 16
+    if buckets:  # the latents really are cached at three bucket shapes, not one square
+        shapes = {tuple(entry["moments"].shape) for entry in map(load_file, (tmp_path / "cache").rglob("*.safetensors"))
+                  if "moments" in entry}
+        assert len(shapes) == 3, shapes
     resumed.mkdir()
     shutil.copytree(straight / "checkpoint-5", resumed / "checkpoint-5")
     calls = train(t2i, sd_args(tiny_sd, image_folder, resumed, *common, "--resume_from_checkpoint", "latest"),
