@@ -158,10 +158,14 @@ def test_sdxl_and_sd3_train_from_warm_disk_caches(image_folder, tmp_path, monkey
     assert sum(train(sd3_script, sd3_argv("sd3-warm"), monkeypatch).values()) == 0
 
 
-def test_two_processes_split_the_fill_and_agree(tiny_sd, image_folder, tmp_path):
+def test_two_processes_split_the_fill_and_agree(tiny_sd, tmp_path):
+    """With aspect-ratio buckets too: mixed-aspect images, each process trains whole one-bucket batches."""
     out = tmp_path / "ddp"
-    result = accelerate_launch("train_text_to_image.py", sd_args(tiny_sd, image_folder, out, "--max_train_steps", "2",
-                                                                 "--random_flip", "--report_to", "none", *CACHES),
+    data = make_images(tmp_path / "mixed", num_images=8, sizes=((40, 24), (24, 40), (32, 32)))
+    buckets = ["--enable_bucket", "--min_bucket_reso", "16", "--max_bucket_reso", "64", "--bucket_reso_steps", "8"]
+    result = accelerate_launch("train_text_to_image.py", sd_args(tiny_sd, data, out, "--max_train_steps", "2",
+                                                                 "--random_flip", "--report_to", "none", *CACHES,
+                                                                 *buckets),
                                num_processes=2)
     log = result.stderr + result.stdout
     assert "identical on all 2 processes" in log
