@@ -225,16 +225,7 @@ def build_run(args: argparse.Namespace, family, make_objective, accelerator: Acc
     placement = Placement(accelerator.device, weight_dtype, family.vae_dtype(weight_dtype), trained_dtype)
     train_text_encoders = getattr(args, "train_text_encoder", False)
     train_denoiser = getattr(args, "train_unet", True)
-    roles = ([family.denoiser_role] if train_denoiser else []) + (
-        family.trainable_text_encoder_roles if train_text_encoders else [])
-    trained = prepare_models(family, models, roles, placement, lora=lora_spec(args, family),
-                             gradient_checkpointing=args.gradient_checkpointing,
-                             xformers=getattr(args, "enable_xformers_memory_efficient_attention", False),
-                             npu_flash_attention=getattr(args, "enable_npu_flash_attention", False))
-    new_tokens = token_embeddings(args, family, models, seed)
-    if not train_denoiser and args.gradient_checkpointing:
-        # Frozen, but the embeddings' gradient still flows back through it.
-        enable_gradient_checkpointing(getattr(models, family.denoiser_role), needs_input_grads=False)
+    trained, new_tokens = build_trained(args, family, models, placement, seed, train_denoiser, train_text_encoders)
     ema = None
     if getattr(args, "use_ema", False):
         ema = EMA(ema_start(family, source, trained[family.denoiser_role], args), family.denoiser_role,
@@ -291,6 +282,22 @@ def build_run(args: argparse.Namespace, family, make_objective, accelerator: Acc
         val_loss=held_out_loss(args, accelerator, dataset, family, objective, weight_dtype, offloaded, seed,
                                caption_map=new_tokens.plan.apply_all if new_tokens else None),
     )
+
+
+def build_trained(args: argparse.Namespace, family, models, placement: Placement, seed: int, train_denoiser: bool,
+                  train_text_encoders: bool) -> tuple[dict, TokenEmbeddings | None]:
+    """The modules that train (full or LoRA), and the new token embeddings of --train_text_encoder_ti."""
+    roles = ([family.denoiser_role] if train_denoiser else []) + (
+        family.trainable_text_encoder_roles if train_text_encoders else [])
+    trained = prepare_models(family, models, roles, placement, lora=lora_spec(args, family),
+                             gradient_checkpointing=args.gradient_checkpointing,
+                             xformers=getattr(args, "enable_xformers_memory_efficient_attention", False),
+                             npu_flash_attention=getattr(args, "enable_npu_flash_attention", False))
+    new_tokens = token_embeddings(args, family, models, seed)
+    if not train_denoiser and args.gradient_checkpointing:
+        # Frozen, but the embeddings' gradient still flows back through it.
+        enable_gradient_checkpointing(getattr(models, family.denoiser_role), needs_input_grads=False)
+    return trained, new_tokens
 
 
 def held_out_loss(args: argparse.Namespace, accelerator: Accelerator, dataset, family, objective,
