@@ -26,3 +26,11 @@ def accelerator(fresh_accelerate_state):
     from accelerate import Accelerator
 
     return Accelerator(cpu=True)
+
+
+@pytest.fixture(scope="session")
+def tiny_sdxl(tmp_path_factory):
+    """One tiny SDXL model per test process, shared by every test that only reads it."""
+    from sdft.tiny import build_sdxl
+
+    return build_sdxl(tmp_path_factory.mktemp("models") / "tiny-sdxl")

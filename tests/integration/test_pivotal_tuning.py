@@ -14,17 +14,12 @@ from safetensors.torch import load_file
 
 import train_text_to_image as t2i
 import train_text_to_image_sdxl as sdxl
-from sdft.tiny import build_sdxl, make_images
+from sdft.tiny import make_images
 from sdft.trainer import run
 from tests.integration.conftest import accelerate_launch, generate
 
 pytestmark = pytest.mark.integration
 TOKENS = ["<s0>", "<s1>"]
-
-
-@pytest.fixture(scope="module")
-def tiny_sdxl(tmp_path_factory) -> Path:
-    return build_sdxl(tmp_path_factory.mktemp("models") / "tiny-sdxl")
 
 
 @pytest.fixture(scope="module")

@@ -3,23 +3,16 @@
 from __future__ import annotations
 
 import shutil
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file
 
-from sdft.tiny import build_sdxl
 from tests.integration.conftest import accelerate_launch, generate, sd_args
 
 pytestmark = pytest.mark.integration
 SCRIPT = "train_text_to_image_sdxl.py"
-
-
-@pytest.fixture(scope="module")
-def tiny_sdxl(tmp_path_factory) -> Path:
-    return build_sdxl(tmp_path_factory.mktemp("models") / "tiny-sdxl")
 
 
 def test_full_finetune_with_ema_and_timestep_bias(tiny_sdxl, image_folder, tmp_path):

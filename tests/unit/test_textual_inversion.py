@@ -16,14 +16,7 @@ from sdft.cli import CliError
 from sdft.families.sdxl import StableDiffusionXL
 from sdft.families.source import ModelSource
 from sdft.textual_inversion import TokenPlan, build_token_embeddings, check_abstractions_used, stop_step
-from tests.unit.test_cli_errors import parse_error
-
-
-@pytest.fixture(scope="module")
-def tiny_sdxl(tmp_path_factory) -> Path:
-    from sdft.tiny import build_sdxl
-
-    return build_sdxl(tmp_path_factory.mktemp("models") / "tiny-sdxl")
+from tests.unit.test_cli_errors import parse_error, workdir  # noqa: F401  (fixture)
 
 
 def load_sdxl(path: Path):
@@ -114,13 +107,6 @@ def test_a_new_token_already_in_the_tokenizer_is_an_error_naming_it(tiny_sdxl):
 
 
 # --------------------------------------------------------------------------- command lines
-
-
-@pytest.fixture()
-def workdir(tmp_path: Path, monkeypatch) -> Path:
-    monkeypatch.chdir(tmp_path)
-    monkeypatch.delenv("LOCAL_RANK", raising=False)
-    return tmp_path
 
 
 @pytest.fixture()
