@@ -20,10 +20,9 @@ from __future__ import annotations
 import argparse
 import sys
 
-from sdft import cli
-from sdft.builders import dreambooth_data, flow_objective
+from sdft import checks, cli, output, trainer
+from sdft.builders import build, dreambooth_data, flow_objective
 from sdft.families.sd3 import StableDiffusion3
-from sdft.trainer import run, train
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -41,7 +40,7 @@ def build_parser() -> argparse.ArgumentParser:
     cli.add_sd3_lora_args(parser)
     cli.add_subject_args(parser)
     cli.add_single_file_args(parser)
-    cli.add_bucket_args(parser, multiple=16)
+    cli.add_bucket_args(parser, multiple=checks.SD3_LATENT_MULTIPLE)
     cli.add_validation_loss_args(parser, dreambooth=True)
     cli.add_checkpoint_args(parser)
     cli.add_divergence_args(parser)
@@ -54,19 +53,17 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def parse_args(input_args: list[str] | None = None) -> argparse.Namespace:
-    checks = [cli.check_positive, cli.check_model_path, cli.check_dreambooth, cli.check_sd3, cli.check_lora,
-              cli.check_resume, cli.check_validation, cli.check_tracking_and_hub, cli.check_accelerators,
-              cli.check_single_file, cli.check_buckets, cli.check_validation_loss, cli.check_subject,
-              cli.check_memory_flags, cli.check_caches, cli.check_output_dir]
-    return cli.parse(build_parser(), input_args, checks)
+    return cli.parse(build_parser(), input_args, [*checks.COMMON, checks.check_dreambooth, checks.check_sd3])
 
 
 def main(args: argparse.Namespace) -> None:
     family = StableDiffusion3(max_sequence_length=args.max_sequence_length, lora_layers=args.lora_layers,
                               lora_blocks=args.lora_blocks)
-    train(args, family=family, make_objective=flow_objective, make_data=dreambooth_data,
-          tracker_name="dreambooth-sd3-lora" if args.use_lora else "dreambooth-sd3")
+    with build(args, family, make_objective=flow_objective, make_data=dreambooth_data,
+               tracker_name="dreambooth-sd3-lora" if args.use_lora else "dreambooth-sd3") as run:
+        trainer.train(run)
+        output.finish(run)
 
 
 if __name__ == "__main__":
-    sys.exit(run(main, parse_args()))
+    sys.exit(cli.run(main, parse_args()))

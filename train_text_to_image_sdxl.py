@@ -20,11 +20,13 @@ from __future__ import annotations
 
 import argparse
 import sys
+from functools import partial
 
-from sdft import cli
+from sdft import checks, cli, output, trainer
+from sdft.builders import build, ddpm_objective, dreambooth_data, text_image_data
 from sdft.families.sdxl import StableDiffusionXL
-from sdft.builders import ddpm_objective, dreambooth_data, text_image_data
-from sdft.trainer import run, train
+
+PREDICTION_TYPES = ["epsilon", "v_prediction", "sample"]
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -40,7 +42,7 @@ def build_parser() -> argparse.ArgumentParser:
     cli.add_optimizer_args(parser, choice=True)
     cli.add_memory_args(parser)
     cli.add_precision_args(parser, npu=True)
-    cli.add_ddpm_objective_args(parser, prediction_types=["epsilon", "v_prediction", "sample"])
+    cli.add_ddpm_objective_args(parser, prediction_types=PREDICTION_TYPES)
     cli.add_timestep_bias_args(parser)
     cli.add_ema_args(parser, offload=False)
     cli.add_lora_args(parser, text_encoder=True, kohya=True, debug_loss=True)
@@ -59,20 +61,19 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def parse_args(input_args: list[str] | None = None) -> argparse.Namespace:
-    checks = [cli.check_positive, cli.check_model_path, cli.check_t2i_or_dreambooth_data, cli.check_prediction_type,
-              cli.check_sdxl, cli.check_lora, cli.check_textual_inversion, cli.check_resume, cli.check_validation,
-              cli.check_tracking_and_hub, cli.check_accelerators, cli.check_single_file, cli.check_buckets,
-              cli.check_validation_loss, cli.check_subject, cli.check_optimizer, cli.check_memory_flags,
-              cli.check_caches, cli.check_output_dir]
-    return cli.parse(build_parser(), input_args, checks)
+    own = [checks.check_t2i_or_dreambooth_data, partial(checks.check_prediction_type, allowed=PREDICTION_TYPES),
+           checks.check_sdxl]
+    return cli.parse(build_parser(), input_args, [*checks.COMMON, *own])
 
 
 def main(args: argparse.Namespace) -> None:
-    train(args, family=StableDiffusionXL(vae_path=args.pretrained_vae_model_name_or_path),
-          make_objective=ddpm_objective,
-          make_data=dreambooth_data if args.instance_data_dir else text_image_data,
-          tracker_name="text2image-fine-tune-sdxl")
+    family = StableDiffusionXL(vae_path=args.pretrained_vae_model_name_or_path)
+    data = dreambooth_data if args.instance_data_dir else text_image_data
+    with build(args, family, make_objective=ddpm_objective, make_data=data,
+               tracker_name="text2image-fine-tune-sdxl") as run:
+        trainer.train(run)
+        output.finish(run)
 
 
 if __name__ == "__main__":
-    sys.exit(run(main, parse_args()))
+    sys.exit(cli.run(main, parse_args()))

@@ -1,45 +1,358 @@
-"""Flags into objects: the data, objective and optimizer each script asks for.
+"""Flags into a run: `build(args, family, make_objective, make_data) -> Run`.
 
-This is the part of the trainer's top layer that reads the argparse namespace; everything it
-builds takes plain, typed parameters. A script picks its builders visibly, e.g.
-`train(args, family, make_objective=flow_objective, make_data=dreambooth_data)`.
+This module is the only reader of the argparse namespace below the scripts (`sdft.cli` and
+`sdft.checks` aside). `build` reads top to bottom in the order the run is built; the functions
+after it each turn a few flags into one plain object (data, objective, optimizer, export plan),
+and everything they build takes explicit, typed parameters. A script picks its builders visibly,
+e.g. `build(args, family, make_objective=flow_objective, make_data=dreambooth_data)`.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import logging
+import math
+import random
+import sys
+from functools import partial
 from pathlib import Path
 
 import torch
 from accelerate import Accelerator
+from accelerate.utils import ProjectConfiguration, broadcast_object_list, set_seed
 
-from sdft.cli import CliError, cache_folder
+from sdft import hub, memory_estimate
+from sdft.checkpointing import Checkpointer, Position, TrainedWeights, read_position, resolve_resume
 from sdft.data.archives import data_folder
-from sdft.data.caches import CacheSettings
-from sdft.data.buckets import BucketPlan, BucketSettings, captioned_image_sizes, log_plan
-from sdft.data.dataset import CaptionedImageDataset
-from sdft.data.preprocess.subject import CACHE_FOLDER, SubjectPlan, prepare_subject
+from sdft.data.buckets import BucketPlan, BucketSettings, captioned_image_sizes, log_plan as log_buckets
+from sdft.data.caches import CacheSettings, cache_folder, fill_caches
+from sdft.data.dataset import CaptionedImageDataset, loader_order
 from sdft.data.dreambooth import (DreamBoothDataset, generate_class_images, load_class_images, load_instance_images,
                                   missing_class_images)
 from sdft.data.held_out import split_held_out
+from sdft.data.preprocess.subject import CACHE_FOLDER, SubjectPlan, prepare_subject
 from sdft.data.sources import CaptionedImages, load_captioned_images
+from sdft.data.text_cache import TextCache
 from sdft.data.transforms import ImageTransform
+from sdft.ema import EMA
+from sdft.errors import CliError, MissingFileError
+from sdft.families.protocol import Family
 from sdft.families.source import ModelSource
+from sdft.guards import NonFiniteGuard, check_precision_device
+from sdft.lora import KOHYA_WEIGHT_NAME, WEIGHT_NAME, rank_and_alpha
+from sdft.model_spec import describe_base, training_metadata
 from sdft.objectives import DDPMObjective, FlowMatchingObjective, flow_sigma_table, timestep_bias_weights
-from sdft import memory_estimate
-from sdft.optim import (AdafactorSettings, AdamSettings, ProdigySettings, build_adafactor, build_adamw, build_prodigy,
-                        scaled_lr)
+from sdft.optim import (AdafactorSettings, AdamSettings, ProdigySettings, build_adafactor, build_adamw,
+                        build_lr_scheduler, build_prodigy, scaled_lr)
+from sdft.plots import Pictures
+from sdft.run_stats import RunStats
 from sdft.stepping import OptimizerStepper, ParamUpdater
-from sdft.textual_inversion import TokenEmbeddings, TokenPlan, build_token_embeddings
+from sdft.textual_inversion import TokenEmbeddings, TokenPlan, build_token_embeddings, check_abstractions_used, stop_step
+from sdft.trainable import LoraSpec, Placement, enable_gradient_checkpointing, param_groups, prepare_models, trainable_params
+from sdft.training_run import ExportPlan, Run
+from sdft.validation import ValidationPlan, plan_prompts
+from sdft.validation_loss import ValidationLoss
 
 logger = logging.getLogger("sdft")
+
+SAVE_PRECISIONS = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
+
+
+def build(args: argparse.Namespace, family: Family, make_objective, make_data, tracker_name: str) -> Run:
+    """Everything the loop and the export need, from the flags. `make_data(args, seed, accelerator,
+    family)` and `make_objective(args, noise_scheduler, device)` are builders of this module."""
+    # The process: accelerator, memory estimate, resume point and seed.
+    accelerator = make_accelerator(args)
+    check_memory(args, family, accelerator)
+    output_dir = Path(args.output_dir)
+    resume_dir = resolve_resume(args.resume_from_checkpoint, output_dir)
+    if args.resume_from_checkpoint and resume_dir is None:
+        logger.info("No checkpoint in %s; starting a new training run.", output_dir)
+    seed = resolve_seed(args.seed, read_position(resume_dir) if resume_dir else None)
+    set_seed(seed)
+
+    # Data first: a bad dataset should fail before minutes of model loading.
+    dataset = make_data(args, seed, accelerator, family)
+    plan = token_plan(args)
+    if plan is not None:
+        check_abstractions_used(plan, [*(dataset.distinct_captions(sys.maxsize) or ()), *validation_prompts(args)])
+    hub_repo = None
+    if args.push_to_hub and accelerator.is_main_process:
+        hub_repo = hub.prepare_repo(args.hub_model_id or output_dir.name, args.hub_token)
+    if accelerator.is_main_process:
+        output_dir.mkdir(parents=True, exist_ok=True)
+
+    # Models, optimizer and loop settings.
+    run = build_run(args, family, make_objective, accelerator, dataset, seed)
+    run.export = export_plan(args, run, hub_repo)
+
+    # Where the loop starts, and what watches it.
+    if resume_dir is not None:
+        logger.info("Resuming from %s", resume_dir)
+        run.position = run.checkpointer.load(resume_dir).placed(run.updates_per_epoch, args.gradient_accumulation_steps)
+    run.position.seed = seed
+    if accelerator.is_main_process:
+        accelerator.init_trackers(tracker_name, config=tracker_config(args))
+        run.pictures = Pictures.attach(accelerator, output_dir)
+    run.stats = RunStats(accelerator.is_main_process, accelerator.device, accelerator.num_processes)
+    log_run(run, len(dataset), args.train_batch_size, args.gradient_accumulation_steps)
+    run.guard = NonFiniteGuard(accelerator, args.skip_nan_steps, run.position,
+                               last_checkpoint=partial(resolve_resume, "latest", output_dir),
+                               check_grad_norm=accelerator.scaler is None)
+    return run
+
+
+# --------------------------------------------------------------------------- the process
+
+
+def make_accelerator(args: argparse.Namespace) -> Accelerator:
+    output_dir = Path(args.output_dir)
+    trackers = None if args.report_to == "none" else args.report_to
+    accelerator = Accelerator(
+        gradient_accumulation_steps=args.gradient_accumulation_steps,
+        mixed_precision=args.mixed_precision,
+        log_with=trackers,
+        project_config=ProjectConfiguration(project_dir=str(output_dir), logging_dir=str(output_dir / args.logging_dir)),
+    )
+    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S",
+                        level=logging.INFO if accelerator.is_local_main_process else logging.WARNING)
+    check_precision_device(accelerator.mixed_precision, accelerator.device)
+    if args.allow_tf32 and torch.cuda.is_available():
+        torch.backends.cuda.matmul.allow_tf32 = True
+    return accelerator
+
+
+def resolve_seed(requested: int | None, resumed: Position | None) -> int:
+    """The data order depends on the seed, so a resumed run must keep the seed it started with."""
+    if resumed is not None and resumed.seed is not None:
+        if requested is not None and requested != resumed.seed:
+            logger.warning("Resuming with the checkpoint's seed %d, not --seed %d.", resumed.seed, requested)
+        return resumed.seed
+    if requested is not None:
+        return requested
+    chosen = [random.SystemRandom().randrange(2**31)]
+    broadcast_object_list(chosen)  # every process must shuffle the data the same way
+    return chosen[0]
+
+
+def weight_dtype_of(accelerator: Accelerator) -> torch.dtype:
+    """From the accelerator, not the flag: fp16 set in `accelerate config` counts too (diffusers #6363)."""
+    return {"fp16": torch.float16, "bf16": torch.bfloat16}.get(accelerator.mixed_precision, torch.float32)
+
+
+# --------------------------------------------------------------------------- models, optimizer, loop settings
+
+
+def build_run(args: argparse.Namespace, family: Family, make_objective, accelerator: Accelerator, dataset,
+              seed: int) -> Run:
+    weight_dtype = weight_dtype_of(accelerator)
+    source = model_source(args, weight_dtype)
+    trained_dtype = source.denoiser_dtype or torch.float32
+    models = load_models(family, source)
+    placement = Placement(accelerator.device, weight_dtype, family.vae_dtype(weight_dtype), trained_dtype)
+    trained, new_tokens = build_trained(args, family, models, placement, seed)
+    ema = None
+    if args.use_ema:
+        ema = EMA(ema_start(family, source, trained[family.denoiser_role], args), family.denoiser_role,
+                  accelerator.device, foreach=args.foreach_ema, offload=args.offload_ema)
+    objective = make_objective(args, models.noise_scheduler, accelerator.device)
+    params = trainable_params(trained) + (new_tokens.params() if new_tokens else [])
+    optimizer = build_optimizer(args, param_groups(trained, family.denoiser_role, args.text_encoder_lr,
+                                                   args.adam_weight_decay_text_encoder)
+                                + ([{"params": new_tokens.params()}] if new_tokens else []),
+                                accelerator.num_processes)
+    sampler, order = loader_order(dataset, args.train_batch_size, seed)
+    dataloader = accelerator.prepare(torch.utils.data.DataLoader(
+        dataset, **order, collate_fn=dataset.collate, num_workers=args.dataloader_num_workers))
+    updates_per_epoch = math.ceil(len(dataloader) / args.gradient_accumulation_steps)
+    max_train_steps = args.max_train_steps or args.num_train_epochs * updates_per_epoch
+    if new_tokens is not None:
+        new_tokens.stop_step = stop_step(args.train_text_encoder_ti_frac, max_train_steps, args.train_unet)
+    lr_scheduler = build_lr_scheduler(args.lr_scheduler, optimizer, warmup_steps=args.lr_warmup_steps,
+                                      total_steps=max_train_steps, num_processes=accelerator.num_processes,
+                                      num_cycles=args.lr_num_cycles, power=args.lr_power)
+    *prepared, optimizer, lr_scheduler = accelerator.prepare(*trained.values(), optimizer, lr_scheduler)
+    prepared = dict(zip(trained, prepared))
+    stepper = build_stepper(args, optimizer, seed)
+    weights = TrainedWeights(family.pipeline_cls, trained, lora=args.use_lora, ema=ema,
+                             lora_key_format=family.lora_key_format, extras=[new_tokens] if new_tokens else [],
+                             lora_metadata=file_metadata(args, family, models, trained, max_train_steps)
+                             if args.use_lora else None)
+    condition_cache, offloaded = precompute(family, models, dataset, accelerator,
+                                            args.train_text_encoder or new_tokens is not None,
+                                            caches=cache_settings(args), source=source)
+    prompts = validation_prompts(args)
+    return Run(
+        accelerator=accelerator, family=family, models=models,
+        train_models=dataclasses.replace(models, **prepared), prepared=list(prepared.values()),
+        denoiser=prepared.get(family.denoiser_role, getattr(models, family.denoiser_role)), objective=objective,
+        optimizer=optimizer,
+        lr_scheduler=lr_scheduler, dataloader=dataloader, dataset=dataset, sampler=sampler,
+        checkpointer=Checkpointer(accelerator, Path(args.output_dir), args.checkpoints_total_limit, weights),
+        trained=weights, seed=seed, max_train_steps=max_train_steps, updates_per_epoch=updates_per_epoch,
+        num_epochs=math.ceil(max_train_steps / updates_per_epoch), checkpointing_steps=args.checkpointing_steps,
+        max_grad_norm=0.0 if stepper.fused else args.max_grad_norm, weight_dtype=weight_dtype,
+        validation=ValidationPlan(new_tokens.plan.apply_all(prompts) if new_tokens else prompts, seed=seed,
+                                  resolution=args.resolution),
+        validation_epochs=args.validation_epochs, output_dir=Path(args.output_dir), source=source,
+        dream_detail_preservation=args.dream_detail_preservation if args.dream_training else None,
+        params_to_clip=params, train_text_encoders=args.train_text_encoder,
+        prior_loss_weight=args.prior_loss_weight if args.with_prior_preservation else None,
+        debug_loss=args.debug_loss, condition_cache=condition_cache, offloaded=offloaded,
+        token_embeddings=new_tokens, masked_loss=args.masked_loss, stepper=stepper,
+        val_loss=held_out_loss(args, accelerator, dataset, family, objective, weight_dtype, offloaded, seed,
+                               caption_map=new_tokens.plan.apply_all if new_tokens else None),
+    )
+
+
+def build_trained(args: argparse.Namespace, family: Family, models, placement: Placement,
+                  seed: int) -> tuple[dict, TokenEmbeddings | None]:
+    """The modules that train (full or LoRA), and the new token embeddings of --train_text_encoder_ti."""
+    roles = ([family.denoiser_role] if args.train_unet else []) + (
+        family.trainable_text_encoder_roles if args.train_text_encoder else [])
+    trained = prepare_models(family, models, roles, placement, lora=lora_spec(args, family),
+                             gradient_checkpointing=args.gradient_checkpointing,
+                             xformers=args.enable_xformers_memory_efficient_attention,
+                             npu_flash_attention=args.enable_npu_flash_attention)
+    new_tokens = token_embeddings(args, family, models, seed)
+    if not args.train_unet and args.gradient_checkpointing:
+        # Frozen, but the embeddings' gradient still flows back through it.
+        enable_gradient_checkpointing(getattr(models, family.denoiser_role), needs_input_grads=False)
+    return trained, new_tokens
+
+
+def held_out_loss(args: argparse.Namespace, accelerator: Accelerator, dataset, family: Family, objective,
+                  weight_dtype: torch.dtype, offloaded: list[str], seed: int,
+                  caption_map=None) -> ValidationLoss | None:
+    held_out = getattr(dataset, "held_out", None)
+    if held_out is None:
+        return None
+    val_loss = ValidationLoss(held_out, args.train_batch_size, validation_seed(args, seed),
+                              args.validate_every_n_steps, family, objective, weight_dtype, offloaded, caption_map)
+    val_loss.register(accelerator)
+    return val_loss
+
+
+def precompute(family: Family, models, dataset, accelerator: Accelerator, train_text_encoders: bool, *,
+               caches: CacheSettings, source: ModelSource,
+               caption_limit: int = 64) -> tuple[TextCache | None, list[str]]:
+    """Encode what will not change during training once (sdft.data.caches), then park the encoders
+    on the CPU."""
+    cache, offloaded = fill_caches(family, models, dataset, accelerator, caches, source,
+                                   train_text_encoders=train_text_encoders, caption_limit=caption_limit)
+    for role in offloaded:
+        getattr(models, role).to("cpu")
+    return cache, offloaded
+
+
+def lora_spec(args: argparse.Namespace, family: Family) -> LoraSpec | None:
+    if not args.use_lora:
+        return None
+    return LoraSpec(rank=args.rank, denoiser_targets=family.lora_target_modules, dropout=args.lora_dropout)
+
+
+def validation_prompts(args: argparse.Namespace) -> list[str]:
+    return plan_prompts(args.validation_prompts, args.validation_prompt, args.num_validation_images)
+
+
+def load_models(family: Family, source: ModelSource):
+    try:
+        return family.load(source)
+    except OSError as err:
+        raise MissingFileError(f"Could not load the model '{source.path}': {err}") from err
+
+
+def ema_start(family: Family, source: ModelSource, denoiser: torch.nn.Module,
+              args: argparse.Namespace) -> torch.nn.Module:
+    """The EMA starts from --revision; with --non_ema_revision the trained copy came from elsewhere."""
+    if args.non_ema_revision not in (None, args.revision):
+        return family.load_denoiser(source)
+    return denoiser
+
+
+def log_run(run: Run, num_examples: int, batch_size: int, accumulation: int) -> None:
+    total_batch = batch_size * run.accelerator.num_processes * accumulation
+    logger.info("***** Training *****")
+    logger.info("  examples = %d, epochs = %d, batch per device = %d, total batch = %d, accumulation = %d",
+                num_examples, run.num_epochs, batch_size, total_batch, accumulation)
+    logger.info("  optimizer steps = %d, seed = %d, optimizer = %s", run.max_train_steps, run.seed,
+                type(run.optimizer.optimizer).__name__)
+
+
+# --------------------------------------------------------------------------- what the export writes
+
+
+def export_plan(args: argparse.Namespace, run: Run, hub_repo: str | None) -> ExportPlan:
+    """Decided now, so that `output.finish` reads no flag."""
+    single_file = args.save_single_file and not args.use_lora
+    return ExportPlan(
+        lora=args.use_lora, kohya_lora=args.use_lora and args.output_kohya_format,
+        lora_dtype=None if args.upcast_before_saving else run.weight_dtype,
+        prediction_type=args.prediction_type,
+        single_file_dtype=SAVE_PRECISIONS.get(args.save_precision, run.weight_dtype) if single_file else None,
+        metadata=file_metadata(args, run.family, run.models, run.trained.modules, run.max_train_steps)
+        if single_file else {},
+        card=model_card(args, run), hub_repo=hub_repo, hub_token=args.hub_token,
+    )
+
+
+def file_metadata(args: argparse.Namespace, family: Family, models, trained: dict[str, torch.nn.Module],
+                  steps: int) -> dict[str, str]:
+    """The ss_*/modelspec.* header of the files users load in UIs (LoRA files, single-file checkpoints)."""
+    denoiser = getattr(models, family.denoiser_role)   # trained or not (--train_unet false)
+    prediction = args.prediction_type or models.noise_scheduler.config.get("prediction_type")
+    base = describe_base(family.name, dict(denoiser.config), prediction)
+    return training_metadata(base, base_model=args.pretrained_model_name_or_path, title=Path(args.output_dir).name,
+                             resolution=args.resolution, steps=steps,
+                             lora=rank_and_alpha(trained) if args.use_lora else None)
+
+
+def model_card(args: argparse.Namespace, run: Run) -> hub.CardInfo:
+    """The model card, less the images, pictures, run summary and best val_loss of the finished run."""
+    family, new_tokens = run.family, run.token_embeddings
+    instance_prompt = args.instance_prompt
+    embeddings = None
+    if new_tokens is not None:
+        instance_prompt = new_tokens.plan.apply(instance_prompt) if instance_prompt else None
+        embeddings = hub.EmbeddingsInfo(
+            file=f"{run.output_dir.name}_emb.safetensors", tokens=new_tokens.plan.tokens,
+            triggers=new_tokens.plan.triggers(), in_pipeline=not args.use_lora,
+            encoders=[(e.key, e.role, e.tokenizer_role) for e in new_tokens.encoders])
+    return hub.CardInfo(
+        base_model=args.pretrained_model_name_or_path, title=run.output_dir.name, license=family.license,
+        tags=family.tags, lora=args.use_lora, pipeline_class=family.pipeline_cls.__name__,
+        dataset=args.dataset_name, instance_prompt=instance_prompt, embeddings=embeddings,
+        training={"steps": run.max_train_steps, "learning rate": args.learning_rate,
+                  "batch size per device": args.train_batch_size, "resolution": args.resolution,
+                  "mixed precision": run.accelerator.mixed_precision,
+                  **({"LoRA rank": args.rank} if args.use_lora else {}),
+                  **({"EMA": "yes"} if run.trained.ema is not None else {})},
+        ui_files=ui_files(args, run),
+    )
+
+
+def ui_files(args: argparse.Namespace, run: Run) -> dict[str, str]:
+    """The files of the output folder that ComfyUI, A1111 and Forge load, for the model card."""
+    files = {}
+    if args.use_lora and args.output_kohya_format:
+        files[KOHYA_WEIGHT_NAME] = "lora"
+    elif args.use_lora and run.family.name == "sd3":
+        files[WEIGHT_NAME] = "lora"
+    elif not args.use_lora and args.save_single_file:
+        files[f"{run.output_dir.name}.safetensors"] = "checkpoint"
+    if run.token_embeddings is not None:
+        files[f"{run.output_dir.name}_emb.safetensors"] = "embedding"
+    return files
+
+
+# --------------------------------------------------------------------------- data
 
 
 def image_transform(args: argparse.Namespace) -> ImageTransform:
     return ImageTransform(args.resolution, args.center_crop, args.random_flip,
-                          getattr(args, "image_interpolation_mode", "lanczos"),
-                          crop_to_mask=getattr(args, "crop_to_mask", False))
+                          args.image_interpolation_mode,
+                          crop_to_mask=args.crop_to_mask)
 
 
 def cache_root(args: argparse.Namespace) -> Path:
@@ -50,16 +363,16 @@ def cache_root(args: argparse.Namespace) -> Path:
 def subject_plan(args: argparse.Namespace, root: Path | None) -> SubjectPlan:
     return SubjectPlan(
         resolution=args.resolution, output_dir=Path(args.output_dir), root=root, model_cache_dir=args.cache_dir,
-        caption_model=getattr(args, "caption_model", None), caption_prefix=getattr(args, "caption_prefix", "") or "",
-        upscale_model=getattr(args, "upscale_model", None), mask_data_dir=getattr(args, "mask_data_dir", None),
-        alpha_mask=getattr(args, "alpha_mask", False), mask_model=getattr(args, "mask_model", None),
-        mask_target_prompts=tuple(getattr(args, "mask_target_prompts", None) or ()),
-        need_masks=getattr(args, "masked_loss", False) or getattr(args, "crop_to_mask", False),
+        caption_model=args.caption_model, caption_prefix=args.caption_prefix or "",
+        upscale_model=args.upscale_model, mask_data_dir=args.mask_data_dir,
+        alpha_mask=args.alpha_mask, mask_model=args.mask_model,
+        mask_target_prompts=tuple(args.mask_target_prompts or ()),
+        need_masks=args.masked_loss or args.crop_to_mask,
     )
 
 
 def bucket_settings(args: argparse.Namespace) -> BucketSettings | None:
-    if not getattr(args, "enable_bucket", False):
+    if not args.enable_bucket:
         return None
     return BucketSettings(args.resolution, args.min_bucket_reso, args.max_bucket_reso, args.bucket_reso_steps,
                           args.bucket_no_upscale)
@@ -71,33 +384,33 @@ def bucket_plan(args: argparse.Namespace, images: CaptionedImages, what: str = "
     if settings is None:
         return None
     plan = BucketPlan.build(captioned_image_sizes(images), settings)
-    log_plan(plan, images.name, settings, what)
+    log_buckets(plan, images.name, settings, what)
     return plan
 
 
 def validation_seed(args: argparse.Namespace, seed: int) -> int:
-    chosen = getattr(args, "validation_seed", None)
+    chosen = args.validation_seed
     return seed if chosen is None else chosen
 
 
-def text_image_data(args: argparse.Namespace, seed: int, accelerator: Accelerator, family) -> CaptionedImageDataset:
+def text_image_data(args: argparse.Namespace, seed: int, accelerator: Accelerator, family: Family) -> CaptionedImageDataset:
     data_dir, _ = data_folder(args.train_data_dir, cache_root(args), accelerator)
     images = load_captioned_images(
         dataset_name=args.dataset_name, dataset_config_name=args.dataset_config_name,
         train_data_dir=data_dir, image_column=args.image_column, caption_column=args.caption_column,
         cache_dir=args.cache_dir, max_train_samples=args.max_train_samples, seed=seed,
-        allow_missing_captions=getattr(args, "caption_model", None) is not None,
+        allow_missing_captions=args.caption_model is not None,
     )
     root = Path(data_dir) if data_dir is not None and args.dataset_name is None else None
     images = prepare_subject(images, subject_plan(args, root), accelerator)
-    images, held_out = split_held_out(images, getattr(args, "validation_split", 0.0), validation_seed(args, seed))
-    if getattr(args, "validation_data_dir", None) is not None:
+    images, held_out = split_held_out(images, args.validation_split, validation_seed(args, seed))
+    if args.validation_data_dir is not None:
         held_out = load_captioned_images(
             dataset_name=None, dataset_config_name=None, train_data_dir=args.validation_data_dir,
             image_column=args.image_column, caption_column=args.caption_column, cache_dir=args.cache_dir,
             max_train_samples=None, seed=seed)
     dataset = CaptionedImageDataset(images, image_transform(args), seed,
-                                    empty_caption_rate=getattr(args, "proportion_empty_prompts", 0.0),
+                                    empty_caption_rate=args.proportion_empty_prompts,
                                     buckets=bucket_plan(args, images))
     if held_out is not None:
         dataset.held_out = CaptionedImageDataset(held_out, image_transform(args), validation_seed(args, seed),
@@ -105,13 +418,13 @@ def text_image_data(args: argparse.Namespace, seed: int, accelerator: Accelerato
     return dataset
 
 
-def dreambooth_data(args: argparse.Namespace, seed: int, accelerator: Accelerator, family) -> DreamBoothDataset:
+def dreambooth_data(args: argparse.Namespace, seed: int, accelerator: Accelerator, family: Family) -> DreamBoothDataset:
     instance_dir, from_archive = data_folder(args.instance_data_dir, cache_root(args), accelerator)
     instance = load_instance_images(
         instance_data_dir=instance_dir, dataset_name=args.dataset_name,
         dataset_config_name=args.dataset_config_name, image_column=args.image_column,
         caption_column=args.caption_column, instance_prompt=args.instance_prompt, cache_dir=args.cache_dir,
-        recursive=from_archive, auto_caption=getattr(args, "caption_model", None) is not None,
+        recursive=from_archive, auto_caption=args.caption_model is not None,
     )
     instance = prepare_subject(instance, subject_plan(args, Path(instance_dir) if instance_dir else None), accelerator)
     class_images = None
@@ -121,12 +434,12 @@ def dreambooth_data(args: argparse.Namespace, seed: int, accelerator: Accelerato
         if missing:
             logger.info("Generating %d class images for '%s'", missing, args.class_prompt)
             generate_class_images(Path(class_dir), args.class_prompt, missing,
-                                  ClassImagePipeline(family, args, accelerator.device),
+                                  class_image_pipeline(args, family, accelerator.device),
                                   sample_batch_size=args.sample_batch_size, accelerator=accelerator, seed=seed,
                                   start_index=args.num_class_images - missing)
         class_images = load_class_images(class_dir, recursive=nested)[: args.num_class_images]
-    instance, held_out = split_held_out(instance, getattr(args, "validation_split", 0.0), validation_seed(args, seed))
-    if getattr(args, "validation_data_dir", None) is not None:
+    instance, held_out = split_held_out(instance, args.validation_split, validation_seed(args, seed))
+    if args.validation_data_dir is not None:
         held_out = load_instance_images(
             instance_data_dir=args.validation_data_dir, dataset_name=None, dataset_config_name=None,
             image_column=args.image_column, caption_column=None, instance_prompt=args.instance_prompt,
@@ -143,21 +456,24 @@ def dreambooth_data(args: argparse.Namespace, seed: int, accelerator: Accelerato
 class ClassImagePipeline:
     """Builds the base pipeline for class-image generation only when images are missing."""
 
-    def __init__(self, family, args: argparse.Namespace, device: torch.device):
-        self.family, self.args, self.device = family, args, device
+    def __init__(self, family: Family, source: ModelSource, precision: str | None, device: torch.device):
+        self.family, self.source, self.precision, self.device = family, source, precision, device
 
     def __call__(self):
-        precision = self.args.prior_generation_precision
         dtype = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32, "no": torch.float32}.get(
-            precision, torch.float16 if self.device.type in ("cuda", "mps") else torch.float32)
-        pipeline = self.family.pipeline_cls.from_pretrained(
-            self.args.pretrained_model_name_or_path, revision=self.args.revision, variant=self.args.variant,
-            dtype=dtype)
+            self.precision, torch.float16 if self.device.type in ("cuda", "mps") else torch.float32)
+        pipeline = self.family.pipeline_cls.from_pretrained(self.source.path, revision=self.source.revision,
+                                                            variant=self.source.variant, dtype=dtype)
         return pipeline.to(self.device)
 
 
+def class_image_pipeline(args: argparse.Namespace, family: Family, device: torch.device) -> ClassImagePipeline:
+    source = ModelSource(args.pretrained_model_name_or_path, args.revision, args.variant)
+    return ClassImagePipeline(family, source, args.prior_generation_precision, device)
+
+
 def token_plan(args: argparse.Namespace) -> TokenPlan | None:
-    if not getattr(args, "train_text_encoder_ti", False):
+    if not args.train_text_encoder_ti:
         return None
     return TokenPlan.from_flags(args.token_abstraction, args.num_new_tokens_per_abstraction)
 
@@ -171,20 +487,20 @@ def token_embeddings(args: argparse.Namespace, family, models, seed: int) -> Tok
 
 
 def cache_settings(args: argparse.Namespace) -> CacheSettings:
-    latents_to_disk = getattr(args, "cache_latents_to_disk", False)
-    text_to_disk = getattr(args, "cache_text_encoder_outputs_to_disk", False)
+    latents_to_disk = args.cache_latents_to_disk
+    text_to_disk = args.cache_text_encoder_outputs_to_disk
     return CacheSettings(
-        latents=getattr(args, "cache_latents", False) or latents_to_disk, latents_to_disk=latents_to_disk,
-        text=getattr(args, "cache_text_encoder_outputs", False) or text_to_disk, text_to_disk=text_to_disk,
-        folder=cache_folder(args) if latents_to_disk or text_to_disk else None)
+        latents=args.cache_latents or latents_to_disk, latents_to_disk=latents_to_disk,
+        text=args.cache_text_encoder_outputs or text_to_disk, text_to_disk=text_to_disk,
+        folder=cache_folder(args.latents_cache_dir, args.output_dir) if latents_to_disk or text_to_disk else None)
 
 
 def ddpm_objective(args: argparse.Namespace, noise_scheduler, device: torch.device) -> DDPMObjective:
     prediction_type = args.prediction_type or noise_scheduler.config.prediction_type
-    if getattr(args, "dream_training", False) and prediction_type != "epsilon":
+    if args.dream_training and prediction_type != "epsilon":
         raise CliError(f"--dream_training supports epsilon prediction only; this model predicts {prediction_type}.")
     weights = None
-    if getattr(args, "timestep_bias_strategy", "none") != "none":
+    if args.timestep_bias_strategy != "none":
         try:  # the checks that need the schedule's length (the others ran at parse time)
             weights = timestep_bias_weights(
                 args.timestep_bias_strategy, noise_scheduler.config.num_train_timesteps,
@@ -196,7 +512,7 @@ def ddpm_objective(args: argparse.Namespace, noise_scheduler, device: torch.devi
     return DDPMObjective(
         alphas_cumprod=noise_scheduler.alphas_cumprod.to(device=device, dtype=torch.float32),
         prediction_type=prediction_type, snr_gamma=args.snr_gamma, noise_offset=args.noise_offset,
-        input_perturbation=getattr(args, "input_perturbation", 0.0), timestep_weights=weights,
+        input_perturbation=args.input_perturbation, timestep_weights=weights,
     )
 
 
@@ -217,7 +533,7 @@ def build_optimizer(args: argparse.Namespace, groups: list[dict], num_processes:
     if args.scale_lr:
         lr = scaled_lr(lr, args.gradient_accumulation_steps, args.train_batch_size, num_processes)
     betas = (args.adam_beta1, args.adam_beta2)
-    if getattr(args, "optimizer", "adamw").lower() == "prodigy":
+    if args.optimizer.lower() == "prodigy":
         if lr <= 0.1:
             logger.warning("Prodigy usually wants --learning_rate around 1.0, got %g.", lr)
         for group in groups:
@@ -227,7 +543,7 @@ def build_optimizer(args: argparse.Namespace, groups: list[dict], num_processes:
             lr=lr, betas=betas, beta3=args.prodigy_beta3, weight_decay=args.adam_weight_decay, eps=args.adam_epsilon,
             decouple=args.prodigy_decouple, use_bias_correction=args.prodigy_use_bias_correction,
             safeguard_warmup=args.prodigy_safeguard_warmup))
-    if getattr(args, "optimizer", "adamw").lower() == "adafactor":
+    if args.optimizer.lower() == "adafactor":
         return build_adafactor(groups, AdafactorSettings(lr=lr, weight_decay=args.adam_weight_decay))
     settings = AdamSettings(lr=lr, betas=betas, weight_decay=args.adam_weight_decay, eps=args.adam_epsilon,
                             use_8bit=args.use_8bit_adam)
@@ -237,7 +553,7 @@ def build_optimizer(args: argparse.Namespace, groups: list[dict], num_processes:
 def check_memory(args: argparse.Namespace, family, accelerator: Accelerator) -> None:
     """Before any weight is loaded: the flags the accelerator decides, then the memory estimate
     (printed, and refused when it exceeds the device's memory unless --skip_memory_check)."""
-    fused, full_bf16 = getattr(args, "fused_backward_pass", False), getattr(args, "full_bf16", False)
+    fused, full_bf16 = args.fused_backward_pass, args.full_bf16
     if fused and accelerator.num_processes > 1:
         # DDP all-reduces gradients in buckets after the hooks would already have applied the local ones.
         raise CliError(f"--fused_backward_pass works with one process only, not {accelerator.num_processes}: the "
@@ -256,24 +572,24 @@ def check_memory(args: argparse.Namespace, family, accelerator: Accelerator) -> 
     try:
         logger.info("%s", memory_estimate.check(stats, memory_setup(args, accelerator.mixed_precision),
                                                 family.denoiser_role, accelerator.device,
-                                                skip=getattr(args, "skip_memory_check", False)))
+                                                skip=args.skip_memory_check))
     except memory_estimate.DoesNotFit as err:
         raise CliError(str(err)) from err
 
 
 def memory_setup(args: argparse.Namespace, mixed_precision: str) -> memory_estimate.TrainingSetup:
     return memory_estimate.TrainingSetup(
-        lora=args.use_lora, optimizer=getattr(args, "optimizer", "adamw"), use_8bit_adam=args.use_8bit_adam,
-        full_bf16=getattr(args, "full_bf16", False), fused_backward_pass=getattr(args, "fused_backward_pass", False),
-        mixed_precision=mixed_precision, ema=getattr(args, "use_ema", False),
-        offload_ema=getattr(args, "offload_ema", False))
+        lora=args.use_lora, optimizer=args.optimizer, use_8bit_adam=args.use_8bit_adam,
+        full_bf16=args.full_bf16, fused_backward_pass=args.fused_backward_pass,
+        mixed_precision=mixed_precision, ema=args.use_ema,
+        offload_ema=args.offload_ema)
 
 
 def model_source(args: argparse.Namespace, weight_dtype: torch.dtype) -> ModelSource:
     """With --full_bf16 the trained denoiser, and the text encoders unless they are trained fully,
     are read from disk in bf16 (the training precision) instead of fp32 first."""
-    bf16 = getattr(args, "full_bf16", False)
-    trains_text_encoders = getattr(args, "train_text_encoder", False) and not args.use_lora
+    bf16 = args.full_bf16
+    trains_text_encoders = args.train_text_encoder and not args.use_lora
     return ModelSource(args.pretrained_model_name_or_path, args.revision, args.variant, args.cache_dir,
                        denoiser_dtype=torch.bfloat16 if bf16 else None,
                        text_encoder_dtype=weight_dtype if bf16 and not trains_text_encoders else None)
@@ -281,7 +597,7 @@ def model_source(args: argparse.Namespace, weight_dtype: torch.dtype) -> ModelSo
 
 def build_stepper(args: argparse.Namespace, optimizer, seed: int) -> OptimizerStepper:
     """`optimizer` is accelerate's wrapper; per-parameter updates use the torch optimizer inside it."""
-    fused, full_bf16 = getattr(args, "fused_backward_pass", False), getattr(args, "full_bf16", False)
+    fused, full_bf16 = args.fused_backward_pass, args.full_bf16
     if not (fused or full_bf16):
         return OptimizerStepper(optimizer)
     if fused and args.max_grad_norm:

@@ -30,6 +30,7 @@ import torch
 from accelerate import Accelerator
 
 from sdft.ema import EMA
+from sdft.errors import MissingFileError
 from sdft.guards import require_finite_weights
 from sdft.lora import load_lora, save_lora
 from sdft.model_spec import stamped
@@ -85,11 +86,11 @@ def resolve_resume(value: str | None, output_dir: str | Path) -> Path | None:
         if candidate.is_dir():
             problems = incomplete_files(candidate)
             if problems:
-                raise FileNotFoundError(f"--resume_from_checkpoint '{value}': {candidate} is incomplete "
+                raise MissingFileError(f"--resume_from_checkpoint '{value}': {candidate} is incomplete "
                                         f"({'; '.join(problems[:3])}).")
             return candidate
     looked = " or ".join(str(c) for c in candidates)
-    raise FileNotFoundError(f"--resume_from_checkpoint '{value}' does not exist (looked for {looked}).")
+    raise MissingFileError(f"--resume_from_checkpoint '{value}' does not exist (looked for {looked}).")
 
 
 def latest_complete(output_dir: str | Path) -> Path | None:

@@ -1,38 +1,44 @@
-"""Command-line flags shared by the three training scripts.
+"""The command-line edge: the flags of the three training scripts, `parse`, and the process
+wrapper `run`.
 
 Each flag is declared once, in the argument-group function it belongs to. A script builds its
 parser from the groups it needs and sets its own defaults visibly with `set_defaults`. Flag names,
 types, defaults and choices follow the matching diffusers example scripts
-(`tests/unit/test_cli_parity.py` holds the parsers to that contract).
-
-`check_*` functions raise `CliError` with a message that names the flag, so a bad command line
-fails before any model is loaded.
+(`tests/unit/test_cli_parity.py` holds the parsers to that contract). The parse-time checks are
+in `sdft.checks`; `sdft.builders` turns the parsed flags into a run.
 """
 
 from __future__ import annotations
 
 import argparse
-import importlib.util
-import json
-import math
+import logging
 import os
 import sys
 from pathlib import Path
-from typing import Callable, Iterable, Sequence
+from typing import AbstractSet, Callable, Iterable, Sequence
 
-from sdft.data.cache_store import prepare_folder
-from sdft.data.sources import DataError
+from sdft.errors import CliError, UserError
+from sdft.optim import LR_SCHEDULERS
+from sdft.preemption import Interrupted
+
+logger = logging.getLogger("sdft")
 
 INTERPOLATION_MODES = ["bicubic", "bilinear", "box", "hamming", "lanczos", "nearest", "nearest_exact"]
-LR_SCHEDULERS = [
-    "linear", "cosine", "cosine_with_restarts", "polynomial",
-    "constant", "constant_with_warmup", "piecewise_constant",
-]
 TRACKERS = ["tensorboard", "wandb", "comet_ml", "all", "none"]
 
-
-class CliError(ValueError):
-    """A command line that cannot work; the message names the flag."""
+# What a flag means in a script that does not have it. `parse` sets these on the namespace, so the
+# builders read every flag as `args.<name>` in every script.
+WHEN_ABSENT = {
+    "pretrained_vae_model_name_or_path": None, "train_text_encoder": False, "text_encoder_lr": None,
+    "adam_weight_decay_text_encoder": None, "proportion_empty_prompts": 0.0, "prediction_type": None,
+    "timestep_bias_strategy": "none", "dream_training": False, "input_perturbation": 0.0, "train_unet": True,
+    "use_ema": False, "offload_ema": False, "foreach_ema": False, "non_ema_revision": None,
+    "train_text_encoder_ti": False, "lora_dropout": 0.0, "output_kohya_format": False, "debug_loss": False,
+    # SD 1.x and SDXL have no flag: their LoRA files are written in fp32.
+    "upcast_before_saving": True,
+    "enable_xformers_memory_efficient_attention": False, "enable_npu_flash_attention": False,
+    "validation_prompts": None, "instance_data_dir": None, "with_prior_preservation": False,
+}
 
 
 # --------------------------------------------------------------------------- argument groups
@@ -228,7 +234,6 @@ def add_ddpm_objective_args(parser: argparse.ArgumentParser, *, prediction_types
                    help="Min-SNR loss weighting with this gamma (5.0 is recommended); default: off.")
     g.add_argument("--noise_offset", type=float, default=0,
                    help="Scale of the per-channel noise offset; 0 disables it.")
-    parser.set_defaults(_prediction_types=list(prediction_types))
 
 
 def add_t2i_objective_extras(parser: argparse.ArgumentParser) -> None:
@@ -320,21 +325,17 @@ def add_lora_args(parser: argparse.ArgumentParser, *, text_encoder: bool = False
     g.add_argument("--use_lora", action="store_true",
                    help="Train LoRA adapters instead of the full model; writes pytorch_lora_weights.safetensors.")
     g.add_argument("--rank", type=int, default=4, help="LoRA rank (lora_alpha equals the rank).")
-    lora_only = ["rank"]
     if text_encoder:
         g.add_argument("--train_text_encoder", action="store_true",
                        help="Also train LoRA adapters on the text encoders (q/k/v/out projections).")
-        lora_only.append("train_text_encoder")
     if kohya:
         g.add_argument("--output_kohya_format", action="store_true",
                        help="Also write pytorch_lora_weights_kohya.safetensors: the same LoRA with kohya key names "
                             "(lora_unet_*, lora_te_* or lora_te1_*/lora_te2_*), the file ComfyUI, A1111 and Forge "
                             "load from models/loras.")
-        lora_only.append("output_kohya_format")
     if debug_loss:
         g.add_argument("--debug_loss", action="store_true",
                        help="Also log each image's own loss, keyed by its file name.")
-    parser.set_defaults(_lora_only=lora_only)
 
 
 def add_sd3_lora_args(parser: argparse.ArgumentParser) -> None:
@@ -348,7 +349,6 @@ def add_sd3_lora_args(parser: argparse.ArgumentParser) -> None:
                    help="Comma-separated transformer block indices to adapt, e.g. '12,13,14' (default: all).")
     g.add_argument("--upcast_before_saving", action="store_true",
                    help="Save the LoRA in fp32 (default: in the training precision, as upstream).")
-    parser.set_defaults(_lora_only=["rank", "lora_dropout", "lora_layers", "lora_blocks", "upcast_before_saving"])
 
 
 def add_single_file_args(parser: argparse.ArgumentParser) -> None:
@@ -431,7 +431,6 @@ def add_bucket_args(parser: argparse.ArgumentParser, *, multiple: int = 8) -> No
                    help=f"Bucket sides are multiples of this many pixels (a multiple of {multiple}).")
     g.add_argument("--bucket_no_upscale", action="store_true",
                    help="Never enlarge an image: one its bucket would enlarge gets a smaller bucket of its own.")
-    parser.set_defaults(_bucket_multiple=multiple)
 
 
 def add_validation_loss_args(parser: argparse.ArgumentParser, *, dreambooth: bool = False) -> None:
@@ -496,18 +495,25 @@ def add_hub_args(parser: argparse.ArgumentParser) -> None:
 # --------------------------------------------------------------------------- parsing
 
 
+Check = Callable[[argparse.Namespace, AbstractSet[str]], None]
+
+
 def parse(parser: argparse.ArgumentParser, input_args: Sequence[str] | None,
-          checks: Iterable[Callable[[argparse.Namespace], None]]) -> argparse.Namespace:
-    """Parse, apply LOCAL_RANK, then run the script's checks; a CliError becomes parser.error."""
+          checks: Iterable[Check]) -> argparse.Namespace:
+    """Parse, apply LOCAL_RANK, fill in the flags the script lacks (WHEN_ABSENT), then run the
+    script's checks with the flags the user typed; a CliError becomes parser.error."""
     argv = list(sys.argv[1:] if input_args is None else input_args)
     args = parser.parse_args(argv)
     env_rank = int(os.environ.get("LOCAL_RANK", -1))
     if env_rank != -1:
         args.local_rank = env_rank
-    args._given = given_flags(parser, argv)
+    for name, value in WHEN_ABSENT.items():
+        if not hasattr(args, name):
+            setattr(args, name, value)
+    given = frozenset(given_flags(parser, argv))
     try:
         for check in checks:
-            check(args)
+            check(args, given)
     except CliError as err:
         parser.error(str(err))
     return args
@@ -532,436 +538,21 @@ def given_flags(parser: argparse.ArgumentParser, argv: Sequence[str]) -> set[str
     return {k for k, v in vars(known).items() if v is not _UNSET}
 
 
-# --------------------------------------------------------------------------- checks
 
 
-def check_positive(args: argparse.Namespace) -> None:
-    check_finite_floats(args)
-    for name in ("train_batch_size", "gradient_accumulation_steps", "checkpointing_steps",
-                 "resolution", "num_train_epochs", "validation_epochs"):
-        if getattr(args, name, 1) < 1:
-            raise CliError(f"--{name} must be at least 1, got {getattr(args, name)}.")
-    if args.seed is not None and not 0 <= args.seed < 2**32:
-        raise CliError(f"--seed must be between 0 and 2**32 - 1, got {args.seed}.")
-    if getattr(args, "skip_nan_steps", 0) < 0:
-        raise CliError(f"--skip_nan_steps cannot be negative, got {args.skip_nan_steps}.")
-    if getattr(args, "skip_nan_steps", 0) and getattr(args, "fused_backward_pass", False):
-        raise CliError("--skip_nan_steps cannot be combined with --fused_backward_pass: the update runs during the "
-                       "backward pass, before the loss and gradients can be checked.")
-    for name in ("max_train_steps", "checkpoints_total_limit", "max_train_samples"):
-        value = getattr(args, name, None)
-        if value is not None and value < 1:
-            raise CliError(f"--{name} must be at least 1, got {value}.")
-    if args.resolution % 8:
-        raise CliError(f"--resolution must be a multiple of 8 (the VAE downsamples by 8), got {args.resolution}.")
-    if args.learning_rate <= 0:
-        raise CliError(f"--learning_rate must be positive, got {args.learning_rate}.")
-    if args.max_grad_norm is not None and args.max_grad_norm <= 0:
-        raise CliError(f"--max_grad_norm must be positive, got {args.max_grad_norm}.")
-    if args.lr_scheduler not in LR_SCHEDULERS:
-        raise CliError(f"--lr_scheduler '{args.lr_scheduler}' is unknown; choose one of: {', '.join(LR_SCHEDULERS)}.")
-    if args.dataloader_num_workers < 0:
-        raise CliError("--dataloader_num_workers cannot be negative.")
+# --------------------------------------------------------------------------- the process wrapper
 
 
-# Float flags for which infinity means something: no clipping.
-INFINITY_ALLOWED = {"max_grad_norm"}
-
-
-def check_finite_floats(args: argparse.Namespace) -> None:
-    """argparse's float() accepts 'nan' and 'inf'; no float flag means anything with NaN, and an
-    infinite learning rate or weight only fails after the models are loaded."""
-    for name, value in vars(args).items():
-        if name.startswith("_") or not isinstance(value, float) or math.isfinite(value):
-            continue
-        if math.isinf(value) and name in INFINITY_ALLOWED:
-            continue
-        raise CliError(f"--{name} must be a finite number, got {value}.")
-
-
-def check_output_dir(args: argparse.Namespace) -> None:
-    path = Path(args.output_dir).expanduser()
-    if path.exists() and not path.is_dir():
-        raise CliError(f"--output_dir '{args.output_dir}' is an existing file; give a folder (it is created "
-                       "if missing).")
-    blocking = next((parent for parent in path.parents if parent.exists() and not parent.is_dir()), None)
-    if blocking is not None:
-        raise CliError(f"--output_dir '{args.output_dir}' cannot be created: {blocking} is a file.")
-
-
-# Components the scripts load from a pipeline folder; the others (safety checker, feature extractor,
-# image encoder) are never read, so a folder without them still trains.
-LOADED_COMPONENTS = ("unet", "transformer", "vae", "scheduler", "text_encoder", "text_encoder_2", "text_encoder_3",
-                     "tokenizer", "tokenizer_2", "tokenizer_3")
-
-
-def check_model_path(args: argparse.Namespace) -> None:
-    """A local model folder must exist and hold a diffusers pipeline; Hub ids are checked at load time."""
-    check_pipeline_folder("--pretrained_model_name_or_path", args.pretrained_model_name_or_path, "model_index.json")
-    check_pipeline_components(args.pretrained_model_name_or_path,
-                              skip={"vae"} if getattr(args, "pretrained_vae_model_name_or_path", None) else set())
-    vae = getattr(args, "pretrained_vae_model_name_or_path", None)
-    if vae:
-        check_pipeline_folder("--pretrained_vae_model_name_or_path", vae, "config.json")
-
-
-def check_pipeline_folder(flag: str, value: str, marker: str) -> None:
-    path = Path(value).expanduser()
-    if path.exists() and not path.is_dir():
-        raise CliError(f"{flag} '{value}' is a file; a diffusers folder (with {marker}) or a Hub id is needed "
-                       "(single-file checkpoints are not supported).")
-    if path.is_dir() and not (path / marker).is_file():
-        raise CliError(f"{flag} '{value}' is not a diffusers folder (no {marker}).")
-    if not path.exists() and _looks_local(value):
-        raise CliError(f"{flag} '{value}' does not exist.")
-
-
-def check_pipeline_components(value: str, skip: set[str]) -> None:
-    """Every component that model_index.json lists and the scripts load must have its folder;
-    otherwise diffusers reports a missing config.json without saying which component is absent."""
-    index_file = Path(value).expanduser() / "model_index.json"
-    if not index_file.is_file():
-        return
+def run(main: Callable[[argparse.Namespace], None], args: argparse.Namespace) -> int:
+    """Entry-point wrapper: a bad input ends the run with its message instead of a traceback."""
     try:
-        index = json.loads(index_file.read_text())
-    except (ValueError, UnicodeDecodeError) as err:
-        raise CliError(f"--pretrained_model_name_or_path: {index_file} is not valid JSON: {err}") from err
-    listed = {name for name, entry in index.items() if isinstance(entry, list) and entry and entry[0] is not None}
-    missing = sorted(name for name in listed & set(LOADED_COMPONENTS) - skip
-                     if not (index_file.parent / name).is_dir())
-    if missing:
-        raise CliError(f"--pretrained_model_name_or_path '{value}' lacks the component folder(s) "
-                       f"{', '.join(name + '/' for name in missing)} that its model_index.json lists.")
-
-
-def _looks_local(path: str) -> bool:
-    return path.startswith(("/", "./", "../", "~")) or path.count("/") > 1 or os.path.isdir(path)
-
-
-def check_t2i_dataset(args: argparse.Namespace) -> None:
-    if args.dataset_name is None and args.train_data_dir is None:
-        raise CliError("Give a dataset: --dataset_name (Hub id or local dataset) or --train_data_dir (image folder).")
-    check_data_dir("--train_data_dir", args.train_data_dir)
-    if args.dataset_name is not None and _looks_local(args.dataset_name) and not Path(args.dataset_name).exists():
-        raise CliError(f"--dataset_name '{args.dataset_name}' does not exist.")
-
-
-def check_data_dir(flag: str, value: str | None) -> None:
-    """A folder, or an archive file (.zip, .tar, .tar.gz, .tgz) extracted before training."""
-    from sdft.data.archives import ARCHIVE_SUFFIXES, is_archive
-
-    if value is None or Path(value).is_dir():
-        return
-    if is_archive(value) and Path(value).is_file():
-        return
-    raise CliError(f"{flag} '{value}' is not a folder or an archive ({', '.join(ARCHIVE_SUFFIXES)}).")
-
-
-def check_subject(args: argparse.Namespace) -> None:
-    if getattr(args, "class_data_dir", None) and Path(args.class_data_dir).is_file():
-        check_data_dir("--class_data_dir", args.class_data_dir)   # a file must be an archive
-    sources = [f for f in ("mask_data_dir", "alpha_mask", "mask_model") if getattr(args, f)]
-    users = [f for f in ("masked_loss", "crop_to_mask") if getattr(args, f)]
-    if users and not sources:
-        raise CliError(f"--{users[0]} needs masks: give --mask_data_dir, --alpha_mask or --mask_model.")
-    if sources and not users:
-        raise CliError(f"--{sources[0]} has no effect without --masked_loss or --crop_to_mask.")
-    if args.mask_model and not args.mask_target_prompts:
-        raise CliError("--mask_model needs --mask_target_prompts, e.g. --mask_target_prompts 'a face'.")
-    if args.mask_target_prompts and not args.mask_model:
-        raise CliError("--mask_target_prompts needs --mask_model.")
-    if args.caption_prefix is not None and not args.caption_model:
-        raise CliError("--caption_prefix is put in front of generated captions; it needs --caption_model.")
-    if args.mask_data_dir and not Path(args.mask_data_dir).is_dir():
-        raise CliError(f"--mask_data_dir '{args.mask_data_dir}' is not a folder.")
-    for flag in ("caption_model", "upscale_model", "mask_model"):
-        value = getattr(args, flag)
-        if value and _looks_local(value) and not Path(value).exists():
-            raise CliError(f"--{flag} '{value}' does not exist.")
-
-
-def check_prediction_type(args: argparse.Namespace) -> None:
-    if args.prediction_type is not None and args.prediction_type not in args._prediction_types:
-        raise CliError(f"--prediction_type '{args.prediction_type}' is not supported; "
-                       f"choose one of: {', '.join(args._prediction_types)}.")
-    if args.snr_gamma is not None and args.snr_gamma <= 0:
-        raise CliError(f"--snr_gamma must be positive, got {args.snr_gamma}.")
-    if getattr(args, "dream_training", False) and args.prediction_type not in (None, "epsilon"):
-        raise CliError("--dream_training supports epsilon prediction only, not "
-                       f"--prediction_type={args.prediction_type}.")
-    if getattr(args, "input_perturbation", 0) < 0:
-        raise CliError("--input_perturbation cannot be negative.")
-
-
-def check_lora(args: argparse.Namespace) -> None:
-    if not args.use_lora:
-        typed = [name for name in args._lora_only if name in args._given]
-        if typed:
-            flags = ", ".join(f"--{n}" for n in typed)
-            raise CliError(f"{flags} only applies to LoRA training; add --use_lora.")
-        return
-    if args.rank < 1:
-        raise CliError(f"--rank must be at least 1, got {args.rank}.")
-    if getattr(args, "use_ema", False):
-        raise CliError("--use_ema is for full fine-tuning; it cannot be combined with --use_lora.")
-
-
-def check_single_file(args: argparse.Namespace) -> None:
-    if not args.save_single_file:
-        if args.save_precision is not None:
-            raise CliError("--save_precision sets the precision of the --save_single_file checkpoint; "
-                           "add --save_single_file.")
-        return
-    if args.use_lora:
-        raise CliError("--save_single_file writes a full model checkpoint and cannot be combined with --use_lora; "
-                       "the LoRA file is what UIs load (see --output_kohya_format for SD 1.x/2.x and SDXL).")
-
-
-def check_ema(args: argparse.Namespace) -> None:
-    if not args.use_ema:
-        for name in ("offload_ema", "foreach_ema"):
-            if getattr(args, name, False):
-                print(f"warning: --{name} has no effect without --use_ema", file=sys.stderr)
-
-
-def check_resume(args: argparse.Namespace) -> None:
-    """An explicit checkpoint must exist now, not after the models are loaded."""
-    from sdft.checkpointing import resolve_resume
-
-    try:
-        resolve_resume(args.resume_from_checkpoint, args.output_dir)
-    except FileNotFoundError as err:
-        raise CliError(str(err)) from err
-
-
-def check_validation(args: argparse.Namespace) -> None:
-    if args.num_validation_images < 0:
-        raise CliError("--num_validation_images cannot be negative.")
-
-
-def check_tracking_and_hub(args: argparse.Namespace) -> None:
-    trackers = [t.strip() for t in args.report_to.split(",")]
-    if ("wandb" in trackers or "all" in trackers) and args.hub_token is not None:
-        raise CliError("--report_to=wandb with --hub_token would expose the token in the wandb run config; "
-                       "log in with `hf auth login` instead of passing --hub_token.")
-    for tracker in trackers:
-        if tracker not in TRACKERS:
-            raise CliError(f"--report_to '{tracker}' is unknown; choose from: {', '.join(TRACKERS)}.")
-        if tracker in ("wandb", "comet_ml", "tensorboard") and importlib.util.find_spec(tracker) is None:
-            raise CliError(f"--report_to={tracker} needs the '{tracker}' package: pip install {tracker}.")
-
-
-def check_sdxl(args: argparse.Namespace) -> None:
-    from sdft.objectives import validate_timestep_bias
-
-    if not 0 <= args.proportion_empty_prompts <= 1:
-        raise CliError(f"--proportion_empty_prompts must be between 0 and 1, got {args.proportion_empty_prompts}.")
-    if args.timestep_bias_strategy != "none" or "timestep_bias_multiplier" in args._given:
-        try:
-            validate_timestep_bias(args.timestep_bias_strategy, args.timestep_bias_multiplier,
-                                   args.timestep_bias_begin, args.timestep_bias_end, args.timestep_bias_portion)
-        except ValueError as err:
-            raise CliError(str(err)) from err
-
-
-def check_dreambooth(args: argparse.Namespace) -> None:
-    if (args.dataset_name is None) == (args.instance_data_dir is None):
-        raise CliError("Give exactly one of --instance_data_dir (a folder of images) and --dataset_name.")
-    check_data_dir("--instance_data_dir", args.instance_data_dir)
-    if args.with_prior_preservation:
-        if args.class_data_dir is None or args.class_prompt is None:
-            raise CliError("--with_prior_preservation needs --class_data_dir and --class_prompt.")
-    elif args.class_data_dir is not None or args.class_prompt is not None:
-        print("warning: --class_data_dir/--class_prompt have no effect without --with_prior_preservation",
-              file=sys.stderr)
-    for name in ("repeats", "num_class_images", "sample_batch_size"):
-        if getattr(args, name) < 1:
-            raise CliError(f"--{name} must be at least 1, got {getattr(args, name)}.")
-    if args.prior_loss_weight < 0:
-        raise CliError(f"--prior_loss_weight cannot be negative, got {args.prior_loss_weight}.")
-
-
-DREAMBOOTH_ONLY = ("instance_prompt", "with_prior_preservation", "class_data_dir", "class_prompt", "num_class_images",
-                   "repeats", "prior_loss_weight", "sample_batch_size", "prior_generation_precision")
-TEXTUAL_INVERSION_ONLY = ("token_abstraction", "num_new_tokens_per_abstraction", "train_text_encoder_ti_frac",
-                          "initializer_concept")
-
-
-def check_t2i_or_dreambooth_data(args: argparse.Namespace) -> None:
-    """SD 1.x / SDXL: captioned images (--train_data_dir/--dataset_name) or DreamBooth data."""
-    if args.instance_data_dir is None:
-        typed = [f"--{name}" for name in DREAMBOOTH_ONLY if name in args._given]
-        if typed:
-            raise CliError(f"{', '.join(typed)} only applies to DreamBooth data; add --instance_data_dir.")
-        check_t2i_dataset(args)
-        return
-    if args.train_data_dir is not None or args.dataset_name is not None:
-        raise CliError("--instance_data_dir (DreamBooth data) replaces --train_data_dir and --dataset_name; give one.")
-    if args.instance_prompt is None:
-        raise CliError("--instance_data_dir needs --instance_prompt, the caption of every instance image.")
-    check_dreambooth(args)
-
-
-def check_textual_inversion(args: argparse.Namespace) -> None:
-    if not args.train_text_encoder_ti:
-        typed = [f"--{name}" for name in TEXTUAL_INVERSION_ONLY if name in args._given]
-        if typed:
-            raise CliError(f"{', '.join(typed)} only applies with --train_text_encoder_ti.")
-        if not args.train_unet:
-            raise CliError("--train_unet false leaves nothing to train; add --train_text_encoder_ti.")
-        return
-    from sdft.textual_inversion import TokenPlan, check_abstractions_used
-
-    plan = TokenPlan.from_flags(args.token_abstraction, max(1, args.num_new_tokens_per_abstraction))
-    if getattr(args, "instance_data_dir", None) is not None:
-        # DreamBooth folder data is captioned by the prompts, so the check needs no data yet.
-        prompts = [args.instance_prompt, args.class_prompt if args.with_prior_preservation else None,
-                   args.validation_prompt, *(getattr(args, "validation_prompts", None) or [])]
-        check_abstractions_used(plan, [prompt for prompt in prompts if prompt])
-    if getattr(args, "train_text_encoder", False):
-        # As diffusers' advanced script: the text encoders are either LoRA-trained or given new tokens.
-        raise CliError("--train_text_encoder_ti cannot be combined with --train_text_encoder; choose one.")
-    if args.num_new_tokens_per_abstraction < 1:
-        raise CliError("--num_new_tokens_per_abstraction must be at least 1, "
-                       f"got {args.num_new_tokens_per_abstraction}.")
-    if not 0 < args.train_text_encoder_ti_frac <= 1:
-        raise CliError(f"--train_text_encoder_ti_frac must be in (0, 1], got {args.train_text_encoder_ti_frac}.")
-    if not args.train_unet:
-        for name in ("use_lora", "use_ema"):
-            if getattr(args, name, False):
-                raise CliError(f"--{name} trains the UNet, which --train_unet false freezes.")
-        if "train_text_encoder_ti_frac" in args._given and args.train_text_encoder_ti_frac < 1:
-            print("warning: --train_text_encoder_ti_frac is ignored with --train_unet false: the embeddings are "
-                  "all there is to train, so they train for every step", file=sys.stderr)
-
-
-def check_sd3(args: argparse.Namespace) -> None:
-    if not 1 <= args.max_sequence_length <= 512:
-        raise CliError(f"--max_sequence_length must be between 1 and 512 (T5's limit), got {args.max_sequence_length}.")
-    check_optimizer(args)
-    if args.precondition_outputs not in (0, 1):
-        raise CliError(f"--precondition_outputs must be 0 or 1, got {args.precondition_outputs}.")
-    if args.text_encoder_lr <= 0:
-        raise CliError(f"--text_encoder_lr must be positive, got {args.text_encoder_lr}.")
-    if args.lora_blocks:
-        try:
-            [int(block) for block in args.lora_blocks.split(",")]
-        except ValueError as err:
-            raise CliError(f"--lora_blocks must be comma-separated block numbers, got '{args.lora_blocks}'.") from err
-
-
-OPTIMIZERS = ("adamw", "prodigy", "adafactor")
-
-
-def check_optimizer(args: argparse.Namespace) -> None:
-    if args.optimizer.lower() not in OPTIMIZERS:
-        raise CliError(f"--optimizer '{args.optimizer}' is not supported; use AdamW, prodigy or adafactor.")
-    if args.optimizer.lower() == "prodigy" and importlib.util.find_spec("prodigyopt") is None:
-        raise CliError("--optimizer=prodigy needs prodigyopt: pip install prodigyopt.")
-
-
-def check_memory_flags(args: argparse.Namespace) -> None:
-    """The combinations the accelerator does not decide (the process count and an fp16/no mixed
-    precision set in `accelerate config` are checked when the accelerator exists)."""
-    if args.fused_backward_pass:
-        if args.gradient_accumulation_steps > 1:
-            raise CliError("--fused_backward_pass applies each gradient as soon as it is computed, so it cannot "
-                           f"accumulate them: drop --gradient_accumulation_steps={args.gradient_accumulation_steps} "
-                           "or --fused_backward_pass.")
-        if args.optimizer.lower() == "prodigy":
-            raise CliError("--fused_backward_pass cannot be used with --optimizer prodigy, whose step size depends "
-                           "on all parameters at once; use --optimizer adafactor or AdamW.")
-        if args.use_8bit_adam:
-            raise CliError("--fused_backward_pass cannot be used with --use_8bit_adam; use --optimizer adafactor.")
-        if "max_grad_norm" in args._given:
-            raise CliError("--max_grad_norm needs every gradient at once, which --fused_backward_pass never holds; "
-                           "drop --max_grad_norm (clipping is off with --fused_backward_pass).")
-        if getattr(args, "train_text_encoder_ti", False):
-            raise CliError("--fused_backward_pass cannot be used with --train_text_encoder_ti, whose new-token "
-                           "gradients are masked after the backward pass; drop one of them.")
-        if args.mixed_precision == "fp16":
-            raise CliError("--fused_backward_pass cannot be used with --mixed_precision fp16 (the gradient scaler "
-                           "checks all gradients before a step); use --mixed_precision bf16.")
-    if args.full_bf16:
-        if args.use_lora:
-            raise CliError("--full_bf16 is for full fine-tuning; LoRA weights are kept in fp32 (drop --full_bf16).")
-        if args.mixed_precision in ("no", "fp16"):
-            raise CliError(f"--full_bf16 needs --mixed_precision bf16, got --mixed_precision {args.mixed_precision}.")
-
-
-def check_caches(args: argparse.Namespace) -> None:
-    """Text outputs can only be cached for frozen encoders; a disk cache folder must be writable."""
-    text = args.cache_text_encoder_outputs or args.cache_text_encoder_outputs_to_disk
-    for trains in ("train_text_encoder", "train_text_encoder_ti"):
-        if text and getattr(args, trains, False):
-            raise CliError(f"--cache_text_encoder_outputs needs frozen text encoders; drop --{trains}.")
-    if args.cache_latents_to_disk or args.cache_text_encoder_outputs_to_disk:
-        try:
-            prepare_folder(cache_folder(args), "--latents_cache_dir")
-        except DataError as err:
-            raise CliError(str(err)) from err
-
-
-def cache_folder(args: argparse.Namespace) -> Path:
-    return Path(args.latents_cache_dir) if args.latents_cache_dir else Path(args.output_dir) / "cache"
-
-
-def check_accelerators(args: argparse.Namespace) -> None:
-    import torch
-
-    if getattr(args, "enable_npu_flash_attention", False) and importlib.util.find_spec("torch_npu") is None:
-        raise CliError("--enable_npu_flash_attention needs an Ascend NPU and torch_npu.")
-    if getattr(args, "enable_xformers_memory_efficient_attention", False):
-        if importlib.util.find_spec("xformers") is None:
-            raise CliError("--enable_xformers_memory_efficient_attention needs xformers: pip install xformers. "
-                           "Without the flag PyTorch's SDPA attention is used.")
-        if not torch.cuda.is_available():
-            raise CliError("--enable_xformers_memory_efficient_attention needs a CUDA GPU.")
-    if args.use_8bit_adam and getattr(args, "optimizer", "adamw").lower() != "adamw":
-        print("warning: --use_8bit_adam applies to AdamW only and is ignored with --optimizer="
-              f"{args.optimizer}", file=sys.stderr)
-    if args.use_8bit_adam and importlib.util.find_spec("bitsandbytes") is None:
-        raise CliError("--use_8bit_adam needs bitsandbytes: pip install bitsandbytes.")
-
-
-def check_buckets(args: argparse.Namespace) -> None:
-    from sdft.data.buckets import BucketSettings, bucket_sizes
-
-    if not args.enable_bucket:
-        typed = [f"--{name}" for name in ("min_bucket_reso", "max_bucket_reso", "bucket_reso_steps",
-                                          "bucket_no_upscale") if name in args._given]
-        if typed:
-            print(f"warning: {', '.join(typed)} has no effect without --enable_bucket", file=sys.stderr)
-        return
-    step, multiple = args.bucket_reso_steps, args._bucket_multiple
-    if step < multiple or step % multiple:
-        raise CliError(f"--bucket_reso_steps must be a positive multiple of {multiple}, got {step}.")
-    for name in ("min_bucket_reso", "max_bucket_reso"):
-        if getattr(args, name) < step or getattr(args, name) % step:
-            raise CliError(f"--{name} must be a multiple of --bucket_reso_steps {step}, got {getattr(args, name)}.")
-    if args.min_bucket_reso > args.max_bucket_reso:
-        raise CliError(f"--min_bucket_reso {args.min_bucket_reso} is larger than --max_bucket_reso "
-                       f"{args.max_bucket_reso}.")
-    if not bucket_sizes(BucketSettings(args.resolution, args.min_bucket_reso, args.max_bucket_reso, step)):
-        raise CliError(f"No bucket of about --resolution {args.resolution} squared pixels has both sides between "
-                       f"--min_bucket_reso {args.min_bucket_reso} and --max_bucket_reso {args.max_bucket_reso}.")
-    if getattr(args, "cache_latents", False) and getattr(args, "with_prior_preservation", False):
-        raise CliError("--enable_bucket with --cache_latents does not support --with_prior_preservation yet "
-                       "(a class image takes the bucket of each instance image it is paired with).")
-
-
-def check_validation_loss(args: argparse.Namespace) -> None:
-    if not 0 <= args.validation_split < 1:
-        raise CliError(f"--validation_split must be at least 0 and below 1, got {args.validation_split}.")
-    if args.validation_split and args.validation_data_dir is not None:
-        raise CliError("Give --validation_split or --validation_data_dir, not both.")
-    if args.validation_data_dir is not None and not Path(args.validation_data_dir).is_dir():
-        raise CliError(f"--validation_data_dir '{args.validation_data_dir}' is not a folder.")
-    enabled = bool(args.validation_split) or args.validation_data_dir is not None
-    for name in ("validate_every_n_steps", "validation_seed"):
-        if name in args._given and not enabled:
-            raise CliError(f"--{name} needs held-out images: add --validation_split or --validation_data_dir.")
-    if args.validate_every_n_steps is not None and args.validate_every_n_steps < 1:
-        raise CliError(f"--validate_every_n_steps must be at least 1, got {args.validate_every_n_steps}.")
-    if args.validation_seed is not None and not 0 <= args.validation_seed < 2**32:
-        raise CliError(f"--validation_seed must be between 0 and 2**32 - 1, got {args.validation_seed}.")
+        main(args)
+    except Interrupted as err:
+        logger.warning("%s", err)
+        print(f"interrupted: {err}", file=sys.stderr)
+        return err.exit_code
+    except UserError as err:
+        logger.error("%s", err)
+        print(f"error: {err}", file=sys.stderr)
+        return 1
+    return 0

@@ -16,8 +16,11 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
+from typing import Callable
 
 import torch
+
+from sdft.errors import CliError, NonFiniteError
 
 logger = logging.getLogger("sdft")
 
@@ -27,14 +30,8 @@ CAUSES = ("Usual causes: a learning rate too high for this model (lower --learni
           "up to N such steps instead of stopping.")
 
 
-class NonFiniteError(RuntimeError):
-    """Training diverged; the message names the step, the last good checkpoint and the usual causes."""
-
-
 def check_precision_device(mixed_precision: str, device: torch.device) -> None:
     if mixed_precision == "fp16" and device.type == "cpu":
-        from sdft.cli import CliError
-
         raise CliError("Mixed precision fp16 (from --mixed_precision or the accelerate config) needs a GPU; "
                        "this run is on the CPU. Use --mixed_precision bf16 (or no).")
 
@@ -45,11 +42,12 @@ class NonFiniteGuard:
     host transfer (and, with several processes, one all-reduce, since the loss is per process) decides
     for every process alike."""
 
-    def __init__(self, accelerator, skip_budget: int, position, output_dir: Path, check_grad_norm: bool):
+    def __init__(self, accelerator, skip_budget: int, position, last_checkpoint: Callable[[], Path | None],
+                 check_grad_norm: bool):
         self.accelerator = accelerator
         self.skip_budget = skip_budget
         self.position = position          # its `skipped_steps` is saved with every checkpoint
-        self.output_dir = Path(output_dir)
+        self.last_checkpoint = last_checkpoint   # named in the error, so the user knows where to resume
         # Under fp16 the grad scaler expects (and skips) steps with infinite gradients; only the loss counts then.
         self.check_grad_norm = check_grad_norm
         self.bad = torch.zeros((), dtype=torch.bool, device=accelerator.device)
@@ -76,13 +74,10 @@ class NonFiniteGuard:
                            self.position.skipped_steps, self.skip_budget)
             return False
         raise NonFiniteError(f"Step {step}: the {what} is not finite (NaN or inf); stopped before applying it. "
-                             f"{last_good_checkpoint(self.output_dir)} {CAUSES}")
+                             f"{last_good_checkpoint(self.last_checkpoint())} {CAUSES}")
 
 
-def last_good_checkpoint(output_dir: Path) -> str:
-    from sdft.checkpointing import resolve_resume
-
-    latest = resolve_resume("latest", output_dir)
+def last_good_checkpoint(latest: Path | None) -> str:
     if latest is None:
         return "No checkpoint was written yet."
     return f"The last good checkpoint is {latest} (resume with --resume_from_checkpoint latest)."

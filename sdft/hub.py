@@ -14,15 +14,13 @@ from pathlib import Path
 
 from huggingface_hub import ModelCard, ModelCardData, create_repo, upload_folder
 
+from sdft.errors import HubError
+
 logger = logging.getLogger(__name__)
 
 UPLOAD_IGNORE = ["checkpoint-*", "checkpoint-*/**", ".checkpoint-*", ".checkpoint-*/**", "*.partial/**"]
 # The user's photos (extracted archives, upscaled copies) and masks made from them stay private.
 UPLOAD_IGNORE += [".sdft-cache/**", "masks/**"]
-
-
-class HubError(RuntimeError):
-    pass
 
 
 @dataclass(frozen=True)

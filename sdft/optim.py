@@ -7,6 +7,10 @@ from dataclasses import dataclass
 import torch
 from diffusers.optimization import get_scheduler
 
+LR_SCHEDULERS = ["linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup",
+                 "piecewise_constant"]
+OPTIMIZERS = ("adamw", "prodigy", "adafactor")   # --optimizer, case-insensitive
+
 
 @dataclass(frozen=True)
 class AdamSettings:

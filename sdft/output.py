@@ -1,8 +1,10 @@
 """What a finished run leaves in the output folder: the pipeline or the LoRA file, final validation
-images made from what was saved, and the model card; then the optional Hub upload."""
+images made from what was saved, and the model card; then the optional Hub upload. `finish(run)` is
+the one export seam; `run.export` (built with the run) says what it writes."""
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import logging
@@ -14,8 +16,13 @@ from accelerate import Accelerator
 from accelerate.utils import gather_object
 from huggingface_hub import snapshot_download
 
+from sdft import hub
+from sdft.errors import HubError
+from sdft.guards import require_finite_weights
 from sdft.lora import save_kohya, save_lora
+from sdft.model_spec import stamped
 from sdft.single_file import save_single_file
+from sdft.training_run import Run
 from sdft.validation import generate, log_images, save_images
 
 logger = logging.getLogger("sdft")
@@ -128,3 +135,69 @@ def final_images(accelerator: Accelerator, pipeline, plan, output_dir: Path, ste
     paths = save_images(images, plan.prompts, output_dir / "validation" / "final")
     log_images(accelerator.trackers, images, plan.prompts, "test", step)
     return [(str(p.relative_to(output_dir)), prompt) for p, prompt in zip(paths, plan.prompts)]
+
+
+# --------------------------------------------------------------------------- the export seam
+
+
+def finish(run: Run) -> None:
+    """Everything a finished run leaves, as `run.export` planned it: the replicas check, then (main
+    process) the diffusers folder or LoRA files, the kohya copy, the single file, the embeddings,
+    the final images and the model card; then the Hub upload."""
+    accelerator = run.accelerator
+    accelerator.wait_for_everyone()
+    new_tokens = run.token_embeddings
+    check_replicas_agree(accelerator, {**run.trained.modules, **(new_tokens.modules() if new_tokens else {})})
+    require_finite_weights(run.trained.modules, f"the model to {run.output_dir}")  # on every process
+    if accelerator.is_main_process:
+        save_outputs(run)
+    accelerator.wait_for_everyone()
+    accelerator.end_training()
+    plan = run.export
+    if plan.hub_repo is not None and accelerator.is_main_process:
+        if not hub.upload_output(run.output_dir, plan.hub_repo, plan.hub_token):
+            raise HubError(f"Training finished and {run.output_dir} is complete, but the upload failed.")
+
+
+def save_outputs(run: Run) -> None:
+    family, output_dir, trained, plan = run.family, run.output_dir, run.trained, run.export
+    if trained.ema is not None:
+        trained.ema.copy_to(trained.modules[family.denoiser_role].parameters())
+    extra = family.export_modules(run.models)
+    new_tokens = run.token_embeddings
+    embeddings_file = new_tokens.export(output_dir) if new_tokens is not None else None
+    if new_tokens is not None and not plan.lora:
+        extra.update(new_tokens.export_modules(run.source))   # from_pretrained alone knows the tokens
+    if plan.lora:
+        export_lora(family, trained.modules, output_dir, kohya=plan.kohya_lora, dtype=plan.lora_dtype,
+                    metadata=stamped(trained.lora_metadata, run.max_train_steps))
+        pipeline = (load_saved_lora(family, run.source, output_dir, run.weight_dtype, extra)
+                    if run.validation.enabled else None)
+        if pipeline is not None and new_tokens is not None:
+            new_tokens.load_into(pipeline, embeddings_file)
+    else:
+        pipeline = export_pipeline(family, run.source, trained.modules, output_dir, plan.prediction_type, extra,
+                                   dtype=run.weight_dtype, load_back=run.validation.enabled)
+        if plan.single_file_dtype is not None:
+            save_single_file_output(run, extra)
+    samples = []
+    if pipeline is not None and run.validation.enabled:
+        samples = final_images(run.accelerator, pipeline, run.validation, output_dir, run.max_train_steps)
+    pictures = run.pictures.redraw("final" if samples else None, run.max_train_steps)
+    summary = run.stats.log_summary()
+    hub.write_model_card(output_dir, dataclasses.replace(
+        plan.card, validation=samples, pictures=[str(p.relative_to(output_dir)) for p in pictures],
+        run_summary=summary or {}, best_val_loss=run.val_loss.best if run.val_loss is not None else None))
+    logger.info("Saved the trained model to %s", output_dir)
+
+
+def save_single_file_output(run: Run, extra: dict) -> Path:
+    """--save_single_file: every component as exported (trained ones, the VAE the run used, the
+    frozen rest), in the planned precision."""
+    family, modules, plan = run.family, run.trained.modules, run.export
+    components = {**family.components(run.models), **extra, **modules}
+    # Learned tokens (--train_text_encoder_ti) go to UIs as the embeddings file, beside the checkpoint.
+    new_tokens = run.token_embeddings
+    vocab_sizes = {encoder.role: min(encoder.ids) for encoder in new_tokens.encoders} if new_tokens else None
+    return export_single_file(components, run.output_dir, plan.metadata["ss_base_model_version"],
+                              plan.single_file_dtype, plan.metadata, vocab_sizes)

@@ -33,7 +33,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-from sdft.cli import CliError
+from sdft.errors import CliError
 
 logger = logging.getLogger(__name__)
 

@@ -31,7 +31,8 @@ from zlib import error as zlib_error
 
 from accelerate.utils import broadcast_object_list
 
-from sdft.data.sources import IMAGE_SUFFIXES, DataError
+from sdft.data.sources import IMAGE_SUFFIXES
+from sdft.errors import DataError
 
 logger = logging.getLogger(__name__)
 

@@ -26,7 +26,8 @@ from typing import Callable, Iterator, Sequence
 import torch
 from PIL import Image, UnidentifiedImageError
 
-from sdft.data.sources import CaptionedImages, DataError
+from sdft.data.sources import CaptionedImages
+from sdft.errors import DataError
 
 logger = logging.getLogger(__name__)
 

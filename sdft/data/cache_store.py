@@ -28,7 +28,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
-from sdft.data.sources import DataError
+from sdft.errors import DataError
 
 logger = logging.getLogger(__name__)
 

@@ -58,6 +58,11 @@ def fill_caches(family, models, dataset, accelerator, settings: CacheSettings, s
     return text_cache, idle
 
 
+def cache_folder(latents_cache_dir: str | None, output_dir: str | Path) -> Path:
+    """--latents_cache_dir, or <output_dir>/cache."""
+    return Path(latents_cache_dir) if latents_cache_dir else Path(output_dir) / "cache"
+
+
 def report(accelerator, results: dict[str, FillResult]) -> None:
     """One line per cache: how many entries each process encoded and how many it found ready. The
     wait is short: every process has already seen every entry on disk."""

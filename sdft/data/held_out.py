@@ -10,7 +10,8 @@ import dataclasses
 
 import torch
 
-from sdft.data.sources import CaptionedImages, DataError
+from sdft.data.sources import CaptionedImages
+from sdft.errors import DataError
 
 
 def subset(images: CaptionedImages, rows: list[int]) -> CaptionedImages:

@@ -25,6 +25,8 @@ from pathlib import Path
 import datasets
 from PIL import Image, ImageOps, UnidentifiedImageError
 
+from sdft.errors import DataError
+
 logger = logging.getLogger(__name__)
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
@@ -32,10 +34,6 @@ METADATA_FILES = ("metadata.jsonl", "metadata.csv", "metadata.parquet")
 # DecompressionBombError (a header claiming more than twice Image.MAX_IMAGE_PIXELS) is not an
 # OSError; without it here such a file ends in a traceback that does not name it.
 READ_ERRORS = (OSError, UnidentifiedImageError, ValueError, SyntaxError, Image.DecompressionBombError)
-
-
-class DataError(ValueError):
-    """Bad training data; the message names the file, row or flag."""
 
 
 @dataclass(frozen=True)

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 import train_text_to_image as t2i
-from sdft.trainer import run
+from sdft.cli import run
 from tests.integration.conftest import sd_args
 
 pytestmark = pytest.mark.integration

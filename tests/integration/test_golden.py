@@ -21,7 +21,7 @@ import train_dreambooth_sd3 as sd3_script
 import train_text_to_image as t2i
 import train_text_to_image_sdxl as sdxl_script
 from sdft.tiny import build_sd3, make_images
-from sdft.trainer import run
+from sdft.cli import run
 from tests.integration.conftest import sd_args
 
 pytestmark = pytest.mark.integration

@@ -15,7 +15,7 @@ from safetensors.torch import load_file
 import train_text_to_image as t2i
 from sdft import memory_estimate
 from sdft.families.sd import StableDiffusion
-from sdft.trainer import run
+from sdft.cli import run
 from tests.integration.conftest import sd_args
 
 pytestmark = pytest.mark.integration

@@ -20,7 +20,7 @@ from safetensors.torch import load_file
 
 import train_text_to_image as t2i
 from sdft.preemption import EXIT_INTERRUPTED
-from sdft.trainer import run
+from sdft.cli import run
 from tests.integration.conftest import REPO, accelerate_launch, launch_env, sd_args
 
 pytestmark = pytest.mark.integration

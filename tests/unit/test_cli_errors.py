@@ -222,10 +222,14 @@ def test_given_flags_of_an_empty_command_line_is_empty():
     assert cli.given_flags(t2i.build_parser(), []) == set()
 
 
-def test_parse_args_records_given_flags(base):
-    args = t2i.parse_args(base + ["--random_flip", "--use_lora"])
-    assert args._given == {"pretrained_model_name_or_path", "train_data_dir", "random_flip", "use_lora"}
-    assert args.rank == 4 and "rank" not in args._given
+def test_parse_hands_the_checks_the_typed_flags_and_fills_in_absent_ones(base):
+    seen = []
+    args = cli.parse(t2i.build_parser(), base + ["--random_flip", "--use_lora"],
+                     [lambda args, given: seen.append(given)])
+    assert seen == [{"pretrained_model_name_or_path", "train_data_dir", "random_flip", "use_lora"}]
+    assert args.rank == 4
+    # SD 1.x has no --train_text_encoder: the namespace says what its absence means.
+    assert args.train_text_encoder is False and not any(name.startswith("_") for name in vars(args))
 
 
 # --------------------------------------------------------------------------- SDXL

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from functools import partial
 from pathlib import Path
 
 import pytest
@@ -10,8 +11,8 @@ import torch
 
 import train_dreambooth_sd3 as sd3
 import train_text_to_image as t2i
-from sdft.checkpointing import Position
-from sdft.cli import CliError
+from sdft.checkpointing import Position, resolve_resume
+from sdft.errors import CliError
 from sdft.guards import NonFiniteError, NonFiniteGuard, check_precision_device
 from tests.unit.test_cli_errors import parse_error
 
@@ -19,7 +20,8 @@ NAN, FINE = torch.tensor(float("nan")), torch.tensor(0.5)
 
 
 def guard(accelerator, tmp_path, budget=0, check_grad_norm=True, step=6):
-    return NonFiniteGuard(accelerator, budget, Position(global_step=step), tmp_path, check_grad_norm)
+    return NonFiniteGuard(accelerator, budget, Position(global_step=step), partial(resolve_resume, "latest", tmp_path),
+                          check_grad_norm)
 
 
 def test_a_nan_loss_stops_before_the_step_naming_it_and_the_last_checkpoint(accelerator, tmp_path):

@@ -243,7 +243,7 @@ def test_what_the_accelerate_config_decides_is_checked_before_loading(base, proc
     from types import SimpleNamespace
 
     from sdft.builders import check_memory
-    from sdft.cli import CliError
+    from sdft.errors import CliError
     from sdft.families.sd import StableDiffusion
 
     args = t2i.parse_args(base + flags)

@@ -12,7 +12,7 @@ import torch
 import train_dreambooth_sd3 as sd3
 import train_text_to_image as t2i
 import train_text_to_image_sdxl as sdxl
-from sdft.cli import CliError
+from sdft.errors import CliError
 from sdft.families.sdxl import StableDiffusionXL
 from sdft.families.source import ModelSource
 from sdft.textual_inversion import TokenPlan, build_token_embeddings, check_abstractions_used, stop_step

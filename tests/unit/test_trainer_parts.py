@@ -5,7 +5,8 @@ from __future__ import annotations
 import torch
 
 from sdft.checkpointing import Position
-from sdft.trainer import resolve_seed, step_generator, weight_dtype_of
+from sdft.builders import resolve_seed, weight_dtype_of
+from sdft.trainer import step_generator
 
 
 def test_a_random_seed_is_chosen_when_none_is_given(accelerator):

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from sdft.data.sources import DataError
+from sdft.errors import DataError
 
 
 def helper_dtype(device: torch.device) -> torch.dtype:

@@ -28,7 +28,8 @@ from accelerate.utils.memory import clear_device_cache
 from PIL import Image
 from tqdm.auto import tqdm
 
-from sdft.data.sources import CaptionedImages, DataError, check_captions, find_images
+from sdft.data.sources import CaptionedImages, check_captions, find_images
+from sdft.errors import DataError
 
 logger = logging.getLogger(__name__)
 

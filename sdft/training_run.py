@@ -1,0 +1,95 @@
+"""What `sdft.builders.build` hands to the loop (`sdft.trainer.train`) and to the export
+(`sdft.output.finish`): plain objects, decided before the first step, so nothing reads a flag later."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from accelerate import Accelerator
+
+from sdft.checkpointing import Checkpointer, Position, TrainedWeights
+from sdft.data.text_cache import TextCache
+from sdft.families.protocol import Family
+from sdft.families.source import ModelSource
+from sdft.guards import NonFiniteGuard
+from sdft.hub import CardInfo
+from sdft.plots import Pictures
+from sdft.preemption import StopRequest
+from sdft.run_stats import RunStats
+from sdft.stepping import OptimizerStepper
+from sdft.textual_inversion import TokenEmbeddings
+from sdft.validation import ValidationPlan
+from sdft.validation_loss import ValidationLoss
+
+
+@dataclass(frozen=True)
+class ExportPlan:
+    """What `output.finish` writes, decided from the flags when the run is built."""
+
+    lora: bool                               # the LoRA file(s), else the diffusers folder
+    kohya_lora: bool = False                 # --output_kohya_format: the kohya-layout LoRA file too
+    lora_dtype: torch.dtype | None = None    # None: the LoRA file in fp32
+    prediction_type: str | None = None       # --prediction_type, written into the exported scheduler
+    single_file_dtype: torch.dtype | None = None   # --save_single_file in this precision; None: not written
+    metadata: dict[str, str] = field(default_factory=dict)   # ss_*/modelspec.* header of single files
+    card: CardInfo | None = None             # the model card, less what only the end of the run knows
+    hub_repo: str | None = None              # --push_to_hub: the repository prepared at start-up
+    hub_token: str | None = None
+
+
+@dataclass
+class Run:
+    """Everything the loop and the export need, built once by `builders.build`. Used as a context
+    manager: SIGTERM/SIGINT are caught (checkpoint, then exit) from `with` to its end."""
+
+    accelerator: Accelerator
+    family: Family
+    models: object                         # unwrapped, for validation and saving
+    train_models: object                   # the same, with trained modules as prepared (DDP-wrapped)
+    prepared: list                         # the prepared trained modules, for accumulate()
+    denoiser: torch.nn.Module              # prepared denoiser
+    objective: object
+    optimizer: torch.optim.Optimizer
+    lr_scheduler: object
+    dataloader: torch.utils.data.DataLoader
+    dataset: torch.utils.data.Dataset
+    sampler: object                        # EpochShuffleSampler, or a BucketBatchSampler (--enable_bucket)
+    checkpointer: Checkpointer
+    trained: TrainedWeights
+    seed: int
+    max_train_steps: int
+    updates_per_epoch: int
+    num_epochs: int
+    checkpointing_steps: int
+    max_grad_norm: float
+    weight_dtype: torch.dtype
+    validation: ValidationPlan
+    validation_epochs: int
+    output_dir: Path
+    source: ModelSource
+    export: ExportPlan | None = None       # set by build, read by output.finish
+    position: Position = field(default_factory=Position)   # where the loop starts (a resumed checkpoint's)
+    dream_detail_preservation: float | None = None
+    params_to_clip: list = field(default_factory=list)
+    train_text_encoders: bool = False
+    prior_loss_weight: float | None = None
+    debug_loss: bool = False
+    condition_cache: TextCache | None = None
+    offloaded: list[str] = field(default_factory=list)   # frozen roles kept on the CPU between validations
+    token_embeddings: TokenEmbeddings | None = None        # --train_text_encoder_ti
+    masked_loss: bool = False                            # weight the loss by the batch's masks
+    stepper: OptimizerStepper | None = None               # applies the optimizer (after or during backward)
+    stats: RunStats = field(default_factory=RunStats.off)  # step timers (main process), see run_stats.py
+    pictures: Pictures | None = None                       # loss.png and validation/grid.png (main process)
+    guard: NonFiniteGuard | None = None                   # stops (or skips) non-finite steps
+    stop: StopRequest = field(default_factory=StopRequest)  # SIGTERM/SIGINT: checkpoint, then exit
+    val_loss: ValidationLoss | None = None                # held-out images (--validation_split/_data_dir)
+
+    def __enter__(self) -> "Run":
+        self.stop.install()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop.restore()
