@@ -135,7 +135,7 @@ def upscaled_path(images: CaptionedImages, index: int, plan: SubjectPlan) -> Pat
 
 def _upscale(images: CaptionedImages, todo: list[int], targets: dict[int, Path], plan: SubjectPlan,
              accelerator) -> None:
-    from sdft.data.preprocess.upscaling import Upscaler
+    from sdft.data.preprocess.upscaling import Upscaler  # only runs that use this model import its classes
 
     with accelerator.split_between_processes(todo) as mine:
         if mine:
@@ -164,7 +164,7 @@ def fill_captions(images: CaptionedImages, plan: SubjectPlan, accelerator) -> Ca
 
 
 def _caption(images: CaptionedImages, mine: list[int], plan: SubjectPlan, accelerator) -> list[tuple[int, str]]:
-    from sdft.data.preprocess.captioning import Captioner
+    from sdft.data.preprocess.captioning import Captioner  # only runs that use this model import its classes
 
     captioner = Captioner(plan.caption_model, accelerator.device, plan.model_cache_dir)
     pairs = []
@@ -237,7 +237,7 @@ def _segment(images: CaptionedImages, todo: list[int], targets: dict[int, Path],
              accelerator) -> None:
     from PIL import ImageOps
 
-    from sdft.data.preprocess.masking import Segmenter
+    from sdft.data.preprocess.masking import Segmenter  # only runs that use this model import its classes
 
     with accelerator.split_between_processes(todo) as mine:
         if mine:
