@@ -23,6 +23,7 @@ import sys
 from sdft import checks, cli, output, trainer
 from sdft.builders import build, dreambooth_data, flow_objective
 from sdft.families.sd3 import StableDiffusion3
+from sdft.training_run import Run
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -56,13 +57,14 @@ def parse_args(input_args: list[str] | None = None) -> argparse.Namespace:
     return cli.parse(build_parser(), input_args, [*checks.COMMON, checks.check_dreambooth, checks.check_sd3])
 
 
-def main(args: argparse.Namespace) -> None:
+def main(args: argparse.Namespace) -> Run:
     family = StableDiffusion3(max_sequence_length=args.max_sequence_length, lora_layers=args.lora_layers,
                               lora_blocks=args.lora_blocks)
     with build(args, family, make_objective=flow_objective, make_data=dreambooth_data,
                tracker_name="dreambooth-sd3-lora" if args.use_lora else "dreambooth-sd3") as run:
         trainer.train(run)
         output.finish(run)
+    return run  # finished; benchmarks/bench_train.py reads its timers (run.stats)
 
 
 if __name__ == "__main__":

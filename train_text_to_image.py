@@ -23,6 +23,7 @@ from functools import partial
 from sdft import checks, cli, output, trainer
 from sdft.builders import build, ddpm_objective, dreambooth_data, text_image_data
 from sdft.families.sd import StableDiffusion
+from sdft.training_run import Run
 
 PREDICTION_TYPES = ["epsilon", "v_prediction"]
 
@@ -61,13 +62,14 @@ def parse_args(input_args: list[str] | None = None) -> argparse.Namespace:
     return cli.parse(build_parser(), input_args, [*checks.COMMON, *own])
 
 
-def main(args: argparse.Namespace) -> None:
+def main(args: argparse.Namespace) -> Run:
     family = StableDiffusion(denoiser_revision=args.non_ema_revision)
     data = dreambooth_data if args.instance_data_dir else text_image_data
     with build(args, family, make_objective=ddpm_objective, make_data=data,
                tracker_name=args.tracker_project_name) as run:
         trainer.train(run)
         output.finish(run)
+    return run  # finished; benchmarks/bench_train.py reads its timers (run.stats)
 
 
 if __name__ == "__main__":

@@ -25,6 +25,7 @@ from functools import partial
 from sdft import checks, cli, output, trainer
 from sdft.builders import build, ddpm_objective, dreambooth_data, text_image_data
 from sdft.families.sdxl import StableDiffusionXL
+from sdft.training_run import Run
 
 PREDICTION_TYPES = ["epsilon", "v_prediction", "sample"]
 
@@ -66,13 +67,14 @@ def parse_args(input_args: list[str] | None = None) -> argparse.Namespace:
     return cli.parse(build_parser(), input_args, [*checks.COMMON, *own])
 
 
-def main(args: argparse.Namespace) -> None:
+def main(args: argparse.Namespace) -> Run:
     family = StableDiffusionXL(vae_path=args.pretrained_vae_model_name_or_path)
     data = dreambooth_data if args.instance_data_dir else text_image_data
     with build(args, family, make_objective=ddpm_objective, make_data=data,
                tracker_name="text2image-fine-tune-sdxl") as run:
         trainer.train(run)
         output.finish(run)
+    return run  # finished; benchmarks/bench_train.py reads its timers (run.stats)
 
 
 if __name__ == "__main__":

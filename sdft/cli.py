@@ -542,7 +542,7 @@ def given_flags(parser: argparse.ArgumentParser, argv: Sequence[str]) -> set[str
 # --------------------------------------------------------------------------- the process wrapper
 
 
-def run(main: Callable[[argparse.Namespace], None], args: argparse.Namespace) -> int:
+def run(main: Callable[[argparse.Namespace], object], args: argparse.Namespace) -> int:
     """Entry-point wrapper: a bad input ends the run with its message instead of a traceback."""
     try:
         main(args)

@@ -8,7 +8,9 @@ a phase's GPU time to whichever phase happens to wait for it. That costs a few s
 per step (the GPU's queue drains at each), so timing is off on the other processes.
 
 Step time is the sum of the phases (data, VAE, text encoders, denoiser, optimizer), so logging,
-checkpoints and validation count in the wall time but not in steps/s.
+checkpoints and validation count in the wall time but not in steps/s. Each step's phase times are
+kept too (`step_phase_s`, 40 bytes a step), so a reader such as benchmarks/bench_train.py can
+leave out any number of warm-up steps and break the first step down.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ import os
 import resource
 import sys
 import time
+from array import array
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable, Iterator
@@ -57,10 +60,13 @@ class RunStats:
     started: float = field(default_factory=process_start)
     phase_s: dict[str, float] = field(default_factory=lambda: dict.fromkeys(PHASES, 0.0))
     step_s: list[float] = field(default_factory=list)    # per optimizer step, the sum of its phases
+    step_phase_s: dict[str, array] = field(default_factory=lambda: {p: array("d") for p in PHASES})  # per step
     images: int = 0
     first_step_at: float | None = None
+    last_step_at: float | None = None    # time.time() at the end of the latest optimizer step
     _lap_start: float = 0.0
     _step_start: float = 0.0
+    _this_step: dict[str, float] = field(default_factory=lambda: dict.fromkeys(PHASES, 0.0))
 
     @classmethod
     def off(cls) -> "RunStats":
@@ -82,7 +88,7 @@ class RunStats:
                 return
             if self.enabled:
                 self._lap_start = self._now()
-                self.phase_s["data"] += self._lap_start - start
+                self._charge("data", self._lap_start - start)
                 self._step_start = self._step_start or start
                 self.images += batch_size(batch) * self.num_processes
             yield batch
@@ -90,8 +96,12 @@ class RunStats:
     def lap(self, phase: str) -> None:
         if self.enabled:
             now = self._now()
-            self.phase_s[phase] += now - self._lap_start
+            self._charge(phase, now - self._lap_start)
             self._lap_start = now
+
+    def _charge(self, phase: str, seconds: float) -> None:
+        self.phase_s[phase] += seconds
+        self._this_step[phase] += seconds
 
     def end_step(self) -> None:
         """After an optimizer step (all its accumulation micro-steps) is complete."""
@@ -99,8 +109,12 @@ class RunStats:
             return
         self.step_s.append(self._lap_start - self._step_start)
         self._step_start = 0.0
+        for phase, seconds in self._this_step.items():
+            self.step_phase_s[phase].append(seconds)
+        self._this_step = dict.fromkeys(PHASES, 0.0)
+        self.last_step_at = time.time()
         if self.first_step_at is None:
-            self.first_step_at = time.time()
+            self.first_step_at = self.last_step_at
 
     def summary(self) -> dict[str, str]:
         """Headline numbers, formatted; steady rates leave out the first step (compilation, warm-up)."""

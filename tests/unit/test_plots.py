@@ -96,3 +96,17 @@ def test_lap_charges_the_named_phase(phase):
         stats._lap_start -= 1.0  # as if the phase took a second
         stats.lap(phase)
     assert stats.phase_s[phase] >= 1.0
+
+
+def test_run_stats_keeps_each_steps_phases():
+    """benchmarks/bench_train.py reads these to leave out warm-up steps and to break the first step down."""
+    stats = RunStats(enabled=True, device=torch.device("cpu"))
+    for step, _ in enumerate(stats.batches([{"captions": ["a"]}] * 2)):
+        stats._lap_start -= 1.0 + step  # as if the denoiser took 1 s, then 2 s
+        stats.lap("denoiser")
+        stats.lap("optimizer")
+        stats.end_step()
+    assert list(stats.step_phase_s["denoiser"]) == pytest.approx([1.0, 2.0], abs=0.05)
+    assert all(len(seconds) == 2 for seconds in stats.step_phase_s.values())
+    assert stats.phase_s["denoiser"] == pytest.approx(sum(stats.step_phase_s["denoiser"]))
+    assert stats.first_step_at <= stats.last_step_at
