@@ -33,9 +33,9 @@ HERE = Path(__file__).resolve().parent
 sys.path[:0] = [str(HERE.parent), str(HERE)]
 
 import torch  # noqa: E402
+from bench_train import git_commit, machine, versions  # noqa: E402
 from PIL import Image  # noqa: E402
 
-from bench_train import git_commit, machine, versions  # noqa: E402
 from sdft import tiny  # noqa: E402
 
 RESULTS = HERE / "preprocess_results.jsonl"
@@ -111,8 +111,14 @@ def matmul_flops_per_s(side: int = 1024, repeats: int = 10) -> float:
 
 
 def bench_real_shapes(upscale_side: int, caption_tokens: int) -> dict:
-    from transformers import (BlipConfig, BlipForConditionalGeneration, CLIPSegConfig, CLIPSegForImageSegmentation,
-                              Swin2SRConfig, Swin2SRForImageSuperResolution)
+    from transformers import (
+        BlipConfig,
+        BlipForConditionalGeneration,
+        CLIPSegConfig,
+        CLIPSegForImageSegmentation,
+        Swin2SRConfig,
+        Swin2SRForImageSuperResolution,
+    )
 
     (blip_name, blip), (swin_name, swin), (seg_name, seg) = REAL.items()
     out = {}

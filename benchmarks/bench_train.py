@@ -59,15 +59,13 @@ sys.path.insert(0, str(REPO))  # the training scripts live at the repository roo
 
 import accelerate  # noqa: E402
 import torch  # noqa: E402
-
 from torch.optim.optimizer import register_optimizer_step_post_hook, register_optimizer_step_pre_hook  # noqa: E402
 
-from sdft import tiny  # noqa: E402
+from sdft import memory_estimate, tiny  # noqa: E402
+from sdft.builders import memory_setup  # noqa: E402
 from sdft.families.sd import StableDiffusion  # noqa: E402
 from sdft.families.sd3 import StableDiffusion3  # noqa: E402
 from sdft.families.sdxl import StableDiffusionXL  # noqa: E402
-from sdft import memory_estimate  # noqa: E402
-from sdft.builders import memory_setup  # noqa: E402
 from sdft.stepping import OptimizerStepper  # noqa: E402
 
 CACHE = HERE / ".cache"

@@ -25,11 +25,17 @@ from accelerate.utils import ProjectConfiguration, broadcast_object_list, set_se
 from sdft import hub, memory_estimate
 from sdft.checkpointing import Checkpointer, Position, TrainedWeights, read_position, resolve_resume
 from sdft.data.archives import data_folder
-from sdft.data.buckets import BucketPlan, BucketSettings, captioned_image_sizes, log_plan as log_buckets
+from sdft.data.buckets import BucketPlan, BucketSettings, captioned_image_sizes
+from sdft.data.buckets import log_plan as log_buckets
 from sdft.data.caches import CacheSettings, cache_folder, fill_caches
 from sdft.data.dataset import CaptionedImageDataset, loader_order
-from sdft.data.dreambooth import (DreamBoothDataset, generate_class_images, load_class_images, load_instance_images,
-                                  missing_class_images)
+from sdft.data.dreambooth import (
+    DreamBoothDataset,
+    generate_class_images,
+    load_class_images,
+    load_instance_images,
+    missing_class_images,
+)
 from sdft.data.held_out import split_held_out
 from sdft.data.preprocess.subject import CACHE_FOLDER, SubjectPlan, prepare_subject
 from sdft.data.sources import CaptionedImages, load_captioned_images
@@ -43,8 +49,16 @@ from sdft.guards import NonFiniteGuard, check_precision_device
 from sdft.lora import KOHYA_WEIGHT_NAME, WEIGHT_NAME, rank_and_alpha
 from sdft.model_spec import describe_base, training_metadata
 from sdft.objectives import DDPMObjective, FlowMatchingObjective, flow_sigma_table, timestep_bias_weights
-from sdft.optim import (AdafactorSettings, AdamSettings, ProdigySettings, build_adafactor, build_adamw,
-                        build_lr_scheduler, build_prodigy, scaled_lr)
+from sdft.optim import (
+    AdafactorSettings,
+    AdamSettings,
+    ProdigySettings,
+    build_adafactor,
+    build_adamw,
+    build_lr_scheduler,
+    build_prodigy,
+    scaled_lr,
+)
 from sdft.plots import Pictures
 from sdft.run_stats import RunStats
 from sdft.stepping import OptimizerStepper, ParamUpdater

@@ -39,11 +39,7 @@ def check_positive(args: argparse.Namespace, given: Given) -> None:
             raise CliError(f"--{name} must be at least 1, got {getattr(args, name)}.")
     if args.seed is not None and not 0 <= args.seed < 2**32:
         raise CliError(f"--seed must be between 0 and 2**32 - 1, got {args.seed}.")
-    if getattr(args, "skip_nan_steps", 0) < 0:
-        raise CliError(f"--skip_nan_steps cannot be negative, got {args.skip_nan_steps}.")
-    if getattr(args, "skip_nan_steps", 0) and getattr(args, "fused_backward_pass", False):
-        raise CliError("--skip_nan_steps cannot be combined with --fused_backward_pass: the update runs during the "
-                       "backward pass, before the loss and gradients can be checked.")
+    check_skip_nan_steps(args)
     for name in ("max_train_steps", "checkpoints_total_limit", "max_train_samples"):
         value = getattr(args, name, None)
         if value is not None and value < 1:
@@ -58,6 +54,14 @@ def check_positive(args: argparse.Namespace, given: Given) -> None:
         raise CliError(f"--lr_scheduler '{args.lr_scheduler}' is unknown; choose one of: {', '.join(LR_SCHEDULERS)}.")
     if args.dataloader_num_workers < 0:
         raise CliError("--dataloader_num_workers cannot be negative.")
+
+
+def check_skip_nan_steps(args: argparse.Namespace) -> None:
+    if args.skip_nan_steps < 0:
+        raise CliError(f"--skip_nan_steps cannot be negative, got {args.skip_nan_steps}.")
+    if args.skip_nan_steps and args.fused_backward_pass:
+        raise CliError("--skip_nan_steps cannot be combined with --fused_backward_pass: the update runs during the "
+                       "backward pass, before the loss and gradients can be checked.")
 
 
 # Float flags for which infinity means something: no clipping.

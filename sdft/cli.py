@@ -14,7 +14,6 @@ import argparse
 import logging
 import os
 import sys
-from pathlib import Path
 from typing import AbstractSet, Callable, Iterable, Sequence
 
 from sdft.errors import CliError, UserError

@@ -9,8 +9,12 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
-from diffusers.utils import (convert_state_dict_to_diffusers, convert_state_dict_to_kohya, convert_state_dict_to_peft,
-                            convert_unet_state_dict_to_peft)
+from diffusers.utils import (
+    convert_state_dict_to_diffusers,
+    convert_state_dict_to_kohya,
+    convert_state_dict_to_peft,
+    convert_unet_state_dict_to_peft,
+)
 from peft import LoraConfig
 from peft.tuners.lora import LoraLayer
 from peft.utils import get_peft_model_state_dict, set_peft_model_state_dict

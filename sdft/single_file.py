@@ -15,11 +15,16 @@ import re
 from pathlib import Path
 
 import torch
-from diffusers.loaders.single_file_utils import (DIFFUSERS_TO_LDM_MAPPING, LDM_UNET_KEY, convert_ldm_clip_checkpoint,
-                                                 convert_ldm_unet_checkpoint, convert_ldm_vae_checkpoint,
-                                                 convert_open_clip_checkpoint,
-                                                 convert_sd3_t5_checkpoint_to_diffusers,
-                                                 convert_sd3_transformer_checkpoint_to_diffusers)
+from diffusers.loaders.single_file_utils import (
+    DIFFUSERS_TO_LDM_MAPPING,
+    LDM_UNET_KEY,
+    convert_ldm_clip_checkpoint,
+    convert_ldm_unet_checkpoint,
+    convert_ldm_vae_checkpoint,
+    convert_open_clip_checkpoint,
+    convert_sd3_t5_checkpoint_to_diffusers,
+    convert_sd3_transformer_checkpoint_to_diffusers,
+)
 from safetensors.torch import save_file
 
 VAE_PREFIX = "first_stage_model."

@@ -35,11 +35,11 @@ from sdft.data.sources import (
     CaptionedImages,
     DataError,
     caption_csv_captions,
-    decode_error,
     checked_images,
+    decode_error,
+    file_identity,
     find_images,
     load_named_dataset,
-    file_identity,
 )
 from sdft.data.transforms import ImageTransform, Placement, Transformed, upright, upright_size
 
@@ -355,7 +355,6 @@ class DreamBoothDataset(Dataset):
             "captions": [e[p + "caption"] for e, p in rows],
             "original_sizes": torch.tensor([e[p + "original_size"] for e, p in rows], dtype=torch.long),
             "crop_top_lefts": torch.tensor([e[p + "crop_top_left"] for e, p in rows], dtype=torch.long),
-            "target_sizes": torch.tensor([e[p + "target_size"] for e, p in rows], dtype=torch.long),
             "names": [e[p + "name"] for e, p in rows],
             "num_instance": len(examples),
             **stack_masks([e.get(p + "mask") for e, p in rows]),

@@ -43,7 +43,8 @@ class StableDiffusion:
     def load(self, source: ModelSource) -> SDModels:
         return SDModels(
             tokenizer=CLIPTokenizer.from_pretrained(source.path, subfolder="tokenizer", **source.hub_kwargs()),
-            text_encoder=CLIPTextModel.from_pretrained(source.path, subfolder="text_encoder", **source.text_encoder_kwargs()),
+            text_encoder=CLIPTextModel.from_pretrained(source.path, subfolder="text_encoder",
+                                                       **source.text_encoder_kwargs()),
             vae=AutoencoderKL.from_pretrained(source.path, subfolder="vae", **source.weight_kwargs()),
             unet=self.load_denoiser(source, self.denoiser_revision),
             noise_scheduler=DDPMScheduler.from_pretrained(source.path, subfolder="scheduler", **source.hub_kwargs()),

@@ -71,7 +71,7 @@ class StableDiffusionXL:
         self.vae_path = vae_path
 
     def load(self, source: ModelSource) -> SDXLModels:
-        hub, weights = source.hub_kwargs(), source.weight_kwargs()
+        hub = source.hub_kwargs()
         return SDXLModels(
             tokenizer=CLIPTokenizer.from_pretrained(source.path, subfolder="tokenizer", **hub),
             tokenizer_2=CLIPTokenizer.from_pretrained(source.path, subfolder="tokenizer_2", **hub),

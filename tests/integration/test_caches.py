@@ -21,8 +21,8 @@ from transformers import CLIPTextModel, CLIPTextModelWithProjection, T5EncoderMo
 import train_dreambooth_sd3 as sd3_script
 import train_text_to_image as t2i
 import train_text_to_image_sdxl as sdxl_script
-from sdft.tiny import build_sd3, build_sdxl, make_images
 from sdft.cli import run
+from sdft.tiny import build_sd3, build_sdxl, make_images
 from tests.integration.conftest import accelerate_launch, sd_args
 
 pytestmark = pytest.mark.integration

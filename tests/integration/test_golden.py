@@ -20,8 +20,8 @@ from safetensors.torch import load_file
 import train_dreambooth_sd3 as sd3_script
 import train_text_to_image as t2i
 import train_text_to_image_sdxl as sdxl_script
-from sdft.tiny import build_sd3, make_images
 from sdft.cli import run
+from sdft.tiny import build_sd3, make_images
 from tests.integration.conftest import sd_args
 
 pytestmark = pytest.mark.integration

@@ -14,8 +14,8 @@ from safetensors.torch import load_file
 
 import train_text_to_image as t2i
 from sdft import memory_estimate
-from sdft.families.sd import StableDiffusion
 from sdft.cli import run
+from sdft.families.sd import StableDiffusion
 from tests.integration.conftest import sd_args
 
 pytestmark = pytest.mark.integration

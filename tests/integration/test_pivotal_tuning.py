@@ -14,8 +14,8 @@ from safetensors.torch import load_file
 
 import train_text_to_image as t2i
 import train_text_to_image_sdxl as sdxl
-from sdft.tiny import make_images
 from sdft.cli import run
+from sdft.tiny import make_images
 from tests.integration.conftest import accelerate_launch, generate
 
 pytestmark = pytest.mark.integration

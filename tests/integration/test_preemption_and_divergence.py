@@ -19,8 +19,8 @@ import torch
 from safetensors.torch import load_file
 
 import train_text_to_image as t2i
-from sdft.preemption import EXIT_INTERRUPTED
 from sdft.cli import run
+from sdft.preemption import EXIT_INTERRUPTED
 from tests.integration.conftest import REPO, accelerate_launch, launch_env, sd_args
 
 pytestmark = pytest.mark.integration

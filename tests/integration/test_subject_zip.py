@@ -15,8 +15,8 @@ from PIL import Image
 import train_dreambooth_sd3 as sd3_script
 import train_text_to_image as t2i
 import train_text_to_image_sdxl as sdxl_script
-from sdft.tiny import build_blip, build_clipseg, build_sd3, build_sdxl, build_swin2sr, make_images
 from sdft.cli import run
+from sdft.tiny import build_blip, build_clipseg, build_sd3, build_sdxl, build_swin2sr, make_images
 from tests.integration.conftest import sd_args
 from tests.subject_fixtures import PHOTOS, photo_zip
 

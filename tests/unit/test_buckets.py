@@ -15,8 +15,15 @@ from PIL import Image, ImageOps
 import train_dreambooth_sd3 as sd3_script
 import train_text_to_image as t2i
 import train_text_to_image_sdxl as sdxl_script
-from sdft.data.buckets import (BucketBatchSampler, BucketPlan, BucketSettings, bucket_for, bucket_sizes,
-                               captioned_image_sizes, log_plan)
+from sdft.data.buckets import (
+    BucketBatchSampler,
+    BucketPlan,
+    BucketSettings,
+    bucket_for,
+    bucket_sizes,
+    captioned_image_sizes,
+    log_plan,
+)
 from sdft.data.dataset import CaptionedImageDataset, loader_order
 from sdft.data.dreambooth import DreamBoothDataset, load_instance_images
 from sdft.data.sources import DataError, load_captioned_images

@@ -14,8 +14,8 @@ from pathlib import Path
 
 import pytest
 
-import train_text_to_image as t2i
 import train_dreambooth_sd3 as sd3
+import train_text_to_image as t2i
 import train_text_to_image_sdxl as sdxl
 
 REFERENCE_DIR = Path(__file__).resolve().parents[2].parent / "shared" / "reference" / "flags"

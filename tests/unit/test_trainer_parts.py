@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import torch
 
-from sdft.checkpointing import Position
 from sdft.builders import resolve_seed, weight_dtype_of
+from sdft.checkpointing import Position
 from sdft.trainer import step_generator
 
 
