@@ -45,7 +45,8 @@ def lora_targets(lora_layers: str | None, lora_blocks: str | None) -> list[str]:
     return [f"transformer_blocks.{block}.{layer}" for block in blocks for layer in layers]
 
 
-def encode_prompts(models: SD3Models, captions: list[str], max_sequence_length: int, device: torch.device):
+def encode_prompts(models: SD3Models, captions: list[str], max_sequence_length: int, device: torch.device,
+                   apply_t5_attn_mask: bool = False):
     """CLIP-L and CLIP-G penultimate states side by side, zero-padded to the T5 width, followed on
     the sequence axis by T5's states; pooled = both CLIP projections side by side."""
     clip_states, pooled = [], []
@@ -54,15 +55,26 @@ def encode_prompts(models: SD3Models, captions: list[str], max_sequence_length: 
         output = encoder(ids.to(device), output_hidden_states=True, return_dict=True)
         clip_states.append(output.hidden_states[-2])
         pooled.append(output.text_embeds)
-    ids = models.tokenizer_3(captions, padding="max_length", max_length=max_sequence_length, truncation=True,
-                             add_special_tokens=True, return_tensors="pt").input_ids
-    t5_states = models.text_encoder_3(ids.to(device), return_dict=True).last_hidden_state
+    tokens = models.tokenizer_3(captions, padding="max_length", max_length=max_sequence_length, truncation=True,
+                                add_special_tokens=True, return_tensors="pt")
+    t5_states = t5_encode(models.text_encoder_3, tokens.input_ids.to(device),
+                          tokens.attention_mask.to(device) if apply_t5_attn_mask else None)
     clip = torch.cat(clip_states, dim=-1)
     if clip.shape[-1] > t5_states.shape[-1]:
         # Padding by a negative amount would silently crop the CLIP features instead.
         raise ValueError(f"CLIP features ({clip.shape[-1]}) are wider than T5's ({t5_states.shape[-1]}).")
     clip = F.pad(clip, (0, t5_states.shape[-1] - clip.shape[-1]))
     return torch.cat([clip, t5_states.to(clip.dtype)], dim=-2), torch.cat(pooled, dim=-1)
+
+
+def t5_encode(encoder: T5EncoderModel, ids: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    """T5's last hidden states. With an attention mask (kohya's --apply_t5_attn_mask), T5 attends
+    only to the prompt's tokens and the padding rows are zeroed, so the conditioning does not depend
+    on how much padding follows the prompt; without one, as the SD3 pipeline encodes."""
+    if mask is None:
+        return encoder(ids, return_dict=True).last_hidden_state
+    states = encoder(ids, attention_mask=mask, return_dict=True).last_hidden_state
+    return states * mask.unsqueeze(-1).to(states.dtype)
 
 
 class StableDiffusion3:
@@ -74,8 +86,10 @@ class StableDiffusion3:
     trainable_text_encoder_roles = ["text_encoder", "text_encoder_2"]
     license = "other"
 
-    def __init__(self, max_sequence_length: int = 77, lora_layers: str | None = None, lora_blocks: str | None = None):
+    def __init__(self, max_sequence_length: int = 77, lora_layers: str | None = None, lora_blocks: str | None = None,
+                 apply_t5_attn_mask: bool = False):
         self.max_sequence_length = max_sequence_length
+        self.apply_t5_attn_mask = apply_t5_attn_mask
         self.lora_target_modules = lora_targets(lora_layers, lora_blocks)
         self.tags = ["sd3", "sd3-diffusers", "text-to-image", "diffusers", "diffusers-training"]
 
@@ -110,11 +124,15 @@ class StableDiffusion3:
         return (latents - models.vae.config.shift_factor) * models.vae.config.scaling_factor
 
     def encode_text(self, models: SD3Models, captions: list[str], device: torch.device) -> dict:
-        prompt_embeds, pooled = encode_prompts(models, captions, self.max_sequence_length, device)
+        prompt_embeds, pooled = encode_prompts(models, captions, self.max_sequence_length, device,
+                                               self.apply_t5_attn_mask)
         return {"encoder_hidden_states": prompt_embeds, "pooled_projections": pooled}
 
     def text_settings(self) -> dict:
-        return {"max_sequence_length": self.max_sequence_length}
+        settings = {"max_sequence_length": self.max_sequence_length}
+        if self.apply_t5_attn_mask:  # only when on, so the caches written without it stay valid
+            settings["apply_t5_attn_mask"] = True
+        return settings
 
     def batch_condition(self, text: dict, batch: dict, device: torch.device) -> dict:
         return text

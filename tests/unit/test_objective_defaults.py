@@ -1,3 +1,4 @@
+# ruff: noqa: E501  (recorded tensors: one row per line, as printed)
 """Golden values: with every issue-21 field at its default, `noise()` and `loss()` must return the
 tensors the objectives returned before those fields existed, bit for bit, and consume the generator
 exactly as far (so the golden per-step losses of the integration tests stay valid).
