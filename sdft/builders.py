@@ -215,7 +215,7 @@ def build_run(args: argparse.Namespace, family: Family, make_objective, accelera
         num_epochs=math.ceil(max_train_steps / updates_per_epoch), checkpointing_steps=args.checkpointing_steps,
         max_grad_norm=0.0 if stepper.fused else args.max_grad_norm, weight_dtype=weight_dtype,
         validation=ValidationPlan(new_tokens.plan.apply_all(prompts) if new_tokens else prompts, seed=seed,
-                                  resolution=args.resolution),
+                                  resolution=args.resolution, prompt_inputs=family.prompt_inputs),
         validation_epochs=args.validation_epochs, output_dir=Path(args.output_dir), source=source,
         dream_detail_preservation=args.dream_detail_preservation if args.dream_training else None,
         params_to_clip=params, train_text_encoders=args.train_text_encoder,

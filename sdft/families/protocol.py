@@ -53,6 +53,10 @@ class Family(Protocol):
     def predict(self, denoiser: torch.nn.Module, noisy: torch.Tensor, timesteps: torch.Tensor,
                 cond: dict) -> torch.Tensor: ...
 
+    def prompt_inputs(self, pipeline, prompt: str, device: torch.device) -> dict:
+        """The validation pipeline's prompt arguments: {"prompt": prompt}, or embeddings where the
+        training encodes text differently from the pipeline (SD3 with --apply_t5_attn_mask)."""
+
     def pipeline_modules(self, models: Models) -> dict:
         """In-memory modules a validation pipeline reuses instead of reloading them."""
 

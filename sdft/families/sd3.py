@@ -144,6 +144,18 @@ class StableDiffusion3:
         return denoiser(hidden_states=noisy, timestep=timesteps, encoder_hidden_states=cond["encoder_hidden_states"],
                         pooled_projections=cond["pooled_projections"], return_dict=False)[0]
 
+    def prompt_inputs(self, pipeline, prompt: str, device: torch.device) -> dict:
+        """With the T5 mask, validation must condition the way training does: the pipeline's own
+        encode_prompt never masks T5, so the prompt and the empty negative prompt (classifier-free
+        guidance) are encoded here, with the pipeline's encoders."""
+        if not self.apply_t5_attn_mask:
+            return {"prompt": prompt}
+        with torch.no_grad():
+            embeds, pooled = encode_prompts(pipeline, [prompt, ""], self.max_sequence_length, device, True)
+        dtype = pipeline.transformer.dtype
+        return {"prompt_embeds": embeds[:1].to(dtype), "pooled_prompt_embeds": pooled[:1].to(dtype),
+                "negative_prompt_embeds": embeds[1:].to(dtype), "negative_pooled_prompt_embeds": pooled[1:].to(dtype)}
+
     def pipeline_modules(self, models: SD3Models) -> dict:
         """Validation reuses the loaded encoders (upstream reloads all three from disk each time and
         moves T5 to the GPU in fp32)."""

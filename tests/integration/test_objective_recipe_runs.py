@@ -16,6 +16,7 @@ import train_dreambooth_sd3 as sd3_script
 import train_text_to_image as t2i
 import train_text_to_image_sdxl as sdxl_script
 from sdft.cli import run
+from sdft.families.sd3 import StableDiffusion3
 from sdft.tiny import build_sd3, make_images
 from tests.integration.conftest import sd_args
 
@@ -119,3 +120,26 @@ def test_sd3_ema_is_saved_and_resumes_exactly(tiny_sd3, instance_dir, tmp_path, 
     trained = load_file(step5 / TRANSFORMER)
     assert all(torch.equal(a[k], ema[k].to(a[k].dtype)) for k in a)
     assert any(not torch.equal(trained[k], ema[k]) for k in trained)
+
+
+def test_sd3_lora_with_t5_mask_caches_and_validates(tiny_sd3, instance_dir, tmp_path, monkeypatch):
+    """The mask in training, the text cache (keyed by it) and the validation images (encoded the same way)."""
+    output = tmp_path / "masked"
+    argv = sd3_args(tiny_sd3, instance_dir, output, *STEPS, "--use_lora", "--apply_t5_attn_mask",
+                    "--cache_text_encoder_outputs_to_disk", "--validation_prompt", "a photo of sks dog in a bucket",
+                    "--num_validation_images", "1", "--validation_epochs", "1")
+    encoded = []
+    original = StableDiffusion3.prompt_inputs
+
+    def prompt_inputs(self, pipeline, prompt, device):
+        inputs = original(self, pipeline, prompt, device)
+        encoded.append(sorted(inputs))
+        return inputs
+
+    monkeypatch.setattr(StableDiffusion3, "prompt_inputs", prompt_inputs)
+    train(sd3_script, argv, monkeypatch)
+    assert (output / "pytorch_lora_weights.safetensors").is_file()
+    assert list((output / "validation").rglob("*.png")), "no validation image"
+    assert encoded and all("prompt_embeds" in keys and "negative_prompt_embeds" in keys for keys in encoded)
+    cached = list((output / "cache").rglob("*"))
+    assert any(path.is_file() for path in cached), "no text cache written"
