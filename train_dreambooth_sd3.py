@@ -40,6 +40,7 @@ def build_parser() -> argparse.ArgumentParser:
     cli.add_flow_recipe_args(parser)
     cli.add_loss_type_args(parser)
     cli.add_sd3_text_args(parser)
+    cli.add_pos_embed_args(parser)
     cli.add_ema_args(parser, offload=True, non_ema_revision=False)
     cli.add_sd3_lora_args(parser)
     cli.add_subject_args(parser)
@@ -63,7 +64,8 @@ def parse_args(input_args: list[str] | None = None) -> argparse.Namespace:
 
 def main(args: argparse.Namespace) -> None:
     family = StableDiffusion3(max_sequence_length=args.max_sequence_length, lora_layers=args.lora_layers,
-                              lora_blocks=args.lora_blocks, apply_t5_attn_mask=args.apply_t5_attn_mask)
+                              lora_blocks=args.lora_blocks, apply_t5_attn_mask=args.apply_t5_attn_mask,
+                              pos_emb_random_crop_rate=args.pos_emb_random_crop_rate)
     with build(args, family, make_objective=flow_objective, make_data=dreambooth_data,
                tracker_name="dreambooth-sd3-lora" if args.use_lora else "dreambooth-sd3") as run:
         trainer.train(run)

@@ -31,6 +31,7 @@ from sdft.objectives import (
     validate_loss_type,
     validate_multires_noise,
     validate_noise_offset,
+    validate_pos_emb_random_crop_rate,
     validate_timestep_bias,
     validate_timestep_window,
 )
@@ -424,6 +425,7 @@ def check_flow_recipes(args: argparse.Namespace, given: Given) -> None:
     with _flag_errors():
         validate_flow_shift(args.training_shift, ResolutionShift() if args.resolution_dependent_shift else None,
                             args.timestep_sampling)
+        validate_pos_emb_random_crop_rate(args.pos_emb_random_crop_rate)
     if args.timestep_sampling == "uniform":
         typed = [f"--{name}" for name in ("logit_mean", "logit_std", "mode_scale") if name in given]
         if typed:

@@ -44,7 +44,7 @@ WHEN_ABSENT = {
     "ip_noise_gamma_random_strength": False, "noise_offset_random_strength": False, "adaptive_noise_scale": None,
     # Flow-matching recipes (issue 21): SD3 only.
     "training_shift": None, "resolution_dependent_shift": False, "timestep_sampling": "table",
-    "apply_t5_attn_mask": False,
+    "apply_t5_attn_mask": False, "pos_emb_random_crop_rate": 0.0,
 }
 
 
@@ -343,6 +343,14 @@ def add_sd3_text_args(parser: argparse.ArgumentParser) -> None:
                    help="Mask T5's padding tokens: T5 attends only to the prompt's tokens and the padding "
                         "positions are zeroed, in training, the text cache and validation (kohya's flag). "
                         "Default: off, as the SD3 pipeline.")
+
+
+def add_pos_embed_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--pos_emb_random_crop_rate", type=float, default=0.0,
+                        help="Probability per step of cutting a random window of the transformer's positional-"
+                             "embedding grid instead of the centre one (kohya's flag; SD3.5 Medium was trained "
+                             "this way, so buckets of several sizes train the same positions; 0.2 is typical). "
+                             "Default 0: always the centre, as the pipeline.")
 
 
 def add_timestep_bias_args(parser: argparse.ArgumentParser) -> None:

@@ -50,6 +50,11 @@ class Family(Protocol):
 
     def condition(self, models: Models, batch: dict, device: torch.device) -> dict: ...
 
+    def training_condition(self, models: Models, cond: dict, noisy: torch.Tensor,
+                           generator: torch.Generator) -> dict:
+        """The conditioning of one training step, given its noised latents and the step's generator
+        (SD3 with --pos_emb_random_crop_rate adds a positional-embedding window); others: `cond`."""
+
     def predict(self, denoiser: torch.nn.Module, noisy: torch.Tensor, timesteps: torch.Tensor,
                 cond: dict) -> torch.Tensor: ...
 

@@ -8,6 +8,7 @@ resuming with --train_text_encoder crash (diffusers #8507, #8726).
 
 from __future__ import annotations
 
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 
 import torch
@@ -17,6 +18,7 @@ from transformers import CLIPTextModelWithProjection, CLIPTokenizer, T5EncoderMo
 
 from sdft.families import streamed_load
 from sdft.families.source import ModelSource
+from sdft.objectives import pos_embed_crop_offset
 
 DEFAULT_LORA_LAYERS = ["attn.add_k_proj", "attn.add_q_proj", "attn.add_v_proj", "attn.to_add_out",
                        "attn.to_k", "attn.to_out.0", "attn.to_q", "attn.to_v"]
@@ -77,6 +79,26 @@ def t5_encode(encoder: T5EncoderModel, ids: torch.Tensor, mask: torch.Tensor | N
     return states * mask.unsqueeze(-1).to(states.dtype)
 
 
+@contextmanager
+def pos_embed_window(denoiser: torch.nn.Module, top: int, left: int):
+    """Run the transformer with its positional embedding cut at (top, left) of the max_size² grid
+    instead of diffusers' centre crop (PatchEmbed.cropped_pos_embed, replaced on the instance for
+    the duration of one forward pass)."""
+    patch_embed = getattr(denoiser, "module", denoiser).pos_embed
+
+    def window(height: int, width: int) -> torch.Tensor:
+        rows, cols = height // patch_embed.patch_size, width // patch_embed.patch_size
+        size = patch_embed.pos_embed_max_size
+        grid = patch_embed.pos_embed.reshape(1, size, size, -1)[:, top:top + rows, left:left + cols, :]
+        return grid.reshape(1, rows * cols, -1)
+
+    patch_embed.cropped_pos_embed = window
+    try:
+        yield
+    finally:
+        del patch_embed.cropped_pos_embed
+
+
 class StableDiffusion3:
     name = "sd3"
     pipeline_cls = StableDiffusion3Pipeline
@@ -87,9 +109,10 @@ class StableDiffusion3:
     license = "other"
 
     def __init__(self, max_sequence_length: int = 77, lora_layers: str | None = None, lora_blocks: str | None = None,
-                 apply_t5_attn_mask: bool = False):
+                 apply_t5_attn_mask: bool = False, pos_emb_random_crop_rate: float = 0.0):
         self.max_sequence_length = max_sequence_length
         self.apply_t5_attn_mask = apply_t5_attn_mask
+        self.pos_emb_random_crop_rate = pos_emb_random_crop_rate
         self.lora_target_modules = lora_targets(lora_layers, lora_blocks)
         self.tags = ["sd3", "sd3-diffusers", "text-to-image", "diffusers", "diffusers-training"]
 
@@ -140,9 +163,24 @@ class StableDiffusion3:
     def condition(self, models: SD3Models, batch: dict, device: torch.device) -> dict:
         return self.batch_condition(self.encode_text(models, batch["captions"], device), batch, device)
 
+    def training_condition(self, models: SD3Models, cond: dict, noisy: torch.Tensor,
+                           generator: torch.Generator) -> dict:
+        """--pos_emb_random_crop_rate (kohya; trained into SD3.5 Medium): with that probability per
+        step, a random window of the positional-embedding grid instead of the centre one, so small
+        buckets also train the outer positions. Rate 0 draws nothing."""
+        if not self.pos_emb_random_crop_rate:
+            return cond
+        config = getattr(models.transformer, "module", models.transformer).config
+        grid = (noisy.shape[-2] // config.patch_size, noisy.shape[-1] // config.patch_size)
+        offset = pos_embed_crop_offset(config.pos_embed_max_size, grid, self.pos_emb_random_crop_rate, generator)
+        return {**cond, "pos_embed_offset": offset}
+
     def predict(self, denoiser: torch.nn.Module, noisy: torch.Tensor, timesteps: torch.Tensor, cond: dict) -> torch.Tensor:
-        return denoiser(hidden_states=noisy, timestep=timesteps, encoder_hidden_states=cond["encoder_hidden_states"],
-                        pooled_projections=cond["pooled_projections"], return_dict=False)[0]
+        offset = cond.get("pos_embed_offset")
+        with pos_embed_window(denoiser, *offset) if offset is not None else nullcontext():
+            return denoiser(hidden_states=noisy, timestep=timesteps,
+                            encoder_hidden_states=cond["encoder_hidden_states"],
+                            pooled_projections=cond["pooled_projections"], return_dict=False)[0]
 
     def prompt_inputs(self, pipeline, prompt: str, device: torch.device) -> dict:
         """With the T5 mask, validation must condition the way training does: the pipeline's own

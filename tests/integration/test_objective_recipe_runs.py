@@ -31,8 +31,21 @@ def _fresh_state(fresh_accelerate_state):
 
 
 @pytest.fixture(scope="module")
-def tiny_sd3(tmp_path_factory) -> Path:
-    return build_sd3(tmp_path_factory.mktemp("models") / "tiny-sd3")
+def sd3_models(tmp_path_factory):
+    """Tiny SD3 models by variant (sdft.tiny.SD3_VARIANTS), each built once."""
+    built: dict[str, Path] = {}
+
+    def model(variant: str) -> Path:
+        if variant not in built:
+            built[variant] = build_sd3(tmp_path_factory.mktemp("models") / variant, variant=variant)
+        return built[variant]
+
+    return model
+
+
+@pytest.fixture(scope="module")
+def tiny_sd3(sd3_models) -> Path:
+    return sd3_models("sd3")
 
 
 @pytest.fixture(scope="module")
@@ -88,18 +101,27 @@ def test_sdxl_lora_with_smooth_l1_and_random_strength_noise(tiny_sdxl, image_fol
     assert load_file(tmp_path / "sdxl" / "pytorch_lora_weights.safetensors")
 
 
-@pytest.mark.parametrize("shift", [["--training_shift", "3"], ["--resolution_dependent_shift"]],
-                         ids=["training-shift", "resolution-shift"])
-def test_sd3_full_finetune_with_l1_and_uniform_shifted_sampling(tiny_sd3, instance_dir, tmp_path, monkeypatch,
-                                                                 shift):
-    recipe = ["--loss_type", "l1", "--timestep_sampling", "uniform", *shift]
-    train(sd3_script, sd3_args(tiny_sd3, instance_dir, tmp_path / "sd3", *STEPS, *recipe), monkeypatch)
-    trained, base = load_file(tmp_path / "sd3" / TRANSFORMER), load_file(tiny_sd3 / TRANSFORMER)
+@pytest.mark.parametrize("variant, extra", [
+    ("sd3", ["--training_shift", "3"]),
+    ("sd3", ["--resolution_dependent_shift"]),
+    ("sd35-medium", ["--training_shift", "3", "--pos_emb_random_crop_rate", "0.5"]),
+    ("sd35-large", ["--resolution_dependent_shift"]),
+], ids=["sd3-training-shift", "sd3-resolution-shift", "sd35-medium-pos-crop", "sd35-large-resolution-shift"])
+def test_sd3_full_finetune_with_l1_and_uniform_shifted_sampling(sd3_models, instance_dir, tmp_path, monkeypatch,
+                                                                 variant, extra):
+    model = sd3_models(variant)
+    recipe = ["--loss_type", "l1", "--timestep_sampling", "uniform", *extra]
+    train(sd3_script, sd3_args(model, instance_dir, tmp_path / "sd3", *STEPS, *recipe), monkeypatch)
+    trained, base = load_file(tmp_path / "sd3" / TRANSFORMER), load_file(model / TRANSFORMER)
     assert trained.keys() == base.keys() and any(not torch.equal(trained[k], base[k]) for k in base)
 
 
-def test_sd3_ema_is_saved_and_resumes_exactly(tiny_sd3, instance_dir, tmp_path, monkeypatch):
-    common = ["--use_ema", "--max_train_steps", "5", "--checkpointing_steps", "3", "--report_to", "none"]
+@pytest.mark.parametrize("variant", ["sd3", "sd35-medium"])
+def test_sd3_ema_is_saved_and_resumes_exactly(sd3_models, instance_dir, tmp_path, monkeypatch, variant):
+    tiny_sd3 = sd3_models(variant)
+    # sd35-medium: with the positional-embedding crop, whose draws must replay on resume too.
+    crop = ["--pos_emb_random_crop_rate", "0.5"] if variant == "sd35-medium" else []
+    common = [*crop, "--use_ema", "--max_train_steps", "5", "--checkpointing_steps", "3", "--report_to", "none"]
     straight, resumed = tmp_path / "straight", tmp_path / "resumed"
     assert run(sd3_script.main, sd3_script.parse_args(sd3_args(tiny_sd3, instance_dir, straight, *common))) == 0
     ema_file = straight / "checkpoint-3" / "transformer_ema" / "diffusion_pytorch_model.safetensors"
