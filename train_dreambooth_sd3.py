@@ -38,6 +38,11 @@ def build_parser() -> argparse.ArgumentParser:
     cli.add_memory_args(parser)
     cli.add_precision_args(parser, xformers=False)
     cli.add_flow_objective_args(parser)
+    cli.add_flow_recipe_args(parser)
+    cli.add_loss_type_args(parser)
+    cli.add_sd3_text_args(parser)
+    cli.add_pos_embed_args(parser)
+    cli.add_ema_args(parser, offload=True, non_ema_revision=False)
     cli.add_sd3_lora_args(parser)
     cli.add_subject_args(parser)
     cli.add_single_file_args(parser)
@@ -54,12 +59,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def parse_args(input_args: list[str] | None = None) -> argparse.Namespace:
-    return cli.parse(build_parser(), input_args, [*checks.COMMON, checks.check_dreambooth, checks.check_sd3])
+    return cli.parse(build_parser(), input_args, [*checks.COMMON, checks.check_dreambooth, checks.check_sd3,
+                                                      checks.check_flow_recipes])
 
 
 def main(args: argparse.Namespace) -> Run:
     family = StableDiffusion3(max_sequence_length=args.max_sequence_length, lora_layers=args.lora_layers,
-                              lora_blocks=args.lora_blocks)
+                              lora_blocks=args.lora_blocks, apply_t5_attn_mask=args.apply_t5_attn_mask,
+                              pos_emb_random_crop_rate=args.pos_emb_random_crop_rate)
     with build(args, family, make_objective=flow_objective, make_data=dreambooth_data,
                tracker_name="dreambooth-sd3-lora" if args.use_lora else "dreambooth-sd3") as run:
         trainer.train(run)

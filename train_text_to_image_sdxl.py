@@ -45,6 +45,8 @@ def build_parser() -> argparse.ArgumentParser:
     cli.add_precision_args(parser, npu=True)
     cli.add_ddpm_objective_args(parser, prediction_types=PREDICTION_TYPES)
     cli.add_timestep_bias_args(parser)
+    cli.add_loss_type_args(parser)
+    cli.add_ddpm_recipe_args(parser)
     cli.add_ema_args(parser, offload=False)
     cli.add_lora_args(parser, text_encoder=True, kohya=True, debug_loss=True)
     cli.add_textual_inversion_args(parser)
@@ -63,7 +65,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def parse_args(input_args: list[str] | None = None) -> argparse.Namespace:
     own = [checks.check_t2i_or_dreambooth_data, partial(checks.check_prediction_type, allowed=PREDICTION_TYPES),
-           checks.check_sdxl]
+           checks.check_sdxl, checks.check_ddpm_recipes]
     return cli.parse(build_parser(), input_args, [*checks.COMMON, *own])
 
 

@@ -48,7 +48,14 @@ from sdft.families.source import ModelSource
 from sdft.guards import NonFiniteGuard, check_precision_device
 from sdft.lora import KOHYA_WEIGHT_NAME, WEIGHT_NAME, rank_and_alpha
 from sdft.model_spec import describe_base, training_metadata
-from sdft.objectives import DDPMObjective, FlowMatchingObjective, flow_sigma_table, timestep_bias_weights
+from sdft.objectives import (
+    DDPMObjective,
+    FlowMatchingObjective,
+    ResolutionShift,
+    flow_sigma_table,
+    shift_sigmas,
+    timestep_bias_weights,
+)
 from sdft.optim import (
     AdafactorSettings,
     AdamSettings,
@@ -208,7 +215,7 @@ def build_run(args: argparse.Namespace, family: Family, make_objective, accelera
         num_epochs=math.ceil(max_train_steps / updates_per_epoch), checkpointing_steps=args.checkpointing_steps,
         max_grad_norm=0.0 if stepper.fused else args.max_grad_norm, weight_dtype=weight_dtype,
         validation=ValidationPlan(new_tokens.plan.apply_all(prompts) if new_tokens else prompts, seed=seed,
-                                  resolution=args.resolution),
+                                  resolution=args.resolution, prompt_inputs=family.prompt_inputs),
         validation_epochs=args.validation_epochs, output_dir=Path(args.output_dir), source=source,
         dream_detail_preservation=args.dream_detail_preservation if args.dream_training else None,
         params_to_clip=params, train_text_encoders=args.train_text_encoder,
@@ -513,33 +520,88 @@ def ddpm_objective(args: argparse.Namespace, noise_scheduler, device: torch.devi
     prediction_type = args.prediction_type or noise_scheduler.config.prediction_type
     if args.dream_training and prediction_type != "epsilon":
         raise CliError(f"--dream_training supports epsilon prediction only; this model predicts {prediction_type}.")
-    weights = None
-    if args.timestep_bias_strategy != "none":
-        try:  # the checks that need the schedule's length (the others ran at parse time)
-            weights = timestep_bias_weights(
-                args.timestep_bias_strategy, noise_scheduler.config.num_train_timesteps,
-                multiplier=args.timestep_bias_multiplier, begin=args.timestep_bias_begin,
-                end=args.timestep_bias_end, portion=args.timestep_bias_portion,
-            ).to(device)
-        except ValueError as err:
-            raise CliError(str(err)) from err
-    return DDPMObjective(
-        alphas_cumprod=noise_scheduler.alphas_cumprod.to(device=device, dtype=torch.float32),
-        prediction_type=prediction_type, snr_gamma=args.snr_gamma, noise_offset=args.noise_offset,
-        input_perturbation=args.input_perturbation, timestep_weights=weights,
-    )
+    try:  # the checks that need the schedule's length (the others ran at parse time)
+        weights = bias_weights(args, noise_scheduler.config.num_train_timesteps)
+        return DDPMObjective(
+            alphas_cumprod=noise_scheduler.alphas_cumprod.to(device=device, dtype=torch.float32),
+            prediction_type=prediction_type, snr_gamma=args.snr_gamma, noise_offset=args.noise_offset,
+            input_perturbation=args.input_perturbation if args.ip_noise_gamma is None else args.ip_noise_gamma,
+            timestep_weights=None if weights is None else weights.to(device),
+            **loss_type_fields(args),
+            debiased_estimation=args.debiased_estimation_loss,
+            min_timestep=args.min_timestep, max_timestep=args.max_timestep,
+            noise_offset_random_strength=args.noise_offset_random_strength,
+            adaptive_noise_scale=args.adaptive_noise_scale,
+            multires_noise_iterations=args.multires_noise_iterations or 0,
+            multires_noise_discount=args.multires_noise_discount,
+            input_perturbation_random_strength=args.ip_noise_gamma_random_strength,
+        )
+    except ValueError as err:
+        raise CliError(f"{err}.") from err
+
+
+def bias_weights(args: argparse.Namespace, num_timesteps: int) -> torch.Tensor | None:
+    """--timestep_bias_* as sampling weights; refused when a --min_timestep/--max_timestep window
+    leaves none of the biased timesteps in it (the bias would silently do nothing)."""
+    if args.timestep_bias_strategy == "none":
+        return None
+    weights = timestep_bias_weights(
+        args.timestep_bias_strategy, num_timesteps, multiplier=args.timestep_bias_multiplier,
+        begin=args.timestep_bias_begin, end=args.timestep_bias_end, portion=args.timestep_bias_portion)
+    if args.min_timestep is None and args.max_timestep is None:
+        return weights
+    low = args.min_timestep or 0
+    high = num_timesteps if args.max_timestep is None else min(args.max_timestep, num_timesteps)
+    inside = weights[low:high]
+    if args.timestep_bias_multiplier != 1.0 and inside.numel() and bool((inside == inside[0]).all()):
+        raise ValueError(f"--timestep_bias_strategy {args.timestep_bias_strategy} biases no timestep inside "
+                         f"--min_timestep/--max_timestep [{low}, {high}), or all of them: the bias would have no "
+                         "effect")
+    return weights
+
+
+def loss_type_fields(args: argparse.Namespace) -> dict:
+    return {"loss_type": args.loss_type, "huber_schedule": args.huber_schedule, "huber_c": args.huber_c,
+            "huber_scale": args.huber_scale}
 
 
 def flow_objective(args: argparse.Namespace, noise_scheduler, device: torch.device) -> FlowMatchingObjective:
-    sigmas, timesteps = flow_sigma_table(noise_scheduler)
+    resolution = resolution_shift(noise_scheduler.config) if args.resolution_dependent_shift else None
+    replaced = args.training_shift is not None or resolution is not None
+    sigmas, timesteps = flow_table(noise_scheduler, unshift=replaced)
     try:
         return FlowMatchingObjective(
             scheduler_sigmas=sigmas.to(device), scheduler_timesteps=timesteps.to(device),
             weighting_scheme=args.weighting_scheme, logit_mean=args.logit_mean, logit_std=args.logit_std,
             mode_scale=args.mode_scale, precondition_outputs=bool(args.precondition_outputs),
+            **loss_type_fields(args), timestep_sampling=args.timestep_sampling, shift=args.training_shift,
+            resolution_shift=resolution, num_train_timesteps=noise_scheduler.config.num_train_timesteps,
         )
     except ValueError as err:
-        raise CliError(str(err)) from err
+        raise CliError(f"{err}.") from err
+
+
+def flow_table(noise_scheduler, unshift: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """The scheduler's training table; with `unshift`, without the scheduler's static shift, so that
+    --training_shift / --resolution_dependent_shift replace it (kohya's meaning) instead of
+    multiplying it (the shift maps compose by multiplying: shift(shift(s, a), 1/a) = s)."""
+    sigmas, timesteps = flow_sigma_table(noise_scheduler)
+    config = noise_scheduler.config
+    shift = config.get("shift", 1.0)
+    if not unshift or config.get("use_dynamic_shifting", False) or shift == 1.0:
+        return sigmas, timesteps
+    sigmas = shift_sigmas(sigmas, 1.0 / shift)
+    return sigmas, sigmas * config.num_train_timesteps
+
+
+def resolution_shift(config) -> ResolutionShift:
+    """SD3's dynamic-shifting settings from the scheduler config (defaults: the scheduler's own)."""
+    defaults = ResolutionShift()
+    return ResolutionShift(
+        base_seq_len=config.get("base_image_seq_len", defaults.base_seq_len),
+        max_seq_len=config.get("max_image_seq_len", defaults.max_seq_len),
+        base_shift=config.get("base_shift", defaults.base_shift),
+        max_shift=config.get("max_shift", defaults.max_shift))
 
 
 def build_optimizer(args: argparse.Namespace, groups: list[dict], num_processes: int) -> torch.optim.Optimizer:

@@ -11,6 +11,7 @@ import json
 import math
 import os
 import sys
+from contextlib import contextmanager
 from pathlib import Path
 from typing import AbstractSet, Sequence
 
@@ -23,7 +24,17 @@ from sdft.data.buckets import BucketSettings, bucket_sizes
 from sdft.data.cache_store import prepare_folder
 from sdft.data.caches import cache_folder
 from sdft.errors import CliError, DataError
-from sdft.objectives import validate_timestep_bias
+from sdft.objectives import (
+    ResolutionShift,
+    validate_flow_shift,
+    validate_input_perturbation,
+    validate_loss_type,
+    validate_multires_noise,
+    validate_noise_offset,
+    validate_pos_emb_random_crop_rate,
+    validate_timestep_bias,
+    validate_timestep_window,
+)
 from sdft.optim import LR_SCHEDULERS, OPTIMIZERS
 from sdft.textual_inversion import TokenPlan, check_abstractions_used
 
@@ -352,6 +363,76 @@ def check_sd3(args: argparse.Namespace, given: Given) -> None:
             raise CliError(f"--lora_blocks must be comma-separated block numbers, got '{args.lora_blocks}'.") from err
 
 
+@contextmanager
+def _flag_errors():
+    """The objectives' validate_* functions raise ValueError naming the flag; here it is a CliError."""
+    try:
+        yield
+    except ValueError as err:
+        raise CliError(f"{err}.") from err
+
+
+HUBER_ONLY = ("huber_schedule", "huber_c", "huber_scale")
+
+
+def check_loss_type(args: argparse.Namespace, given: Given) -> None:
+    with _flag_errors():
+        validate_loss_type(args.loss_type, args.huber_schedule, args.huber_c, args.huber_scale)
+    typed = [f"--{name}" for name in HUBER_ONLY if name in given]
+    if typed and args.loss_type not in ("huber", "smooth_l1"):
+        # kohya ignores them silently; recipes often carry them along with --loss_type l2.
+        print(f"warning: {', '.join(typed)} has no effect with --loss_type {args.loss_type} "
+              "(only with huber or smooth_l1)", file=sys.stderr)
+
+
+def input_perturbation_gamma(args: argparse.Namespace, given: Given) -> float:
+    """--ip_noise_gamma (kohya) and --input_perturbation (diffusers, SD 1.x script) are one knob."""
+    if args.ip_noise_gamma is None:
+        return args.input_perturbation
+    if "input_perturbation" in given and args.input_perturbation != args.ip_noise_gamma:
+        raise CliError(f"--ip_noise_gamma {args.ip_noise_gamma} and --input_perturbation {args.input_perturbation} "
+                       "are the same setting; give one.")
+    return args.ip_noise_gamma
+
+
+def check_ddpm_recipes(args: argparse.Namespace, given: Given) -> None:
+    """kohya's noise and timestep knobs (issue 21), and how they meet the timestep bias."""
+    with _flag_errors():
+        validate_timestep_window(args.min_timestep, args.max_timestep)
+        validate_noise_offset(args.noise_offset, args.noise_offset_random_strength, args.adaptive_noise_scale)
+        validate_multires_noise(args.multires_noise_iterations or 0, args.multires_noise_discount)
+        validate_input_perturbation(input_perturbation_gamma(args, given), args.ip_noise_gamma_random_strength)
+    if "multires_noise_discount" in given and not args.multires_noise_iterations:
+        print("warning: --multires_noise_discount has no effect without --multires_noise_iterations", file=sys.stderr)
+    check_bias_in_window(args)
+
+
+def check_bias_in_window(args: argparse.Namespace) -> None:
+    """A 'range' timestep bias entirely outside --min_timestep/--max_timestep would change nothing
+    (the window wins); the earlier/later portions depend on the scheduler and are checked at build time."""
+    if args.timestep_bias_strategy != "range" or (args.min_timestep is None and args.max_timestep is None):
+        return
+    low = args.min_timestep or 0
+    high = args.timestep_bias_end if args.max_timestep is None else args.max_timestep
+    if max(low, args.timestep_bias_begin) >= min(high, args.timestep_bias_end):
+        raise CliError(f"--timestep_bias_begin/--timestep_bias_end [{args.timestep_bias_begin}, "
+                       f"{args.timestep_bias_end}) lies outside --min_timestep/--max_timestep [{low}, "
+                       f"{'T' if args.max_timestep is None else high}): the bias would have no effect.")
+
+
+def check_flow_recipes(args: argparse.Namespace, given: Given) -> None:
+    """SD3's timestep shift and sampling (issue 21)."""
+    with _flag_errors():
+        validate_flow_shift(args.training_shift, ResolutionShift() if args.resolution_dependent_shift else None,
+                            args.timestep_sampling)
+        validate_pos_emb_random_crop_rate(args.pos_emb_random_crop_rate)
+    if args.timestep_sampling == "uniform":
+        typed = [f"--{name}" for name in ("logit_mean", "logit_std", "mode_scale") if name in given]
+        if typed:
+            print(f"warning: {', '.join(typed)} shape the timestep density, which --timestep_sampling uniform "
+                  "does not use", file=sys.stderr)
+
+
 def check_optimizer(args: argparse.Namespace, given: Given) -> None:
     if args.optimizer.lower() not in OPTIMIZERS:
         raise CliError(f"--optimizer '{args.optimizer}' is not supported; use AdamW, prodigy or adafactor.")
@@ -461,4 +542,5 @@ def check_validation_loss(args: argparse.Namespace, given: Given) -> None:
 # Run by every script, before its own checks.
 COMMON = [check_positive, check_model_path, check_lora, check_textual_inversion, check_ema, check_resume,
           check_validation, check_tracking_and_hub, check_accelerators, check_single_file, check_buckets,
-          check_validation_loss, check_subject, check_optimizer, check_memory_flags, check_caches, check_output_dir]
+          check_validation_loss, check_subject, check_optimizer, check_memory_flags, check_caches, check_output_dir,
+          check_loss_type]

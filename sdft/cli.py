@@ -17,6 +17,7 @@ import sys
 from typing import AbstractSet, Callable, Iterable, Sequence
 
 from sdft.errors import CliError, UserError
+from sdft.objectives import FLOW_TIMESTEP_SAMPLING, HUBER_SCHEDULES, LOSS_TYPES
 from sdft.optim import LR_SCHEDULERS
 from sdft.preemption import Interrupted
 
@@ -37,6 +38,13 @@ WHEN_ABSENT = {
     "upcast_before_saving": True,
     "enable_xformers_memory_efficient_attention": False, "enable_npu_flash_attention": False,
     "validation_prompts": None, "instance_data_dir": None, "with_prior_preservation": False,
+    # DDPM recipes (issue 21): not in the SD3 script.
+    "debiased_estimation_loss": False, "min_timestep": None, "max_timestep": None,
+    "multires_noise_iterations": None, "multires_noise_discount": 0.3, "ip_noise_gamma": None,
+    "ip_noise_gamma_random_strength": False, "noise_offset_random_strength": False, "adaptive_noise_scale": None,
+    # Flow-matching recipes (issue 21): SD3 only.
+    "training_shift": None, "resolution_dependent_shift": False, "timestep_sampling": "table",
+    "apply_t5_attn_mask": False, "pos_emb_random_crop_rate": 0.0,
 }
 
 
@@ -262,6 +270,89 @@ def add_flow_objective_args(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--max_sequence_length", type=int, default=77, help="T5 tokens per prompt (at most 512).")
 
 
+def add_loss_type_args(parser: argparse.ArgumentParser) -> None:
+    """kohya sd-scripts' loss-type flags (names, choices and defaults), in all three scripts."""
+    g = parser.add_argument_group("loss type (kohya sd-scripts' flags)")
+    g.add_argument("--loss_type", type=str, default="l2", choices=list(LOSS_TYPES),
+                   help="Elementwise loss between prediction and target: l2 (squared error, the default), l1, "
+                        "huber (pseudo-Huber, 2c(sqrt(r^2 + c^2) - c): L2-like below c, L1-like above) or "
+                        "smooth_l1 (the same divided by c). Combines with --snr_gamma / --weighting_scheme, "
+                        "masks and prior preservation.")
+    g.add_argument("--huber_schedule", type=str, default="snr", choices=list(HUBER_SCHEDULES),
+                   help="How the Huber threshold c varies with the timestep (huber and smooth_l1 only): constant "
+                        "(c = huber_c * huber_scale), exponential (c = huber_scale * huber_c^(t/T)) or snr "
+                        "(default: c from huber_c at pure noise to 1 on clean inputs; ignores --huber_scale, "
+                        "as kohya does).")
+    g.add_argument("--huber_c", type=float, default=0.1,
+                   help="Huber threshold c at the noisiest timestep (> 0; default 0.1).")
+    g.add_argument("--huber_scale", type=float, default=1.0,
+                   help="Multiplier of the constant and exponential Huber thresholds (> 0; default 1.0).")
+
+
+def add_ddpm_recipe_args(parser: argparse.ArgumentParser) -> None:
+    """kohya sd-scripts' noise, timestep and weighting knobs for the DDPM scripts (SD 1.x/2.x, SDXL)."""
+    g = parser.add_argument_group("DDPM noise and timestep recipes (kohya sd-scripts' flags)")
+    g.add_argument("--debiased_estimation_loss", action="store_true",
+                   help="Weight the loss by 1/sqrt(SNR) (epsilon) or 1/(SNR+1) (v-prediction), arXiv 2310.08442; "
+                        "multiplies --snr_gamma's weight when both are on. Default: off.")
+    g.add_argument("--min_timestep", type=int, default=None,
+                   help="Train only on timesteps >= this (default: 0).")
+    g.add_argument("--max_timestep", type=int, default=None,
+                   help="Train only on timesteps < this, exclusive (default: the scheduler's 1000).")
+    g.add_argument("--multires_noise_iterations", type=int, default=None,
+                   help="Multi-resolution (pyramid) noise with this many levels, 6-10 is typical "
+                        "(default: off).")
+    g.add_argument("--multires_noise_discount", type=float, default=0.3,
+                   help="Weight of each coarser pyramid level relative to the previous one (default 0.3).")
+    g.add_argument("--ip_noise_gamma", type=float, default=None,
+                   help="Input-perturbation noise gamma (0.1 is typical; arXiv 2301.11706); the same knob as "
+                        "--input_perturbation of the SD 1.x script. Default: off.")
+    g.add_argument("--ip_noise_gamma_random_strength", action="store_true",
+                   help="Draw the input-perturbation gamma uniformly from [0, --ip_noise_gamma) for every batch.")
+    g.add_argument("--noise_offset_random_strength", action="store_true",
+                   help="Draw the noise-offset strength uniformly from [0, --noise_offset) for every batch "
+                        "(needs --noise_offset).")
+    g.add_argument("--adaptive_noise_scale", type=float, default=None,
+                   help="Add this times |mean of each latent channel| to --noise_offset, per sample and channel "
+                        "(needs --noise_offset; about a tenth of it is typical; may be negative; default: off).")
+
+
+def add_flow_recipe_args(parser: argparse.ArgumentParser) -> None:
+    """SD3's timestep shift and sampling (issue 21)."""
+    g = parser.add_argument_group("SD3 timestep shift and sampling")
+    g.add_argument("--training_shift", "--flow_shift", type=float, default=None, dest="training_shift",
+                   help="Timestep shift s: sigma -> s*sigma / (1 + (s-1)*sigma); s > 1 trains more on noisy "
+                        "timesteps (composition), s < 1 on detail. Replaces the scheduler's own shift (3.0 for "
+                        "SD3 models), as kohya's --training_shift does; 1 is no shift. Default: the scheduler's "
+                        "shift.")
+    g.add_argument("--resolution_dependent_shift", action="store_true",
+                   help="Shift each batch by the amount its resolution implies, as SD3's scheduler computes for "
+                        "dynamic shifting: exp(mu), mu linear in the number of latent patches (0.5 at 256, 1.15 at "
+                        "4096 patches, i.e. 1024px); replaces the scheduler's shift (SimpleTuner's "
+                        "--flow_schedule_auto_shift). Default: off.")
+    g.add_argument("--timestep_sampling", type=str, default="table", choices=list(FLOW_TIMESTEP_SAMPLING),
+                   help="table (default): pick sigma from the scheduler's 1000-entry table with the "
+                        "--weighting_scheme density; uniform: sigma ~ U(0, 1], ignoring the density (its loss "
+                        "weighting still applies), like kohya's --weighting_scheme uniform and FLUX "
+                        "--timestep_sampling uniform. Stability suggested --training_shift 1 with uniform.")
+
+
+def add_sd3_text_args(parser: argparse.ArgumentParser) -> None:
+    g = parser.add_argument_group("SD3 text conditioning")
+    g.add_argument("--apply_t5_attn_mask", action="store_true",
+                   help="Mask T5's padding tokens: T5 attends only to the prompt's tokens and the padding "
+                        "positions are zeroed, in training, the text cache and validation (kohya's flag). "
+                        "Default: off, as the SD3 pipeline.")
+
+
+def add_pos_embed_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--pos_emb_random_crop_rate", type=float, default=0.0,
+                        help="Probability per step of cutting a random window of the transformer's positional-"
+                             "embedding grid instead of the centre one (kohya's flag; SD3.5 Medium was trained "
+                             "this way, so buckets of several sizes train the same positions; 0.2 is typical). "
+                             "Default 0: always the centre, as the pipeline.")
+
+
 def add_timestep_bias_args(parser: argparse.ArgumentParser) -> None:
     g = parser.add_argument_group("timestep bias")
     g.add_argument("--timestep_bias_strategy", type=str, default="none", choices=["earlier", "later", "range", "none"],
@@ -306,7 +397,8 @@ def add_textual_inversion_args(parser: argparse.ArgumentParser) -> None:
                         "then train for every step).")
 
 
-def add_ema_args(parser: argparse.ArgumentParser, *, offload: bool) -> None:
+def add_ema_args(parser: argparse.ArgumentParser, *, offload: bool, non_ema_revision: bool = True) -> None:
+    """`non_ema_revision=False`: a family whose loader takes no separate revision for the trained copy (SD3)."""
     g = parser.add_argument_group("EMA")
     g.add_argument("--use_ema", action="store_true",
                    help="Keep an exponential moving average of the weights; the saved model is the EMA.")
@@ -314,6 +406,7 @@ def add_ema_args(parser: argparse.ArgumentParser, *, offload: bool) -> None:
         g.add_argument("--offload_ema", action="store_true",
                        help="Keep the EMA weights in pinned CPU memory between updates.")
         g.add_argument("--foreach_ema", action="store_true", help="Update the EMA with torch._foreach ops.")
+    if offload and non_ema_revision:
         g.add_argument("--non_ema_revision", type=str, default=None,
                        help="Hub revision to load the trained (non-EMA) denoiser from; default: --revision.")
 

@@ -370,9 +370,22 @@ def _t5_encoder(tokenizer: T5TokenizerFast, d_model: int) -> T5EncoderModel:
     return T5EncoderModel(config)
 
 
-def build_sd3(output_dir: str | Path, seed: int = 0, fit_vae: bool = False) -> Path:
+# The transformer settings that tell the SD3 generations apart (their config.json files on the Hub):
+# SD3.5 Medium is MMDiT-X, self-attention on the image tokens too ("dual attention") in its first
+# 13 layers, with RMS qk-norm, and a larger positional-embedding grid (384 there) for multi-resolution
+# training; SD3.5 Large has qk-norm and no dual attention.
+SD3_VARIANTS = {
+    "sd3": {},
+    "sd35-medium": {"dual_attention_layers": (0,), "qk_norm": "rms_norm", "pos_embed_max_size": 48},
+    "sd35-large": {"qk_norm": "rms_norm"},
+}
+
+
+def build_sd3(output_dir: str | Path, seed: int = 0, fit_vae: bool = False, variant: str = "sd3") -> Path:
     """Write a tiny Stable Diffusion 3 pipeline folder and return its path (fit_vae: as build_sd;
-    the fitted VAE gets a shift_factor too, as SD3's does)."""
+    the fitted VAE gets a shift_factor too, as SD3's does). `variant`: a key of SD3_VARIANTS."""
+    if variant not in SD3_VARIANTS:
+        raise ValueError(f"unknown SD3 variant {variant!r}; expected one of {sorted(SD3_VARIANTS)}")
     output = Path(output_dir)
     tokenizer = _clip_tokenizer(output / "tokenizer")
     tokenizer_2 = _clip_tokenizer(output / "tokenizer_2", pad_token="!")
@@ -396,6 +409,7 @@ def build_sd3(output_dir: str | Path, seed: int = 0, fit_vae: bool = False) -> P
             # Must equal num_attention_heads * attention_head_dim (the block width).
             caption_projection_dim=32,
             pooled_projection_dim=config_1.projection_dim + config_2.projection_dim,
+            **SD3_VARIANTS[variant],
         )
         vae = _vae(latent_channels=16, scaling_factor=1.5035, sd3=True)
         text_encoder = CLIPTextModelWithProjection(config_1)

@@ -120,6 +120,7 @@ def training_step(run_state: Run, batch: dict, micro_step: int) -> tuple[torch.T
             cond = family.condition(models, batch, accelerator.device)
     run_state.stats.lap("text")
     noised = run_state.objective.noise(latents, generator)
+    cond = family.training_condition(models, cond, noised.noisy, generator)
     if run_state.dream_detail_preservation is not None:
         with torch.no_grad():
             guess = family.predict(run_state.denoiser, noised.noisy, noised.timesteps, cond)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import torch
@@ -19,6 +20,8 @@ class ValidationPlan:
     seed: int
     num_inference_steps: int = 25
     resolution: int | None = None   # default: the pipeline's own
+    # (pipeline, prompt, device) -> the pipeline's prompt arguments (Family.prompt_inputs); default: {"prompt": prompt}
+    prompt_inputs: Callable[..., dict] | None = None
 
     @property
     def enabled(self) -> bool:
@@ -40,7 +43,8 @@ def generate(pipeline, plan: ValidationPlan, device: torch.device, autocast) -> 
         generator = torch.Generator(device=device).manual_seed(plan.seed + index)
         size = {"height": plan.resolution, "width": plan.resolution} if plan.resolution else {}
         with autocast(), torch.no_grad():
-            result = pipeline(prompt, num_inference_steps=plan.num_inference_steps, generator=generator, **size)
+            inputs = plan.prompt_inputs(pipeline, prompt, device) if plan.prompt_inputs else {"prompt": prompt}
+            result = pipeline(**inputs, num_inference_steps=plan.num_inference_steps, generator=generator, **size)
         images.append(result.images[0])
     return images
 

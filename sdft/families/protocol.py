@@ -50,8 +50,17 @@ class Family(Protocol):
 
     def condition(self, models: Models, batch: dict, device: torch.device) -> dict: ...
 
+    def training_condition(self, models: Models, cond: dict, noisy: torch.Tensor,
+                           generator: torch.Generator) -> dict:
+        """The conditioning of one training step, given its noised latents and the step's generator
+        (SD3 with --pos_emb_random_crop_rate adds a positional-embedding window); others: `cond`."""
+
     def predict(self, denoiser: torch.nn.Module, noisy: torch.Tensor, timesteps: torch.Tensor,
                 cond: dict) -> torch.Tensor: ...
+
+    def prompt_inputs(self, pipeline, prompt: str, device: torch.device) -> dict:
+        """The validation pipeline's prompt arguments: {"prompt": prompt}, or embeddings where the
+        training encodes text differently from the pipeline (SD3 with --apply_t5_attn_mask)."""
 
     def pipeline_modules(self, models: Models) -> dict:
         """In-memory modules a validation pipeline reuses instead of reloading them."""

@@ -83,6 +83,13 @@ class StableDiffusion:
     def predict(self, denoiser: torch.nn.Module, noisy: torch.Tensor, timesteps: torch.Tensor, cond: dict) -> torch.Tensor:
         return denoiser(noisy, timesteps, cond["encoder_hidden_states"], return_dict=False)[0]
 
+    def training_condition(self, models: SDModels, cond: dict, noisy: torch.Tensor,
+                           generator: torch.Generator) -> dict:
+        return cond
+
+    def prompt_inputs(self, pipeline, prompt: str, device: torch.device) -> dict:
+        return {"prompt": prompt}
+
     def pipeline_modules(self, models: SDModels) -> dict:
         """In-memory modules a validation pipeline reuses instead of reloading them."""
         return {"tokenizer": models.tokenizer, "text_encoder": models.text_encoder, "vae": models.vae,

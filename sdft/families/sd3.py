@@ -8,6 +8,7 @@ resuming with --train_text_encoder crash (diffusers #8507, #8726).
 
 from __future__ import annotations
 
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 
 import torch
@@ -17,6 +18,7 @@ from transformers import CLIPTextModelWithProjection, CLIPTokenizer, T5EncoderMo
 
 from sdft.families import streamed_load
 from sdft.families.source import ModelSource
+from sdft.objectives import pos_embed_crop_offset
 
 DEFAULT_LORA_LAYERS = ["attn.add_k_proj", "attn.add_q_proj", "attn.add_v_proj", "attn.to_add_out",
                        "attn.to_k", "attn.to_out.0", "attn.to_q", "attn.to_v"]
@@ -45,7 +47,8 @@ def lora_targets(lora_layers: str | None, lora_blocks: str | None) -> list[str]:
     return [f"transformer_blocks.{block}.{layer}" for block in blocks for layer in layers]
 
 
-def encode_prompts(models: SD3Models, captions: list[str], max_sequence_length: int, device: torch.device):
+def encode_prompts(models: SD3Models, captions: list[str], max_sequence_length: int, device: torch.device,
+                   apply_t5_attn_mask: bool = False):
     """CLIP-L and CLIP-G penultimate states side by side, zero-padded to the T5 width, followed on
     the sequence axis by T5's states; pooled = both CLIP projections side by side."""
     clip_states, pooled = [], []
@@ -54,15 +57,46 @@ def encode_prompts(models: SD3Models, captions: list[str], max_sequence_length: 
         output = encoder(ids.to(device), output_hidden_states=True, return_dict=True)
         clip_states.append(output.hidden_states[-2])
         pooled.append(output.text_embeds)
-    ids = models.tokenizer_3(captions, padding="max_length", max_length=max_sequence_length, truncation=True,
-                             add_special_tokens=True, return_tensors="pt").input_ids
-    t5_states = models.text_encoder_3(ids.to(device), return_dict=True).last_hidden_state
+    tokens = models.tokenizer_3(captions, padding="max_length", max_length=max_sequence_length, truncation=True,
+                                add_special_tokens=True, return_tensors="pt")
+    t5_states = t5_encode(models.text_encoder_3, tokens.input_ids.to(device),
+                          tokens.attention_mask.to(device) if apply_t5_attn_mask else None)
     clip = torch.cat(clip_states, dim=-1)
     if clip.shape[-1] > t5_states.shape[-1]:
         # Padding by a negative amount would silently crop the CLIP features instead.
         raise ValueError(f"CLIP features ({clip.shape[-1]}) are wider than T5's ({t5_states.shape[-1]}).")
     clip = F.pad(clip, (0, t5_states.shape[-1] - clip.shape[-1]))
     return torch.cat([clip, t5_states.to(clip.dtype)], dim=-2), torch.cat(pooled, dim=-1)
+
+
+def t5_encode(encoder: T5EncoderModel, ids: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    """T5's last hidden states. With an attention mask (kohya's --apply_t5_attn_mask), T5 attends
+    only to the prompt's tokens and the padding rows are zeroed, so the conditioning does not depend
+    on how much padding follows the prompt; without one, as the SD3 pipeline encodes."""
+    if mask is None:
+        return encoder(ids, return_dict=True).last_hidden_state
+    states = encoder(ids, attention_mask=mask, return_dict=True).last_hidden_state
+    return states * mask.unsqueeze(-1).to(states.dtype)
+
+
+@contextmanager
+def pos_embed_window(denoiser: torch.nn.Module, top: int, left: int):
+    """Run the transformer with its positional embedding cut at (top, left) of the max_size² grid
+    instead of diffusers' centre crop (PatchEmbed.cropped_pos_embed, replaced on the instance for
+    the duration of one forward pass)."""
+    patch_embed = getattr(denoiser, "module", denoiser).pos_embed
+
+    def window(height: int, width: int) -> torch.Tensor:
+        rows, cols = height // patch_embed.patch_size, width // patch_embed.patch_size
+        size = patch_embed.pos_embed_max_size
+        grid = patch_embed.pos_embed.reshape(1, size, size, -1)[:, top:top + rows, left:left + cols, :]
+        return grid.reshape(1, rows * cols, -1)
+
+    patch_embed.cropped_pos_embed = window
+    try:
+        yield
+    finally:
+        del patch_embed.cropped_pos_embed
 
 
 class StableDiffusion3:
@@ -74,8 +108,11 @@ class StableDiffusion3:
     trainable_text_encoder_roles = ["text_encoder", "text_encoder_2"]
     license = "other"
 
-    def __init__(self, max_sequence_length: int = 77, lora_layers: str | None = None, lora_blocks: str | None = None):
+    def __init__(self, max_sequence_length: int = 77, lora_layers: str | None = None, lora_blocks: str | None = None,
+                 apply_t5_attn_mask: bool = False, pos_emb_random_crop_rate: float = 0.0):
         self.max_sequence_length = max_sequence_length
+        self.apply_t5_attn_mask = apply_t5_attn_mask
+        self.pos_emb_random_crop_rate = pos_emb_random_crop_rate
         self.lora_target_modules = lora_targets(lora_layers, lora_blocks)
         self.tags = ["sd3", "sd3-diffusers", "text-to-image", "diffusers", "diffusers-training"]
 
@@ -110,11 +147,15 @@ class StableDiffusion3:
         return (latents - models.vae.config.shift_factor) * models.vae.config.scaling_factor
 
     def encode_text(self, models: SD3Models, captions: list[str], device: torch.device) -> dict:
-        prompt_embeds, pooled = encode_prompts(models, captions, self.max_sequence_length, device)
+        prompt_embeds, pooled = encode_prompts(models, captions, self.max_sequence_length, device,
+                                               self.apply_t5_attn_mask)
         return {"encoder_hidden_states": prompt_embeds, "pooled_projections": pooled}
 
     def text_settings(self) -> dict:
-        return {"max_sequence_length": self.max_sequence_length}
+        settings = {"max_sequence_length": self.max_sequence_length}
+        if self.apply_t5_attn_mask:  # only when on, so the caches written without it stay valid
+            settings["apply_t5_attn_mask"] = True
+        return settings
 
     def batch_condition(self, text: dict, batch: dict, device: torch.device) -> dict:
         return text
@@ -122,9 +163,36 @@ class StableDiffusion3:
     def condition(self, models: SD3Models, batch: dict, device: torch.device) -> dict:
         return self.batch_condition(self.encode_text(models, batch["captions"], device), batch, device)
 
+    def training_condition(self, models: SD3Models, cond: dict, noisy: torch.Tensor,
+                           generator: torch.Generator) -> dict:
+        """--pos_emb_random_crop_rate (kohya; trained into SD3.5 Medium): with that probability per
+        step, a random window of the positional-embedding grid instead of the centre one, so small
+        buckets also train the outer positions. Rate 0 draws nothing."""
+        if not self.pos_emb_random_crop_rate:
+            return cond
+        config = getattr(models.transformer, "module", models.transformer).config
+        grid = (noisy.shape[-2] // config.patch_size, noisy.shape[-1] // config.patch_size)
+        offset = pos_embed_crop_offset(config.pos_embed_max_size, grid, self.pos_emb_random_crop_rate, generator)
+        return {**cond, "pos_embed_offset": offset}
+
     def predict(self, denoiser: torch.nn.Module, noisy: torch.Tensor, timesteps: torch.Tensor, cond: dict) -> torch.Tensor:
-        return denoiser(hidden_states=noisy, timestep=timesteps, encoder_hidden_states=cond["encoder_hidden_states"],
-                        pooled_projections=cond["pooled_projections"], return_dict=False)[0]
+        offset = cond.get("pos_embed_offset")
+        with pos_embed_window(denoiser, *offset) if offset is not None else nullcontext():
+            return denoiser(hidden_states=noisy, timestep=timesteps,
+                            encoder_hidden_states=cond["encoder_hidden_states"],
+                            pooled_projections=cond["pooled_projections"], return_dict=False)[0]
+
+    def prompt_inputs(self, pipeline, prompt: str, device: torch.device) -> dict:
+        """With the T5 mask, validation must condition the way training does: the pipeline's own
+        encode_prompt never masks T5, so the prompt and the empty negative prompt (classifier-free
+        guidance) are encoded here, with the pipeline's encoders."""
+        if not self.apply_t5_attn_mask:
+            return {"prompt": prompt}
+        with torch.no_grad():
+            embeds, pooled = encode_prompts(pipeline, [prompt, ""], self.max_sequence_length, device, True)
+        dtype = pipeline.transformer.dtype
+        return {"prompt_embeds": embeds[:1].to(dtype), "pooled_prompt_embeds": pooled[:1].to(dtype),
+                "negative_prompt_embeds": embeds[1:].to(dtype), "negative_pooled_prompt_embeds": pooled[1:].to(dtype)}
 
     def pipeline_modules(self, models: SD3Models) -> dict:
         """Validation reuses the loaded encoders (upstream reloads all three from disk each time and

@@ -126,6 +126,13 @@ class StableDiffusionXL:
         return denoiser(noisy, timesteps, cond["encoder_hidden_states"], added_cond_kwargs=cond["added_cond_kwargs"],
                         return_dict=False)[0]
 
+    def training_condition(self, models: SDXLModels, cond: dict, noisy: torch.Tensor,
+                           generator: torch.Generator) -> dict:
+        return cond
+
+    def prompt_inputs(self, pipeline, prompt: str, device: torch.device) -> dict:
+        return {"prompt": prompt}
+
     def pipeline_modules(self, models: SDXLModels) -> dict:
         return {"tokenizer": models.tokenizer, "tokenizer_2": models.tokenizer_2, "text_encoder": models.text_encoder,
                 "text_encoder_2": models.text_encoder_2, "vae": models.vae}
