@@ -176,7 +176,7 @@ def build_run(args: argparse.Namespace, family: Family, make_objective, accelera
     ema = None
     if args.use_ema:
         ema = EMA(ema_start(family, source, trained[family.denoiser_role], args), family.denoiser_role,
-                  accelerator.device, foreach=args.foreach_ema, offload=args.offload_ema)
+                  accelerator.device, foreach=args.foreach_ema, offload=args.offload_ema, decay=args.ema_decay)
     objective = make_objective(args, models.noise_scheduler, accelerator.device)
     params = trainable_params(trained) + (new_tokens.params() if new_tokens else [])
     optimizer = build_optimizer(args, param_groups(trained, family.denoiser_role, args.text_encoder_lr,

@@ -232,9 +232,11 @@ def check_single_file(args: argparse.Namespace, given: Given) -> None:
 
 
 def check_ema(args: argparse.Namespace, given: Given) -> None:
+    if not 0 < args.ema_decay < 1:
+        raise CliError(f"--ema_decay must be between 0 and 1 (exclusive), got {args.ema_decay}.")
     if not args.use_ema:
-        for name in ("offload_ema", "foreach_ema"):
-            if getattr(args, name, False):
+        for name in ("offload_ema", "foreach_ema", "ema_decay"):
+            if name in given:
                 print(f"warning: --{name} has no effect without --use_ema", file=sys.stderr)
 
 

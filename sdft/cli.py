@@ -402,6 +402,9 @@ def add_ema_args(parser: argparse.ArgumentParser, *, offload: bool, non_ema_revi
     g = parser.add_argument_group("EMA")
     g.add_argument("--use_ema", action="store_true",
                    help="Keep an exponential moving average of the weights; the saved model is the EMA.")
+    g.add_argument("--ema_decay", type=float, default=0.9999,
+                   help="Decay of the EMA per optimizer step (diffusers' EMAModel warms it up from 0 over "
+                        "the first steps); default 0.9999.")
     if offload:
         g.add_argument("--offload_ema", action="store_true",
                        help="Keep the EMA weights in pinned CPU memory between updates.")

@@ -17,14 +17,15 @@ from diffusers.training_utils import EMAModel
 
 class EMA:
     def __init__(self, model: torch.nn.Module, role: str, device: torch.device,
-                 foreach: bool = False, offload: bool = False):
+                 foreach: bool = False, offload: bool = False, decay: float = 0.9999):
         self.role = role
         self.model_cls = type(model)
         self.device = device
         self.foreach = foreach
         # Offloading only saves memory when training happens on an accelerator.
         self.offload = offload and device.type != "cpu"
-        self.ema = EMAModel(model.parameters(), model_cls=self.model_cls, model_config=model.config, foreach=foreach)
+        self.ema = EMAModel(model.parameters(), model_cls=self.model_cls, model_config=model.config, foreach=foreach,
+                            decay=decay)
         # An fp32 average even of bf16 weights (--full_bf16): a decay of 0.9999 moves it by 1e-4 of the
         # difference per step, which bf16's 8-bit mantissa would round away.
         self.ema.to(dtype=torch.float32)

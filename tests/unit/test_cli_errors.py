@@ -330,3 +330,18 @@ def test_sd3_documented_command_lines_parse(db_base):
     assert (args.rank, args.lora_blocks, args.max_sequence_length) == (32, "12,13,14", 512)
     assert args.prodigy_decouple is False and args.optimizer == "prodigy" and args.caption_column is None
     assert (args.train_batch_size, args.num_train_epochs, args.validation_epochs) == (1, 1, 25)
+
+
+@pytest.mark.parametrize("value", ["0", "1", "1.5"])
+def test_ema_decay_outside_zero_one_names_the_flag(base, value, capsys):
+    assert "--ema_decay" in parse_error(base + ["--use_ema", f"--ema_decay={value}"], capsys)
+
+
+def test_ema_decay_reaches_the_average():
+    import torch
+
+    from sdft.ema import EMA
+
+    model = torch.nn.Linear(2, 2)
+    model.config = {}
+    assert EMA(model, "unet", torch.device("cpu"), decay=0.995).ema.decay == 0.995
