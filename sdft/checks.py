@@ -399,10 +399,6 @@ def check_memory_flags(args: argparse.Namespace, given: Given) -> None:
                        "cannot do (its step depends on all parameters at once, like Prodigy's step size or a "
                        "schedule-free average); use AdamW, AdamW8bit, Lion, Adafactor, CAME or SGDNesterov.")
     if args.fused_backward_pass:
-        if args.gradient_accumulation_steps > 1:
-            raise CliError("--fused_backward_pass applies each gradient as soon as it is computed, so it cannot "
-                           f"accumulate them: drop --gradient_accumulation_steps={args.gradient_accumulation_steps} "
-                           "or --fused_backward_pass.")
         if "max_grad_norm" in given:
             raise CliError("--max_grad_norm needs every gradient at once, which --fused_backward_pass never holds; "
                            "drop --max_grad_norm (clipping is off with --fused_backward_pass).")

@@ -194,8 +194,11 @@ def add_memory_args(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--fused_backward_pass", action="store_true",
                    help="Apply each parameter's optimizer update as soon as its gradient is complete, during the "
                         "backward pass, and free that gradient, so the gradients of the whole model are never "
-                        "held at once. AdamW or Adafactor, one process, no gradient accumulation; gradient "
-                        "clipping is off with it. Default: update after the backward pass.")
+                        "held at once. Any optimizer with a per-tensor step (AdamW, AdamW8bit, PagedAdamW8bit, "
+                        "Lion, Lion8bit, Adafactor, CAME, AdEMAMix, SGDNesterov); one process; with gradient "
+                        "accumulation the gradients add up as usual and the last micro-batch's backward pass "
+                        "applies them (the saving is then at that pass only); gradient clipping is off with it. "
+                        "Default: update after the backward pass.")
     g.add_argument("--full_bf16", action="store_true",
                    help="Keep the trained model's weights in bf16 (2 bytes per parameter instead of 4; needs "
                         "--mixed_precision bf16), with each update computed in fp32 and written back by "

@@ -124,3 +124,18 @@ def test_schedule_free_validates_and_exports_its_evaluation_weights(tiny_sd, ima
     for key, value in exported.items():
         torch.testing.assert_close(value, evaluation[key], rtol=0, atol=1e-6, msg=key)
     assert (out / "validation" / "final").is_dir()
+
+
+@pytest.mark.parametrize("name", ["AdamW", "Lion"])
+def test_fused_backward_pass_with_accumulation_equals_the_unfused_run(tiny_sd, image_folder, tmp_path, name):
+    """The micro-batches' gradients add up in .grad; the last one's backward pass applies them."""
+    if name.lower() in CURATED and not installed(name.lower()):
+        pytest.skip(f"{CURATED[name.lower()].pip} is not installed")
+    common = [*FAST, "--max_train_steps", "3", "--gradient_accumulation_steps", "2", "--mixed_precision", "no",
+              "--optimizer_type", name]
+    assert train(sd_args(tiny_sd, image_folder, tmp_path / "plain", *common, "--max_grad_norm", "1000")) == 0
+    assert train(sd_args(tiny_sd, image_folder, tmp_path / "fused", *common, "--fused_backward_pass")) == 0
+    plain, fused, base = unet_weights(tmp_path / "plain"), unet_weights(tmp_path / "fused"), unet_weights(tiny_sd)
+    assert any(not torch.equal(plain[k], base[k]) for k in base), "training moved the weights"
+    for key in plain:
+        torch.testing.assert_close(fused[key], plain[key], rtol=0, atol=1e-6, msg=key)
