@@ -57,13 +57,12 @@ from sdft.objectives import (
     timestep_bias_weights,
 )
 from sdft.optim import (
-    AdafactorSettings,
-    AdamSettings,
-    ProdigySettings,
-    build_adafactor,
-    build_adamw,
+    EvalWeights,
     build_lr_scheduler,
-    build_prodigy,
+    build_named,
+    chosen_name,
+    flag_arguments,
+    parse_optimizer_args,
     scaled_lr,
 )
 from sdft.plots import Pictures
@@ -196,6 +195,7 @@ def build_run(args: argparse.Namespace, family: Family, make_objective, accelera
     *prepared, optimizer, lr_scheduler = accelerator.prepare(*trained.values(), optimizer, lr_scheduler)
     prepared = dict(zip(trained, prepared))
     stepper = build_stepper(args, optimizer, seed)
+    eval_weights = EvalWeights(optimizer)
     weights = TrainedWeights(family.pipeline_cls, trained, lora=args.use_lora, ema=ema,
                              lora_key_format=family.lora_key_format, extras=[new_tokens] if new_tokens else [],
                              lora_metadata=file_metadata(args, family, models, trained, max_train_steps)
@@ -210,7 +210,8 @@ def build_run(args: argparse.Namespace, family: Family, make_objective, accelera
         denoiser=prepared.get(family.denoiser_role, getattr(models, family.denoiser_role)), objective=objective,
         optimizer=optimizer,
         lr_scheduler=lr_scheduler, dataloader=dataloader, dataset=dataset, sampler=sampler,
-        checkpointer=Checkpointer(accelerator, Path(args.output_dir), args.checkpoints_total_limit, weights),
+        checkpointer=Checkpointer(accelerator, Path(args.output_dir), args.checkpoints_total_limit, weights,
+                                  eval_weights),
         trained=weights, seed=seed, max_train_steps=max_train_steps, updates_per_epoch=updates_per_epoch,
         num_epochs=math.ceil(max_train_steps / updates_per_epoch), checkpointing_steps=args.checkpointing_steps,
         max_grad_norm=0.0 if stepper.fused else args.max_grad_norm, weight_dtype=weight_dtype,
@@ -221,7 +222,7 @@ def build_run(args: argparse.Namespace, family: Family, make_objective, accelera
         params_to_clip=params, train_text_encoders=args.train_text_encoder,
         prior_loss_weight=args.prior_loss_weight if args.with_prior_preservation else None,
         debug_loss=args.debug_loss, condition_cache=condition_cache, offloaded=offloaded,
-        token_embeddings=new_tokens, masked_loss=args.masked_loss, stepper=stepper,
+        token_embeddings=new_tokens, masked_loss=args.masked_loss, stepper=stepper, eval_weights=eval_weights,
         val_loss=held_out_loss(args, accelerator, dataset, family, objective, weight_dtype, offloaded, seed,
                                caption_map=new_tokens.plan.apply_all if new_tokens else None),
     )
@@ -605,25 +606,24 @@ def resolution_shift(config) -> ResolutionShift:
 
 
 def build_optimizer(args: argparse.Namespace, groups: list[dict], num_processes: int) -> torch.optim.Optimizer:
+    """--optimizer_type (or --optimizer/--use_8bit_adam), with the --adam_* and --prodigy_* flags'
+    values where the optimizer takes them and --optimizer_args over them."""
     lr = args.learning_rate
     if args.scale_lr:
         lr = scaled_lr(lr, args.gradient_accumulation_steps, args.train_batch_size, num_processes)
-    betas = (args.adam_beta1, args.adam_beta2)
-    if args.optimizer.lower() == "prodigy":
+    name = chosen_name(args.optimizer_type, args.optimizer, args.use_8bit_adam)
+    kwargs = flag_arguments(name, {"betas": (args.adam_beta1, args.adam_beta2), "eps": args.adam_epsilon,
+                                   "weight_decay": args.adam_weight_decay})
+    if name == "prodigy":
         if lr <= 0.1:
             logger.warning("Prodigy usually wants --learning_rate around 1.0, got %g.", lr)
         for group in groups:
             # Prodigy estimates one step size; separate text-encoder rates would fight it.
             group.pop("lr", None)
-        return build_prodigy(groups, ProdigySettings(
-            lr=lr, betas=betas, beta3=args.prodigy_beta3, weight_decay=args.adam_weight_decay, eps=args.adam_epsilon,
-            decouple=args.prodigy_decouple, use_bias_correction=args.prodigy_use_bias_correction,
-            safeguard_warmup=args.prodigy_safeguard_warmup))
-    if args.optimizer.lower() == "adafactor":
-        return build_adafactor(groups, AdafactorSettings(lr=lr, weight_decay=args.adam_weight_decay))
-    settings = AdamSettings(lr=lr, betas=betas, weight_decay=args.adam_weight_decay, eps=args.adam_epsilon,
-                            use_8bit=args.use_8bit_adam)
-    return build_adamw(groups, settings)
+        kwargs.update(beta3=args.prodigy_beta3, decouple=args.prodigy_decouple,
+                      use_bias_correction=args.prodigy_use_bias_correction,
+                      safeguard_warmup=args.prodigy_safeguard_warmup)
+    return build_named(name, groups, lr, {**kwargs, **parse_optimizer_args(args.optimizer_args)})
 
 
 def check_memory(args: argparse.Namespace, family, accelerator: Accelerator) -> None:
@@ -655,7 +655,7 @@ def check_memory(args: argparse.Namespace, family, accelerator: Accelerator) -> 
 
 def memory_setup(args: argparse.Namespace, mixed_precision: str) -> memory_estimate.TrainingSetup:
     return memory_estimate.TrainingSetup(
-        lora=args.use_lora, optimizer=args.optimizer, use_8bit_adam=args.use_8bit_adam,
+        lora=args.use_lora, optimizer=chosen_name(args.optimizer_type, args.optimizer, args.use_8bit_adam),
         full_bf16=args.full_bf16, fused_backward_pass=args.fused_backward_pass,
         mixed_precision=mixed_precision, ema=args.use_ema,
         offload_ema=args.offload_ema)

@@ -34,6 +34,7 @@ from sdft.errors import MissingFileError
 from sdft.guards import require_finite_weights
 from sdft.lora import load_lora, save_lora
 from sdft.model_spec import stamped
+from sdft.optim import EvalWeights
 
 logger = logging.getLogger(__name__)
 
@@ -228,8 +229,11 @@ def _load_weights_ourselves(models, input_dir) -> None:
 
 class Checkpointer:
     def __init__(self, accelerator: Accelerator, output_dir: str | Path, total_limit: int | None,
-                 weights: TrainedWeights):
+                 weights: TrainedWeights, eval_weights: EvalWeights | None = None):
         self.accelerator = accelerator
+        # Schedule-free: a checkpoint holds the evaluation weights (what a user takes from it) and the
+        # optimizer state in eval mode; loading switches back to the training point (sdft.optim.EvalWeights).
+        self.eval_weights = eval_weights or EvalWeights.none()
         self.output_dir = Path(output_dir)
         self.total_limit = total_limit
         self.weights = weights
@@ -238,6 +242,10 @@ class Checkpointer:
 
     def save(self, position: Position) -> Path:
         """Called on every process: each one writes its own RNG state."""
+        with self.eval_weights.swapped_in():
+            return self._save(position)
+
+    def _save(self, position: Position) -> Path:
         final = self.output_dir / f"checkpoint-{position.global_step}"
         partial = self.output_dir / f".{final.name}.partial"
         if self.accelerator.is_main_process and partial.exists():
@@ -263,6 +271,7 @@ class Checkpointer:
     def load(self, checkpoint: Path) -> Position:
         self.accelerator.load_state(str(checkpoint))
         self.weights.load(checkpoint)
+        self.eval_weights.resume()
         return read_position(checkpoint)
 
 

@@ -35,7 +35,19 @@ from sdft.objectives import (
     validate_timestep_bias,
     validate_timestep_window,
 )
-from sdft.optim import LR_SCHEDULERS, OPTIMIZERS
+from sdft.optim import (
+    ADAM_FLAGS,
+    LR_SCHEDULERS,
+    OPTIMIZERS,
+    OptimizerError,
+    check_optimizer_args,
+    check_schedule,
+    chosen_name,
+    optimizer_class,
+    parse_optimizer_args,
+    per_parameter,
+    unused_adam_flags,
+)
 from sdft.textual_inversion import TokenPlan, check_abstractions_used
 
 Given = AbstractSet[str]   # the dests typed on the command line
@@ -436,25 +448,40 @@ def check_flow_recipes(args: argparse.Namespace, given: Given) -> None:
 
 
 def check_optimizer(args: argparse.Namespace, given: Given) -> None:
+    """The optimizer exists (its package installed), its --optimizer_args are arguments it takes,
+    and the older flags agree with --optimizer_type; all before any model loads."""
     if args.optimizer.lower() not in OPTIMIZERS:
-        raise CliError(f"--optimizer '{args.optimizer}' is not supported; use AdamW, prodigy or adafactor.")
-    if args.optimizer.lower() == "prodigy" and importlib.util.find_spec("prodigyopt") is None:
-        raise CliError("--optimizer=prodigy needs prodigyopt: pip install prodigyopt.")
+        raise CliError(f"--optimizer '{args.optimizer}' is not supported; use AdamW, prodigy or adafactor "
+                       "(or --optimizer_type for more).")
+    try:
+        name = chosen_name(args.optimizer_type, args.optimizer, args.use_8bit_adam)
+        cls = optimizer_class(name)
+        check_optimizer_args(cls, name, parse_optimizer_args(args.optimizer_args))
+        check_schedule(cls, name, args.lr_scheduler)
+    except OptimizerError as err:
+        raise CliError(str(err)) from err
+    unused = unused_adam_flags(name, set(given))
+    if unused:
+        raise CliError(f"--{unused[0]} does not configure {optimizer_flag(args)}; pass its arguments with "
+                       f"--optimizer_args (e.g. {ADAM_FLAGS[unused[0]]}=...).")
+
+
+def optimizer_flag(args: argparse.Namespace) -> str:
+    """How the command line chose the optimizer, for messages."""
+    if args.optimizer_type is not None:
+        return f"--optimizer_type {args.optimizer_type}"
+    return "--use_8bit_adam" if args.use_8bit_adam and args.optimizer.lower() == "adamw" else f"--optimizer {args.optimizer}"
 
 
 def check_memory_flags(args: argparse.Namespace, given: Given) -> None:
     """The combinations the accelerator does not decide (the process count and an fp16/no mixed
     precision set in `accelerate config` are checked when the accelerator exists)."""
+    one_at_a_time = [f"--{flag}" for flag in ("fused_backward_pass", "full_bf16") if getattr(args, flag)]
+    if one_at_a_time and not per_parameter(chosen_name(args.optimizer_type, args.optimizer, args.use_8bit_adam)):
+        raise CliError(f"{one_at_a_time[0]} applies the optimizer one tensor at a time, which {optimizer_flag(args)} "
+                       "cannot do (its step depends on all parameters at once, like Prodigy's step size or a "
+                       "schedule-free average); use AdamW, AdamW8bit, Lion, Adafactor, CAME or SGDNesterov.")
     if args.fused_backward_pass:
-        if args.gradient_accumulation_steps > 1:
-            raise CliError("--fused_backward_pass applies each gradient as soon as it is computed, so it cannot "
-                           f"accumulate them: drop --gradient_accumulation_steps={args.gradient_accumulation_steps} "
-                           "or --fused_backward_pass.")
-        if args.optimizer.lower() == "prodigy":
-            raise CliError("--fused_backward_pass cannot be used with --optimizer prodigy, whose step size depends "
-                           "on all parameters at once; use --optimizer adafactor or AdamW.")
-        if args.use_8bit_adam:
-            raise CliError("--fused_backward_pass cannot be used with --use_8bit_adam; use --optimizer adafactor.")
         if "max_grad_norm" in given:
             raise CliError("--max_grad_norm needs every gradient at once, which --fused_backward_pass never holds; "
                            "drop --max_grad_norm (clipping is off with --fused_backward_pass).")

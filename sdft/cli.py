@@ -18,7 +18,7 @@ from typing import AbstractSet, Callable, Iterable, Sequence
 
 from sdft.errors import CliError, UserError
 from sdft.objectives import FLOW_TIMESTEP_SAMPLING, HUBER_SCHEDULES, LOSS_TYPES
-from sdft.optim import LR_SCHEDULERS
+from sdft.optim import CURATED, LR_SCHEDULERS
 from sdft.preemption import Interrupted
 
 logger = logging.getLogger("sdft")
@@ -159,7 +159,17 @@ def add_optimizer_args(parser: argparse.ArgumentParser, *, choice: bool = False)
                        help="AdamW, Prodigy or Adafactor (case does not matter). Prodigy adapts the step size: "
                             "use --learning_rate=1.0. Adafactor (transformers', its own step size off) follows "
                             "--learning_rate and --lr_scheduler, takes --adam_weight_decay, and keeps a small "
-                            "fraction of AdamW's optimizer state.")
+                            "fraction of AdamW's optimizer state. --optimizer_type offers more and wins over it.")
+    g.add_argument("--optimizer_type", type=str, default=None,
+                   help=f"The optimizer, by name (case does not matter): {', '.join(e.name for e in CURATED.values())}; "
+                        "or any importable optimizer class as module.Class (e.g. torch.optim.SGD). Wins over "
+                        "--optimizer and --use_8bit_adam, which must then agree with it. Default: --optimizer. "
+                        "See the README, Optimizers, for the package each one needs.")
+    g.add_argument("--optimizer_args", type=str, default=None, nargs="*",
+                   help="Arguments of the optimizer as key=value, e.g. weight_decay=0.1 betas=0.9,0.99 "
+                        "decouple=True (numbers, True/False/None, comma-separated tuples, else strings); they "
+                        "win over the --adam_* and --prodigy_* flags. Checked against the optimizer's signature. "
+                        "Default: none.")
     g.add_argument("--learning_rate", type=float, default=1e-4, help="Peak learning rate (after warmup).")
     g.add_argument("--scale_lr", action="store_true",
                    help="Multiply the learning rate by accumulation steps x batch size x processes.")
@@ -169,8 +179,11 @@ def add_optimizer_args(parser: argparse.ArgumentParser, *, choice: bool = False)
                    help="Warmup in optimizer steps (the 'constant' schedule has none).")
     g.add_argument("--lr_num_cycles", type=int, default=1, help="Cycles of cosine_with_restarts.")
     g.add_argument("--lr_power", type=float, default=1.0, help="Power of the polynomial schedule.")
-    g.add_argument("--use_8bit_adam", action="store_true", help="Use bitsandbytes' 8-bit AdamW.")
-    g.add_argument("--adam_beta1", type=float, default=0.9, help="Adam beta1.")
+    g.add_argument("--use_8bit_adam", action="store_true",
+                   help="Use bitsandbytes' 8-bit AdamW (the same as --optimizer_type AdamW8bit).")
+    g.add_argument("--adam_beta1", type=float, default=0.9,
+                   help="Adam beta1 (AdamW, AdamW8bit, PagedAdamW8bit, Prodigy; other optimizers take "
+                        "--optimizer_args).")
     g.add_argument("--adam_beta2", type=float, default=0.999, help="Adam beta2.")
     g.add_argument("--adam_weight_decay", type=float, default=1e-2, help="Decoupled weight decay.")
     g.add_argument("--adam_epsilon", type=float, default=1e-08, help="Adam epsilon.")
@@ -189,8 +202,11 @@ def add_memory_args(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--fused_backward_pass", action="store_true",
                    help="Apply each parameter's optimizer update as soon as its gradient is complete, during the "
                         "backward pass, and free that gradient, so the gradients of the whole model are never "
-                        "held at once. AdamW or Adafactor, one process, no gradient accumulation; gradient "
-                        "clipping is off with it. Default: update after the backward pass.")
+                        "held at once. Any optimizer with a per-tensor step (AdamW, AdamW8bit, PagedAdamW8bit, "
+                        "Lion, Lion8bit, Adafactor, CAME, AdEMAMix, SGDNesterov); one process; with gradient "
+                        "accumulation the gradients add up as usual and the last micro-batch's backward pass "
+                        "applies them (the saving is then at that pass only); gradient clipping is off with it. "
+                        "Default: update after the backward pass.")
     g.add_argument("--full_bf16", action="store_true",
                    help="Keep the trained model's weights in bf16 (2 bytes per parameter instead of 4; needs "
                         "--mixed_precision bf16), with each update computed in fp32 and written back by "

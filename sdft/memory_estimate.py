@@ -54,7 +54,7 @@ class TrainingSetup:
     """The flags that decide the bytes per parameter."""
 
     lora: bool = False
-    optimizer: str = "adamw"          # adamw | prodigy | adafactor (any case)
+    optimizer: str = "adamw"          # a curated name (sdft.optim.CURATED, any case) or module.Class
     use_8bit_adam: bool = False
     full_bf16: bool = False
     fused_backward_pass: bool = False
@@ -97,16 +97,31 @@ def estimate(stats: ParamStats, setup: TrainingSetup) -> list[Line]:
     return lines
 
 
+# Bytes of optimizer state per trained weight (fp32 state with --full_bf16 too: the update runs on
+# an fp32 copy, see the module docstring).
+STATE_BYTES = {
+    "adamw": (8, "AdamW: two fp32 moments"), "adamw8bit": (2, "8-bit AdamW moments"),
+    "pagedadamw8bit": (2, "8-bit AdamW moments, paged"), "lion": (4, "Lion: one fp32 momentum"),
+    "lion8bit": (1, "8-bit Lion momentum"), "prodigy": (16, "Prodigy: four fp32 tensors per weight"),
+    "prodigyschedulefree": (8, "Prodigy schedule-free: about two fp32 tensors per weight"),
+    "adamwschedulefree": (8, "schedule-free AdamW: z and the second moment, fp32"),
+    "radamschedulefree": (8, "schedule-free RAdam: z and the second moment, fp32"),
+    "sgdschedulefree": (4, "schedule-free SGD: z, fp32"), "ademamix": (12, "AdEMAMix: three fp32 moments"),
+    "ademamix8bit": (3, "AdEMAMix: three 8-bit moments"), "sgdnesterov": (4, "SGD: one fp32 momentum"),
+}
+
+
 def optimizer_line(stats: ParamStats, setup: TrainingSetup) -> Line:
     name = setup.optimizer.lower()
     if name == "adafactor":
         return _line("optimizer", stats.adafactor_values, 4, "Adafactor factored second moments, fp32")
-    if name == "prodigy":
-        return _line("optimizer", stats.count, 16, "Prodigy: four fp32 tensors per weight")
-    if setup.use_8bit_adam:
-        return _line("optimizer", stats.count, 2, "8-bit AdamW moments")
-    # fp32 moments with --full_bf16 too: the update runs on an fp32 copy (see the module docstring)
-    return _line("optimizer", stats.count, 8, "AdamW: two fp32 moments")
+    if name == "came":
+        return _line("optimizer", stats.count + 2 * stats.adafactor_values, 4,
+                     "CAME: a first moment and two factored moments, fp32")
+    if setup.use_8bit_adam and name == "adamw":
+        name = "adamw8bit"
+    width, what = STATE_BYTES.get(name, (8, f"{setup.optimizer}: assumed two fp32 tensors per weight"))
+    return _line("optimizer", stats.count, width, what)
 
 
 def total(lines: list[Line]) -> int:

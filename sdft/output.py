@@ -147,11 +147,12 @@ def finish(run: Run) -> None:
     accelerator = run.accelerator
     accelerator.wait_for_everyone()
     new_tokens = run.token_embeddings
-    check_replicas_agree(accelerator, {**run.trained.modules, **(new_tokens.modules() if new_tokens else {})})
-    require_finite_weights(run.trained.modules, f"the model to {run.output_dir}")  # on every process
-    if accelerator.is_main_process:
-        save_outputs(run)
-    accelerator.wait_for_everyone()
+    with run.eval_weights.swapped_in():   # schedule-free: the averaged weights are the model
+        check_replicas_agree(accelerator, {**run.trained.modules, **(new_tokens.modules() if new_tokens else {})})
+        require_finite_weights(run.trained.modules, f"the model to {run.output_dir}")  # on every process
+        if accelerator.is_main_process:
+            save_outputs(run)
+        accelerator.wait_for_everyone()
     accelerator.end_training()
     plan = run.export
     if plan.hub_repo is not None and accelerator.is_main_process:

@@ -93,7 +93,9 @@ class OptimizerStepper:
     - an updater, `fused=False`: every parameter is updated one at a time once gradients are
       complete (bf16 weights with stochastic rounding);
     - an updater, `fused=True`: the updates ran during the backward pass, in each parameter's
-      post-accumulate-grad hook; `step()` has nothing left to do.
+      post-accumulate-grad hook; `step()` has nothing left to do. While gradients accumulate the
+      hook leaves them in `.grad` (the micro-batches add up there, as without fusing); the backward
+      pass of the micro-batch that ends the accumulation applies and frees them.
     """
 
     def __init__(self, optimizer: torch.optim.Optimizer, updater: ParamUpdater | None = None, *, fused: bool = False):
@@ -104,7 +106,11 @@ class OptimizerStepper:
         if fused:
             if updater is None:
                 raise ValueError("a fused backward pass needs a ParamUpdater")
-            self.hooks = [p.register_post_accumulate_grad_hook(updater) for p in updater.params]
+            self.hooks = [p.register_post_accumulate_grad_hook(self._gradient_ready) for p in updater.params]
+
+    def _gradient_ready(self, param: torch.Tensor) -> None:
+        if gradients_complete(self.optimizer):
+            self.updater(param)
 
     def begin(self, step_index: int) -> None:
         if self.updater is not None:

@@ -168,7 +168,8 @@ def evaluate_held_out(run_state: Run, step: int) -> None:
     role = run_state.family.denoiser_role
     # The unwrapped denoiser, trained or (textual inversion alone) frozen.
     denoiser = run_state.trained.modules.get(role) or getattr(run_state.models, role)
-    run_state.val_loss.evaluate(run_state.accelerator, run_state.models, denoiser, step)
+    with run_state.eval_weights.swapped_in():   # on every process: the swap changes the weights of all
+        run_state.val_loss.evaluate(run_state.accelerator, run_state.models, denoiser, step)
 
 
 def validation_pipeline(run_state: Run):
@@ -187,7 +188,13 @@ def validation_pipeline(run_state: Run):
 
 
 def validate(run_state: Run, phase: str, step: int, folder: str) -> list[Path]:
-    """Main process only; the others wait at the barrier."""
+    """Images from the evaluation weights (schedule-free) or the EMA; main process only, the others
+    wait at the barrier (every process swaps, so replicas stay identical)."""
+    with run_state.eval_weights.swapped_in():
+        return validate_images(run_state, phase, step, folder)
+
+
+def validate_images(run_state: Run, phase: str, step: int, folder: str) -> list[Path]:
     accelerator = run_state.accelerator
     paths = []
     if accelerator.is_main_process:

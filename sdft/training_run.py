@@ -15,6 +15,7 @@ from sdft.families.protocol import Family
 from sdft.families.source import ModelSource
 from sdft.guards import NonFiniteGuard
 from sdft.hub import CardInfo
+from sdft.optim import EvalWeights
 from sdft.plots import Pictures
 from sdft.preemption import StopRequest
 from sdft.run_stats import RunStats
@@ -86,6 +87,7 @@ class Run:
     guard: NonFiniteGuard | None = None                   # stops (or skips) non-finite steps
     stop: StopRequest = field(default_factory=StopRequest)  # SIGTERM/SIGINT: checkpoint, then exit
     val_loss: ValidationLoss | None = None                # held-out images (--validation_split/_data_dir)
+    eval_weights: EvalWeights = field(default_factory=EvalWeights.none)   # schedule-free: x for eval and export
 
     def __enter__(self) -> "Run":
         self.stop.install()

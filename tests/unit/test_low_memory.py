@@ -206,8 +206,6 @@ def base(tmp_path, monkeypatch) -> list[str]:
 
 
 @pytest.mark.parametrize("extra, named", [
-    (["--fused_backward_pass", "--gradient_accumulation_steps=2"], ["--fused_backward_pass",
-                                                                    "--gradient_accumulation_steps=2"]),
     (["--fused_backward_pass", "--max_grad_norm=1"], ["--max_grad_norm", "--fused_backward_pass"]),
     (["--fused_backward_pass", "--optimizer=prodigy"], ["--fused_backward_pass", "--optimizer prodigy"]),
     (["--fused_backward_pass", "--mixed_precision=fp16"], ["--fused_backward_pass", "--mixed_precision fp16"]),
