@@ -28,7 +28,9 @@ from sdft.data.archives import data_folder
 from sdft.data.buckets import BucketPlan, BucketSettings, captioned_image_sizes
 from sdft.data.buckets import log_plan as log_buckets
 from sdft.data.caches import CacheSettings, cache_folder, fill_caches
+from sdft.data.captions import CaptionAugment
 from sdft.data.dataset import CaptionedImageDataset, loader_order
+from sdft.data.dataset_config import read_dataset_config
 from sdft.data.dreambooth import (
     DreamBoothDataset,
     generate_class_images,
@@ -39,6 +41,7 @@ from sdft.data.dreambooth import (
 from sdft.data.held_out import split_held_out
 from sdft.data.preprocess.subject import CACHE_FOLDER, SubjectPlan, prepare_subject
 from sdft.data.sources import CaptionedImages, load_captioned_images
+from sdft.data.subsets import Part, SubsetDataset, kohya_folders, log_epoch, subset_images
 from sdft.data.text_cache import TextCache
 from sdft.data.transforms import ImageTransform
 from sdft.ema import EMA
@@ -409,6 +412,9 @@ def validation_seed(args: argparse.Namespace, seed: int) -> int:
 
 def text_image_data(args: argparse.Namespace, seed: int, accelerator: Accelerator, family: Family) -> CaptionedImageDataset:
     data_dir, _ = data_folder(args.train_data_dir, cache_root(args), accelerator)
+    folders = kohya_folders(Path(data_dir)) if data_dir is not None and args.dataset_name is None else None
+    if folders:
+        return folder_data(args, seed, folders)
     images = load_captioned_images(
         dataset_name=args.dataset_name, dataset_config_name=args.dataset_config_name,
         train_data_dir=data_dir, image_column=args.image_column, caption_column=args.caption_column,
@@ -425,11 +431,103 @@ def text_image_data(args: argparse.Namespace, seed: int, accelerator: Accelerato
             max_train_samples=None, seed=seed)
     dataset = CaptionedImageDataset(images, image_transform(args), seed,
                                     empty_caption_rate=args.proportion_empty_prompts,
-                                    buckets=bucket_plan(args, images))
+                                    buckets=bucket_plan(args, images), captions=caption_augment(args))
     if held_out is not None:
         dataset.held_out = CaptionedImageDataset(held_out, image_transform(args), validation_seed(args, seed),
                                                  buckets=bucket_plan(args, held_out, "held-out"))
     return dataset
+
+
+def caption_augment(args: argparse.Namespace) -> CaptionAugment:
+    """kohya's caption flags (every script); a --dataset_config overrides them per subset."""
+    return CaptionAugment(
+        shuffle=args.shuffle_caption, keep_tokens=args.keep_tokens, keep_tokens_separator=args.keep_tokens_separator,
+        separator=args.caption_separator, secondary_separator=args.secondary_separator,
+        dropout_rate=args.caption_dropout_rate, dropout_every_n_epochs=args.caption_dropout_every_n_epochs,
+        tag_dropout_rate=args.caption_tag_dropout_rate)
+
+
+def dataset_config_defaults(args: argparse.Namespace) -> dict:
+    """The command-line values a --dataset_config overrides, under kohya's key names. random_crop is
+    the opposite of --center_crop: without --center_crop our crops are random."""
+    return {
+        "resolution": args.resolution, "batch_size": args.train_batch_size, "enable_bucket": args.enable_bucket,
+        "min_bucket_reso": args.min_bucket_reso, "max_bucket_reso": args.max_bucket_reso,
+        "bucket_reso_steps": args.bucket_reso_steps, "bucket_no_upscale": args.bucket_no_upscale,
+        "num_repeats": 1, "caption_extension": args.caption_extension, "keep_tokens": args.keep_tokens,
+        "keep_tokens_separator": args.keep_tokens_separator, "shuffle_caption": args.shuffle_caption,
+        "caption_separator": args.caption_separator, "secondary_separator": args.secondary_separator,
+        "caption_dropout_rate": args.caption_dropout_rate,
+        "caption_dropout_every_n_epochs": args.caption_dropout_every_n_epochs,
+        "caption_tag_dropout_rate": args.caption_tag_dropout_rate, "flip_aug": args.random_flip,
+        "random_crop": not args.center_crop,
+    }
+
+
+def subset_conflicts(args: argparse.Namespace) -> list[str]:
+    """Flags a --dataset_config or N_name-folder run cannot honour yet (each subset is read as it is)."""
+    conflicts = {
+        "--validation_split": args.validation_split > 0, "--validation_data_dir": args.validation_data_dir is not None,
+        "--max_train_samples": args.max_train_samples is not None,
+        "--caption_model": args.caption_model is not None, "--upscale_model": args.upscale_model is not None,
+        "--masked_loss": args.masked_loss, "--crop_to_mask": args.crop_to_mask, "--alpha_mask": args.alpha_mask,
+        "--mask_data_dir": args.mask_data_dir is not None, "--mask_model": args.mask_model is not None,
+        "--with_prior_preservation (use an is_reg subset)": args.with_prior_preservation,
+        "--proportion_empty_prompts (use caption_dropout_rate)": args.proportion_empty_prompts > 0,
+    }
+    return [flag for flag, on in conflicts.items() if on]
+
+
+def config_data(args: argparse.Namespace, seed: int, accelerator: Accelerator, family: Family) -> SubsetDataset:
+    """The subsets of --dataset_config (checked at parse time; read again here, cheaply)."""
+    config = read_dataset_config(args.dataset_config, dataset_config_defaults(args))
+    parts = []
+    for group, spec in enumerate(config.datasets):
+        settings = (BucketSettings(spec.resolution, spec.min_bucket_reso, spec.max_bucket_reso, spec.bucket_reso_steps,
+                                   spec.bucket_no_upscale) if spec.enable_bucket else None)
+        for subset in spec.subsets:
+            images = subset_images(subset.image_dir, subset.caption_extension, subset.class_tokens,
+                                   subset.metadata_file, fallback_caption(args), f"{config.path}: {subset.where}")
+            transform = ImageTransform(spec.resolution, not subset.random_crop, subset.flip_aug,
+                                       args.image_interpolation_mode)
+            parts.append(Part(subset.where, images, subset.num_repeats, subset.captions, transform,
+                              subset_buckets(images, settings, subset.where), spec.batch_size, group, subset.is_reg))
+    return subset_dataset(parts, seed, args.prior_loss_weight)
+
+
+def folder_data(args: argparse.Namespace, seed: int, folders: list[tuple[Path, int, str]]) -> SubsetDataset:
+    """kohya's N_name folders in --train_data_dir: one subset each, N repeats, `name` the caption of
+    images without a caption file; everything else from the flags."""
+    typed = subset_conflicts(args)
+    if typed:
+        raise CliError(f"--train_data_dir holds kohya N_name folders, which do not combine with {', '.join(typed)} yet.")
+    settings = bucket_settings(args)
+    parts = []
+    for folder, repeats, tokens in folders:
+        images = subset_images(folder, args.caption_extension, tokens, None, None, str(folder))
+        parts.append(Part(folder.name, images, repeats, caption_augment(args), image_transform(args),
+                          subset_buckets(images, settings, folder.name), args.train_batch_size, 0))
+    return subset_dataset(parts, seed, args.prior_loss_weight)
+
+
+def subset_dataset(parts: list[Part], seed: int, reg_weight: float) -> SubsetDataset:
+    dataset = SubsetDataset(parts, seed, reg_weight)
+    log_epoch(dataset)
+    return dataset
+
+
+def subset_buckets(images: CaptionedImages, settings: BucketSettings | None, where: str) -> BucketPlan | None:
+    if settings is None:
+        return None
+    plan = BucketPlan.build(captioned_image_sizes(images), settings)
+    log_buckets(plan, images.name, settings, where)
+    return plan
+
+
+def fallback_caption(args: argparse.Namespace) -> str | None:
+    """SD3's --instance_prompt stays required (diffusers' contract); with --dataset_config it is the
+    caption of images that have neither a caption file nor class_tokens."""
+    return args.instance_prompt
 
 
 def dreambooth_data(args: argparse.Namespace, seed: int, accelerator: Accelerator, family: Family) -> DreamBoothDataset:
@@ -460,7 +558,7 @@ def dreambooth_data(args: argparse.Namespace, seed: int, accelerator: Accelerato
             cache_dir=args.cache_dir)
     dataset = DreamBoothDataset(instance, image_transform(args), seed, repeats=args.repeats,
                                 class_images=class_images, class_prompt=args.class_prompt,
-                                buckets=bucket_plan(args, instance))
+                                buckets=bucket_plan(args, instance), captions=caption_augment(args))
     if held_out is not None:
         dataset.held_out = DreamBoothDataset(held_out, image_transform(args), validation_seed(args, seed),
                                              buckets=bucket_plan(args, held_out, "held-out"))

@@ -37,6 +37,7 @@ WHEN_ABSENT = {
     "upcast_before_saving": True,
     "enable_xformers_memory_efficient_attention": False, "enable_npu_flash_attention": False,
     "validation_prompts": None, "instance_data_dir": None, "with_prior_preservation": False,
+    "max_train_samples": None,
 }
 
 
@@ -73,6 +74,33 @@ def add_dataset_args(parser: argparse.ArgumentParser) -> None:
                         "(columns image_file,caption), or images with same-name .txt caption files.")
     g.add_argument("--max_train_samples", type=int, default=None,
                    help="Keep only this many samples (shuffled with --seed first); for debugging.")
+
+
+def add_kohya_data_args(parser: argparse.ArgumentParser) -> None:
+    """kohya sd-scripts' dataset config and caption-augmentation flags, same names and meaning."""
+    g = parser.add_argument_group("kohya dataset config and caption augmentation")
+    g.add_argument("--dataset_config", type=str, default=None,
+                   help="A kohya dataset config (.toml or .json: [general], [[datasets]], [[datasets.subsets]]) "
+                        "instead of --train_data_dir/--dataset_name/--instance_data_dir; the flags below, "
+                        "--resolution, --train_batch_size and the bucket flags are the defaults it overrides.")
+    g.add_argument("--caption_extension", type=str, default=None,
+                   help="Caption files of kohya subsets and N_name folders: <image stem><extension>. Default: "
+                        "'.caption' (kohya's), else '.txt' when an image has no .caption file.")
+    g.add_argument("--shuffle_caption", action="store_true",
+                   help="Shuffle the comma-separated tags of each caption, anew every epoch (default: off).")
+    g.add_argument("--keep_tokens", type=int, default=0,
+                   help="Keep this many leading tags in place when shuffling or dropping tags (default 0).")
+    g.add_argument("--keep_tokens_separator", type=str, default="",
+                   help="Tags before this string (and after a second one) stay in place, e.g. '|||' (default: none).")
+    g.add_argument("--caption_separator", type=str, default=",", help="What separates tags (default ',').")
+    g.add_argument("--secondary_separator", type=str, default="",
+                   help="Tags joined by this string move and drop as one tag, e.g. ';;;' (default: none).")
+    g.add_argument("--caption_dropout_rate", type=float, default=0.0,
+                   help="Probability of training an item on the empty caption, drawn per item and epoch (default 0).")
+    g.add_argument("--caption_dropout_every_n_epochs", type=int, default=0,
+                   help="Train every N-th epoch (counting from 1) on empty captions only (default 0: never).")
+    g.add_argument("--caption_tag_dropout_rate", type=float, default=0.0,
+                   help="Probability of dropping each tag that is not kept, per item and epoch (default 0).")
 
 
 def add_hub_dataset_args(g) -> None:

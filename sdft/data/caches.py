@@ -47,6 +47,10 @@ def fill_caches(family, models, dataset, accelerator, settings: CacheSettings, s
         idle.append("vae")
     text_cache = None
     captions = None if train_text_encoders else dataset.distinct_captions(math.inf if settings.text else caption_limit)
+    if captions is None and settings.text and not train_text_encoders:
+        # kohya refuses the text cache with caption augmentation (kohya #886, #1460); we keep the run.
+        logger.warning("Not caching text-encoder outputs: caption augmentation (shuffle_caption or tag dropout) "
+                       "makes each epoch's captions new, so the text encoders stay loaded and encode every step.")
     if captions is not None:
         store = DiskStore(settings.folder / "text") if settings.text_to_disk else MemoryStore()
         identity = text_identity(family, models, source.path, source.revision, source.variant)

@@ -1,0 +1,106 @@
+"""Caption augmentation with kohya sd-scripts' options and meaning, as one pure function.
+
+`augment_caption(caption, settings, epoch, rng)` returns the caption the text encoder sees. The
+steps, in kohya's order (sd-scripts docs/config_README-en.md):
+
+1. whole-caption dropout: the empty caption in every epoch `e` with (e + 1) % every_n == 0
+   (`caption_dropout_every_n_epochs`, kohya counts epochs from 1), else with probability
+   `caption_dropout_rate`;
+2. the caption is cut into tags at `caption_separator` (default ","). The fixed head is the first
+   `keep_tokens` tags, or, when the caption holds `keep_tokens_separator`, everything before it
+   (and everything after a second one is a fixed tail); the tags in between are flexible;
+3. `shuffle_caption` shuffles the flexible tags;
+4. each flexible tag is dropped with probability `caption_tag_dropout_rate`;
+5. the tags are joined with ", "; a tag holding `secondary_separator` moved and dropped as one tag,
+   and its inner separators become `caption_separator`.
+
+The random draws, in this order, all come from `rng`: one `random()` for step 1 when the rate is
+set, `rng.shuffle(flexible)` for step 3, one `random()` per flexible tag for step 4. The datasets
+seed `rng` from (seed, epoch, item) only (`caption_rng`), so a resumed run sees exactly the
+captions of an uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class CaptionAugment:
+    shuffle: bool = False                 # shuffle_caption
+    keep_tokens: int = 0
+    keep_tokens_separator: str = ""
+    separator: str = ","                  # caption_separator
+    secondary_separator: str = ""
+    dropout_rate: float = 0.0             # caption_dropout_rate
+    dropout_every_n_epochs: int = 0       # caption_dropout_every_n_epochs (0: never)
+    tag_dropout_rate: float = 0.0         # caption_tag_dropout_rate
+
+    @property
+    def varies(self) -> bool:
+        """Whether a caption's text (not only "whole or empty") changes from epoch to epoch."""
+        return self.shuffle or self.tag_dropout_rate > 0
+
+    @property
+    def drops(self) -> bool:
+        return self.dropout_rate > 0 or self.dropout_every_n_epochs > 0
+
+    @property
+    def active(self) -> bool:
+        return self.varies or self.drops or bool(self.secondary_separator or self.keep_tokens_separator)
+
+
+NO_AUGMENT = CaptionAugment()
+
+
+def caption_rng(seed: int, epoch: int, index: int) -> random.Random:
+    """A stream of its own, so turning augmentation on leaves the crop and flip draws unchanged."""
+    return random.Random(f"{seed}:{epoch}:{index}:caption")
+
+
+def split_tags(text: str, separator: str) -> list[str]:
+    return [tag.strip() for tag in text.split(separator) if tag.strip()]
+
+
+def caption_parts(caption: str, settings: CaptionAugment) -> tuple[list[str], list[str], list[str]]:
+    """(fixed head, flexible tags, fixed tail) of `caption` (step 2)."""
+    sep = settings.separator
+    if settings.keep_tokens_separator and settings.keep_tokens_separator in caption:
+        head, rest = caption.split(settings.keep_tokens_separator, 1)
+        middle, _, tail = rest.partition(settings.keep_tokens_separator)
+        return split_tags(head, sep), split_tags(middle, sep), split_tags(tail, sep)
+    tags = split_tags(caption, sep)
+    return tags[:settings.keep_tokens], tags[settings.keep_tokens:], []
+
+
+def augment_caption(caption: str, settings: CaptionAugment, epoch: int, rng: random.Random) -> str:
+    if not settings.active:
+        return caption
+    if settings.dropout_every_n_epochs and (epoch + 1) % settings.dropout_every_n_epochs == 0:
+        return ""
+    if settings.dropout_rate and rng.random() < settings.dropout_rate:
+        return ""
+    if not (settings.varies or settings.secondary_separator or settings.keep_tokens_separator):  # text as written
+        return caption
+    head, flexible, tail = caption_parts(caption, settings)
+    if settings.shuffle:
+        rng.shuffle(flexible)
+    if settings.tag_dropout_rate:
+        flexible = [tag for tag in flexible if rng.random() >= settings.tag_dropout_rate]
+    tags = head + flexible + tail
+    if settings.secondary_separator:
+        tags = [tag.replace(settings.secondary_separator, settings.separator) for tag in tags]
+    return ", ".join(tags)
+
+
+def caption_variants(captions: set[str], settings: CaptionAugment) -> set[str] | None:
+    """Every caption the text encoder can see for `captions` under `settings`, or None when the
+    tags are shuffled or dropped (then the set depends on the epoch and item; the text encoders
+    encode per step)."""
+    if settings.varies:
+        return None
+    steady = CaptionAugment(keep_tokens=settings.keep_tokens, keep_tokens_separator=settings.keep_tokens_separator,
+                            separator=settings.separator, secondary_separator=settings.secondary_separator)
+    found = {augment_caption(caption, steady, 0, random.Random(0)) for caption in captions}
+    return found | {""} if settings.drops else found
