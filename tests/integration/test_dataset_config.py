@@ -1,0 +1,108 @@
+"""kohya dataset configs in real SD 1.x runs: two subsets (one repeated twice with shuffled tags
+and a kept first tag, one captioned by class_tokens with caption dropout) train, save a pipeline
+that loads, show the text encoder the captions kohya's rules give, and resume exactly."""
+
+from __future__ import annotations
+
+import logging
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from diffusers import StableDiffusionPipeline
+from safetensors.torch import load_file
+
+import train_text_to_image as t2i
+from sdft.cli import run
+from sdft.families.sd import StableDiffusion
+from sdft.tiny import make_images
+
+pytestmark = pytest.mark.integration
+TAGS = ["red", "circle", "blue background", "small"]
+
+
+@pytest.fixture(autouse=True)
+def _reset(fresh_accelerate_state):
+    yield
+
+
+@pytest.fixture()
+def config(tmp_path) -> Path:
+    tagged = make_images(tmp_path / "tagged", num_images=3, layout="captions", size=32)
+    for caption in tagged.glob("*.txt"):
+        caption.write_text(", ".join(["sks", *TAGS]))
+    make_images(tmp_path / "plain", num_images=2, layout="images", size=32)
+    path = tmp_path / "dataset.toml"
+    path.write_text("""
+[general]
+caption_extension = ".txt"
+
+[[datasets]]
+resolution = 32
+batch_size = 2
+
+  [[datasets.subsets]]
+  image_dir = "tagged"
+  num_repeats = 2
+  shuffle_caption = true
+  keep_tokens = 1
+  caption_tag_dropout_rate = 0.25
+
+  [[datasets.subsets]]
+  image_dir = "plain"
+  class_tokens = "toy"
+  caption_dropout_rate = 0.5
+""")
+    return path
+
+
+def argv(model: Path, config: Path, output: Path, *extra) -> list[str]:
+    return ["--pretrained_model_name_or_path", str(model), "--dataset_config", str(config), "--output_dir",
+            str(output), "--learning_rate", "1e-3", "--seed", "0", "--report_to", "none", "--max_train_steps", "6",
+            "--checkpointing_steps", "3", *map(str, extra)]
+
+
+class SeenCaptions:
+    def __init__(self, monkeypatch):
+        self.captions: list[str] = []
+        original = StableDiffusion.encode_text
+
+        def encode_text(family, models, captions, device):
+            self.captions += list(captions)
+            return original(family, models, captions, device)
+
+        monkeypatch.setattr(StableDiffusion, "encode_text", encode_text)
+
+
+def test_a_two_subset_config_trains_with_kohyas_epoch_and_captions(tiny_sd, config, tmp_path, monkeypatch):
+    seen = SeenCaptions(monkeypatch)
+    assert run(t2i.main, t2i.parse_args(argv(tiny_sd, config, tmp_path / "out"))) == 0
+    # Epoch 0 is 3 images x 2 repeats + 2 images x 1 = 8 items: 4 batches of 2, 6 steps reach epoch 1.
+    epoch0 = seen.captions[:8]
+    tagged = [c for c in epoch0 if c.startswith("sks")]
+    assert len(tagged) == 6 and sorted(epoch0).count("toy") + epoch0.count("") == 2, epoch0
+    for caption in tagged:   # the kept first tag in place, the others a subset in any order
+        first, *rest = caption.split(", ")
+        assert first == "sks" and set(rest) <= set(TAGS) and len(set(rest)) == len(rest), caption
+    assert len({c for c in seen.captions if c.startswith("sks")}) > 2, "tags were never shuffled"
+    pipe = StableDiffusionPipeline.from_pretrained(tmp_path / "out", safety_checker=None)
+    assert pipe.unet is not None and (tmp_path / "out" / "checkpoint-6").is_dir()
+
+
+def test_resume_with_caption_augmentation_equals_an_uninterrupted_run(tiny_sd, config, tmp_path, monkeypatch, caplog):
+    """Checkpoint 3 is mid-epoch 0; the resumed run goes on into epoch 1. --cache_text_encoder_outputs
+    is skipped with a warning, since shuffled captions change every epoch."""
+    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
+    with caplog.at_level(logging.WARNING):
+        assert run(t2i.main, t2i.parse_args(argv(tiny_sd, config, straight, "--cache_text_encoder_outputs"))) == 0
+    assert any("Not caching text-encoder outputs" in r.getMessage() for r in caplog.records)
+    resumed.mkdir()
+    shutil.copytree(straight / "checkpoint-3", resumed / "checkpoint-3")
+    assert run(t2i.main, t2i.parse_args(argv(tiny_sd, config, resumed, "--cache_text_encoder_outputs",
+                                             "--resume_from_checkpoint", "latest"))) == 0
+    a = load_file(straight / "unet" / "diffusion_pytorch_model.safetensors")
+    b = load_file(resumed / "unet" / "diffusion_pytorch_model.safetensors")
+    assert all(torch.equal(a[k], b[k]) for k in a), "resumed weights differ"
+    base = load_file(tiny_sd / "unet" / "diffusion_pytorch_model.safetensors")
+    assert not all(torch.equal(a[k], base[k]) for k in a), "nothing was trained"
