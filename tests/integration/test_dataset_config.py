@@ -106,3 +106,61 @@ def test_resume_with_caption_augmentation_equals_an_uninterrupted_run(tiny_sd, c
     assert all(torch.equal(a[k], b[k]) for k in a), "resumed weights differ"
     base = load_file(tiny_sd / "unet" / "diffusion_pytorch_model.safetensors")
     assert not all(torch.equal(a[k], base[k]) for k in a), "nothing was trained"
+
+
+def test_two_resolutions_train_in_one_run_from_cached_latents(tiny_sd, tmp_path, monkeypatch):
+    """Two [[datasets]] over one folder, at 32 px (batch 2) and 64 px (batch 1): an epoch is one
+    32-px batch and two 64-px batches, never mixed, read from the latent cache."""
+    import sdft.trainer
+
+    make_images(tmp_path / "shapes", num_images=2, layout="captions", size=48)
+    path = tmp_path / "multi.toml"
+    path.write_text("[general]\ncaption_extension = '.txt'\n"
+                    "[[datasets]]\nresolution = 32\nbatch_size = 2\n  [[datasets.subsets]]\n  image_dir = 'shapes'\n"
+                    "[[datasets]]\nresolution = [64, 64]\nbatch_size = 1\n  [[datasets.subsets]]\n"
+                    "  image_dir = 'shapes'\n")
+    shapes = []
+    original = sdft.trainer.training_step
+
+    def recording(run_state, batch, micro_step):
+        shapes.append(tuple(batch["latent_moments"].shape[:1]) + tuple(batch["latent_moments"].shape[-2:]))
+        return original(run_state, batch, micro_step)
+
+    monkeypatch.setattr(sdft.trainer, "training_step", recording)
+    out = tmp_path / "out"
+    assert run(t2i.main, t2i.parse_args(argv(tiny_sd, path, out, "--cache_latents", "--max_train_steps", "3"))) == 0
+    assert sorted(shapes) == [(1, 32, 32), (1, 32, 32), (2, 16, 16)], shapes   # the tiny VAE halves sides
+    assert (out / "unet" / "diffusion_pytorch_model.safetensors").is_file()
+
+
+def test_sdxl_and_sd3_train_from_a_config_with_caption_dropout(tiny_sdxl, tmp_path, monkeypatch):
+    """The other two scripts read the same file. SD3 (which had no caption dropout) drops captions,
+    and its required --instance_prompt captions the images that have neither a caption file nor
+    class_tokens. The captions are those of the batches the loop trains on."""
+    import sdft.trainer
+    import train_dreambooth_sd3 as sd3_script
+    import train_text_to_image_sdxl as sdxl_script
+    from sdft.tiny import build_sd3
+
+    make_images(tmp_path / "plain", num_images=4, layout="images", size=32)
+    subset = "[[datasets]]\nresolution = 32\nbatch_size = 2\n  [[datasets.subsets]]\n  image_dir = 'plain'\n"
+    (tmp_path / "sdxl.toml").write_text(subset + "  class_tokens = 'toy'\n  flip_aug = true\n")
+    (tmp_path / "sd3.toml").write_text(subset + "  caption_dropout_rate = 0.5\n")
+    seen: list[str] = []
+    original = sdft.trainer.training_step
+
+    def recording(run_state, batch, micro_step):
+        seen.extend(batch["captions"])
+        return original(run_state, batch, micro_step)
+
+    monkeypatch.setattr(sdft.trainer, "training_step", recording)
+    assert run(sdxl_script.main, sdxl_script.parse_args(
+        argv(tiny_sdxl, tmp_path / "sdxl.toml", tmp_path / "sdxl", "--max_train_steps", "1"))) == 0
+    assert seen == ["toy", "toy"] and (tmp_path / "sdxl" / "model_index.json").is_file()
+    seen.clear()
+    sd3 = build_sd3(tmp_path / "sd3")
+    assert run(sd3_script.main, sd3_script.parse_args(
+        [*argv(sd3, tmp_path / "sd3.toml", tmp_path / "sd3-out", "--max_train_steps", "4", "--max_sequence_length",
+               "16"), "--instance_prompt", "a photo of sks"])) == 0
+    assert sorted(set(seen)) == ["", "a photo of sks"] and len(seen) == 8, seen
+    assert (tmp_path / "sd3-out" / "model_index.json").is_file()

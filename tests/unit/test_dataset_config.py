@@ -8,6 +8,7 @@ import random
 from pathlib import Path
 
 import pytest
+import torch
 
 import train_dreambooth_sd3 as sd3_script
 import train_text_to_image as t2i
@@ -243,3 +244,62 @@ def test_a_bad_config_stops_the_parse_with_file_table_and_key(tmp_path, capsys):
                                "--instance_prompt", "a photo"])
     err = capsys.readouterr().err
     assert str(path) in err and "datasets[0].subsets[1]" in err and "'keep_token'" in err, err
+
+
+def test_reg_items_carry_the_prior_loss_weight_into_the_batch_loss(tmp_path):
+    from sdft.data.subsets import SubsetDataset
+    from sdft.trainer import reduce_loss
+
+    train = subset_images(make_images(tmp_path / "a", num_images=2, layout="captions", size=32), None, None, None,
+                          None, "a")
+    reg = subset_images(make_images(tmp_path / "r", num_images=1, layout="images", size=32), None, "dog", None, None,
+                        "r")
+    dataset = SubsetDataset([part(train, 1), part(reg, 1, is_reg=True)], seed=0, reg_weight=0.25)
+    batch = dataset.collate([dataset[i] for i in range(len(dataset))])
+    assert batch["loss_weights"].tolist() == [1.0, 1.0, 0.25, 0.25] and batch["captions"][2:] == ["dog", "dog"]
+    per_sample = torch.tensor([1.0, 2.0, 4.0, 8.0])
+    assert reduce_loss(per_sample, batch, None).item() == pytest.approx((1 + 2 + 0.25 * 4 + 0.25 * 8) / 4)
+
+
+def test_batches_never_mix_datasets_and_use_each_datasets_batch_size(tmp_path):
+    from sdft.data.buckets import BucketBatchSampler
+    from sdft.data.subsets import SubsetDataset
+
+    images = subset_images(make_images(tmp_path / "a", num_images=5, layout="captions", size=32), None, None, None,
+                           None, "a")
+    low = Part("low", images, 1, CaptionAugment(), ImageTransform(32, False, False), None, 2, 0)
+    high = Part("high", images, 2, CaptionAugment(), ImageTransform(64, False, False), None, 3, 1)
+    dataset = SubsetDataset([low, high], seed=0)
+    keys, sizes = dataset.batch_plan()
+    sampler = BucketBatchSampler(keys, 99, seed=0, batch_sizes=sizes)
+    batches = list(sampler)
+    assert len(batches) == len(sampler) == 3 + 4          # ceil(5 / 2) + ceil(10 / 3)
+    assert sorted(i for batch in batches for i in batch) == list(range(15))
+    for batch in batches:
+        assert len({keys[i] for i in batch}) == 1
+        assert len(batch) <= (2 if keys[batch[0]][0] == 0 else 3)
+    shapes = {tuple(dataset[i]["pixel_values"].shape[-2:]) for i in (0, 5)}
+    assert shapes == {(32, 32), (64, 64)}
+
+
+def test_n_name_folders_give_the_same_epoch_as_the_equivalent_toml(tmp_path, accelerator):
+    from sdft.builders import config_data, text_image_data
+
+    root = tmp_path / "train"
+    make_images(root / "3_sks dog", num_images=2, layout="images", size=32)
+    make_images(root / "1_cat", num_images=3, layout="captions", size=32)
+    path = tmp_path / "same.toml"
+    path.write_text(f"[[datasets]]\n[[datasets.subsets]]\nimage_dir = '{root / '3_sks dog'}'\nnum_repeats = 3\n"
+                    f"class_tokens = 'sks dog'\n[[datasets.subsets]]\nimage_dir = '{root / '1_cat'}'\n"
+                    "class_tokens = 'cat'\n")
+    common = ["--pretrained_model_name_or_path", "org/model", "--resolution", "32", "--output_dir", str(tmp_path / "o")]
+    folders = text_image_data(t2i.parse_args([*common, "--train_data_dir", str(root)]), 0, accelerator, None)
+    config = config_data(t2i.parse_args([*common, "--dataset_config", str(path)]), 0, accelerator, None)
+    assert len(folders) == len(config) == 3 * 2 + 3
+
+    def epoch(dataset):
+        return sorted((dataset.parts[p].images.describe(row), dataset.parts[p].images.captions(row)[0])
+                      for p, row in dataset.items)
+
+    assert epoch(folders) == epoch(config)
+    assert sum(caption == "sks dog" for _, caption in epoch(folders)) == 6
