@@ -198,7 +198,8 @@ def build_run(args: argparse.Namespace, family: Family, make_objective, accelera
                              if args.use_lora else None)
     condition_cache, offloaded = precompute(family, models, dataset, accelerator,
                                             args.train_text_encoder or new_tokens is not None,
-                                            caches=cache_settings(args), source=source)
+                                            caches=cache_settings(args), source=source,
+                                            epochs=math.ceil(max_train_steps / updates_per_epoch))
     prompts = validation_prompts(args)
     return Run(
         accelerator=accelerator, family=family, models=models,
@@ -253,11 +254,12 @@ def held_out_loss(args: argparse.Namespace, accelerator: Accelerator, dataset, f
 
 def precompute(family: Family, models, dataset, accelerator: Accelerator, train_text_encoders: bool, *,
                caches: CacheSettings, source: ModelSource,
-               caption_limit: int = 64) -> tuple[TextCache | None, list[str]]:
+               caption_limit: int = 64, epochs: int = 1) -> tuple[TextCache | None, list[str]]:
     """Encode what will not change during training once (sdft.data.caches), then park the encoders
     on the CPU."""
     cache, offloaded = fill_caches(family, models, dataset, accelerator, caches, source,
-                                   train_text_encoders=train_text_encoders, caption_limit=caption_limit)
+                                   train_text_encoders=train_text_encoders, caption_limit=caption_limit,
+                                   epochs=epochs)
     for role in offloaded:
         getattr(models, role).to("cpu")
     return cache, offloaded

@@ -104,3 +104,25 @@ def caption_variants(captions: set[str], settings: CaptionAugment) -> set[str] |
                             separator=settings.separator, secondary_separator=settings.secondary_separator)
     found = {augment_caption(caption, steady, 0, random.Random(0)) for caption in captions}
     return found | {""} if settings.drops else found
+
+
+# More caption variants than this are encoded per step instead of cached (an SD 1.x entry is
+# ~240 KB, SDXL ~630 KB: 10,000 entries are a few GB).
+MAX_CAPTION_VARIANTS = 10_000
+
+
+def planned_variants(items: list[tuple[int, list[str], CaptionAugment]], seed: int, epochs: int,
+                     limit: int = MAX_CAPTION_VARIANTS) -> set[str] | None:
+    """Every caption a run of `epochs` epochs will show, computed ahead from the same draws the
+    dataset makes: `items` is one epoch's (item index, the item's captions, its settings). None
+    when an item has several captions (which one is drawn shares a stream with the crop) or when
+    there are more than `limit`."""
+    found: set[str] = set()
+    for epoch in range(epochs):
+        for index, captions, settings in items:
+            if len(captions) != 1:
+                return None
+            found.add(augment_caption(captions[0], settings, epoch, caption_rng(seed, epoch, index)))
+            if len(found) > limit:
+                return None
+    return found

@@ -74,6 +74,13 @@ class CaptionedImageDataset(Dataset):
             found.add("")
         return found
 
+    def caption_items(self) -> list[tuple[int, list[str], CaptionAugment]]:
+        """One epoch's (item, captions, augmentation), for the caption variants a text cache holds."""
+        return [(index, self.images.captions(index), self.captions) for index in range(len(self.images))]
+
+    def extra_captions(self) -> set[str]:
+        return {""} if self.empty_caption_rate else set()
+
     def target_size(self, index: int) -> tuple[int, int]:
         """(height, width) item `index` is cropped to: its bucket, or the square --resolution."""
         if self.buckets is None:

@@ -293,6 +293,14 @@ class DreamBoothDataset(Dataset):
             found.add(self.class_prompt)
         return found if found is not None and len(found) <= limit else None
 
+    def caption_items(self) -> list[tuple[int, list[str], CaptionAugment]]:
+        """One epoch's (item, instance captions, augmentation), for the caption variants a text cache holds."""
+        return [(index, self.instance.captions(index % len(self.instance)), self.captions)
+                for index in range(len(self))]
+
+    def extra_captions(self) -> set[str]:
+        return {self.class_prompt} if self.class_images else set()
+
     def cache_keys(self) -> list[CacheKey]:
         keys = [("instance", i) for i in range(len(self.instance))]
         return keys + [("class", j) for j in range(len(self.class_images or []))]

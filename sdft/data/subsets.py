@@ -194,6 +194,14 @@ class SubsetDataset(Dataset):
                 return None
         return found
 
+    def caption_items(self) -> list[tuple[int, list[str], CaptionAugment]]:
+        """One epoch's (item, captions, augmentation), for the caption variants a text cache holds."""
+        return [(index, self.parts[p].images.captions(row), self.parts[p].captions)
+                for index, (p, row) in enumerate(self.items)]
+
+    def extra_captions(self) -> set[str]:
+        return set()
+
     def cache_keys(self) -> list[tuple[int, int]]:
         return sorted(set(self.items))
 

@@ -90,17 +90,25 @@ def test_a_two_subset_config_trains_with_kohyas_epoch_and_captions(tiny_sd, conf
     assert pipe.unet is not None and (tmp_path / "out" / "checkpoint-6").is_dir()
 
 
-def test_resume_with_caption_augmentation_equals_an_uninterrupted_run(tiny_sd, config, tmp_path, monkeypatch, caplog):
-    """Checkpoint 3 is mid-epoch 0; the resumed run goes on into epoch 1. --cache_text_encoder_outputs
-    is skipped with a warning, since shuffled captions change every epoch."""
+@pytest.mark.parametrize("cache", [False, True], ids=["encode-per-step", "text-cache-on-disk"])
+def test_resume_with_caption_augmentation_equals_an_uninterrupted_run(tiny_sd, config, tmp_path, monkeypatch, caplog,
+                                                                       cache):
+    """Checkpoint 3 is mid-epoch 0; the resumed run goes on into epoch 1. With the disk text cache,
+    every shuffled and dropped variant of both epochs is cached up front, and the resumed run finds
+    them all warm: its text encoder never runs."""
+    extra = ["--cache_text_encoder_outputs_to_disk", "--latents_cache_dir", tmp_path / "cache"] if cache else []
     straight, resumed = tmp_path / "straight", tmp_path / "resumed"
-    with caplog.at_level(logging.WARNING):
-        assert run(t2i.main, t2i.parse_args(argv(tiny_sd, config, straight, "--cache_text_encoder_outputs"))) == 0
-    assert any("Not caching text-encoder outputs" in r.getMessage() for r in caplog.records)
+    with caplog.at_level(logging.INFO):
+        assert run(t2i.main, t2i.parse_args(argv(tiny_sd, config, straight, *extra))) == 0
+    planned = [r.getMessage() for r in caplog.records if "caption variants for 2 epoch(s)" in r.getMessage()]
+    assert bool(planned) == cache, planned
     resumed.mkdir()
     shutil.copytree(straight / "checkpoint-3", resumed / "checkpoint-3")
-    assert run(t2i.main, t2i.parse_args(argv(tiny_sd, config, resumed, "--cache_text_encoder_outputs",
-                                             "--resume_from_checkpoint", "latest"))) == 0
+    seen = SeenCaptions(monkeypatch)
+    assert run(t2i.main, t2i.parse_args(argv(tiny_sd, config, resumed, *extra, "--resume_from_checkpoint",
+                                             "latest"))) == 0
+    if cache:
+        assert seen.captions == [], "a warm text cache still encoded captions"
     a = load_file(straight / "unet" / "diffusion_pytorch_model.safetensors")
     b = load_file(resumed / "unet" / "diffusion_pytorch_model.safetensors")
     assert all(torch.equal(a[k], b[k]) for k in a), "resumed weights differ"

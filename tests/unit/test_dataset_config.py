@@ -303,3 +303,21 @@ def test_n_name_folders_give_the_same_epoch_as_the_equivalent_toml(tmp_path, acc
 
     assert epoch(folders) == epoch(config)
     assert sum(caption == "sks dog" for _, caption in epoch(folders)) == 6
+
+
+def test_the_planned_caption_variants_are_exactly_the_captions_the_items_show(tmp_path):
+    from sdft.data.captions import planned_variants
+    from sdft.data.subsets import SubsetDataset
+
+    folder = make_images(tmp_path / "a", num_images=3, layout="captions", size=32)
+    for index, caption in enumerate(sorted(folder.glob("*.txt"))):
+        caption.write_text(f"sks, tag{index}, red, blue, green")
+    images = subset_images(folder, None, None, None, None, "a")
+    settings = CaptionAugment(shuffle=True, keep_tokens=1, tag_dropout_rate=0.3, dropout_rate=0.2)
+    dataset = SubsetDataset([Part("a", images, 2, settings, ImageTransform(32, False, True), None, 2, 0)], seed=5)
+    shown = set()
+    for epoch in range(3):
+        dataset.use_epoch(epoch)
+        shown |= {dataset[i]["caption"] for i in range(len(dataset))}
+    assert planned_variants(dataset.caption_items(), 5, 3) == shown and "" in shown and len(shown) > 10
+    assert planned_variants(dataset.caption_items(), 5, 3, limit=5) is None
