@@ -417,6 +417,8 @@ def text_image_data(args: argparse.Namespace, seed: int, accelerator: Accelerato
     folders = kohya_folders(Path(data_dir)) if data_dir is not None and args.dataset_name is None else None
     if folders:
         return folder_data(args, seed, folders)
+    if args.reg_data_dir is not None:
+        raise CliError("--reg_data_dir needs kohya N_name folders in --train_data_dir (e.g. 10_sks dog).")
     images = load_captioned_images(
         dataset_name=args.dataset_name, dataset_config_name=args.dataset_config_name,
         train_data_dir=data_dir, image_column=args.image_column, caption_column=args.caption_column,
@@ -504,11 +506,17 @@ def folder_data(args: argparse.Namespace, seed: int, folders: list[tuple[Path, i
     if typed:
         raise CliError(f"--train_data_dir holds kohya N_name folders, which do not combine with {', '.join(typed)} yet.")
     settings = bucket_settings(args)
+    reg = []
+    if args.reg_data_dir is not None:
+        reg = kohya_folders(Path(args.reg_data_dir))
+        if not reg:
+            raise CliError(f"--reg_data_dir '{args.reg_data_dir}' must hold N_name folders only (e.g. 1_dog), "
+                           "as --train_data_dir does.")
     parts = []
-    for folder, repeats, tokens in folders:
+    for (folder, repeats, tokens), is_reg in [*((f, False) for f in folders), *((f, True) for f in reg)]:
         images = subset_images(folder, args.caption_extension, tokens, None, None, str(folder))
         parts.append(Part(folder.name, images, repeats, caption_augment(args), image_transform(args),
-                          subset_buckets(images, settings, folder.name), args.train_batch_size, 0))
+                          subset_buckets(images, settings, folder.name), args.train_batch_size, 0, is_reg))
     return subset_dataset(parts, seed, args.prior_loss_weight)
 
 

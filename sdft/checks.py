@@ -296,7 +296,9 @@ def check_t2i_or_dreambooth_data(args: argparse.Namespace, given: Given) -> None
     if args.dataset_config is not None:
         return
     if args.instance_data_dir is None:
-        typed = [f"--{name}" for name in DREAMBOOTH_ONLY if name in given]
+        # --prior_loss_weight also weighs kohya regularisation folders (--reg_data_dir).
+        typed = [f"--{name}" for name in DREAMBOOTH_ONLY if name in given
+                 and not (name == "prior_loss_weight" and args.reg_data_dir is not None)]
         if typed:
             raise CliError(f"{', '.join(typed)} only applies to DreamBooth data; add --instance_data_dir.")
         check_t2i_dataset(args)
@@ -476,6 +478,11 @@ def check_dataset_config(args: argparse.Namespace, given: Given) -> None:
             raise CliError(f"--{name} cannot be negative, got {getattr(args, name)}.")
     if not args.caption_separator:
         raise CliError("--caption_separator cannot be empty.")
+    if args.reg_data_dir is not None and not Path(args.reg_data_dir).is_dir():
+        raise CliError(f"--reg_data_dir '{args.reg_data_dir}' is not a folder.")
+    if args.reg_data_dir is not None and getattr(args, "train_data_dir", None) is None:
+        raise CliError("--reg_data_dir needs --train_data_dir holding kohya N_name folders (with --dataset_config, "
+                       "use an is_reg subset).")
     if args.dataset_config is None:
         return
     typed = [f"--{name}" for name in ("train_data_dir", "dataset_name", "instance_data_dir")

@@ -83,6 +83,10 @@ def add_kohya_data_args(parser: argparse.ArgumentParser) -> None:
                    help="A kohya dataset config (.toml or .json: [general], [[datasets]], [[datasets.subsets]]) "
                         "instead of --train_data_dir/--dataset_name/--instance_data_dir; the flags below, "
                         "--resolution, --train_batch_size and the bucket flags are the defaults it overrides.")
+    g.add_argument("--reg_data_dir", type=str, default=None,
+                   help="With kohya N_name folders in --train_data_dir: a folder of N_name folders of regularisation "
+                        "images, weighted by --prior_loss_weight and repeated to match the training items "
+                        "(default: none).")
     g.add_argument("--caption_extension", type=str, default=None,
                    help="Caption files of kohya subsets and N_name folders: <image stem><extension>. Default: "
                         "'.caption' (kohya's), else '.txt' when an image has no .caption file.")

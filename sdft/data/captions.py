@@ -126,3 +126,11 @@ def planned_variants(items: list[tuple[int, list[str], CaptionAugment]], seed: i
             if len(found) > limit:
                 return None
     return found
+
+
+def short_captions(captions: list[str], settings: CaptionAugment) -> list[int]:
+    """Indices of captions with no tag left to shuffle or drop: keep_tokens covers them all (the
+    augmentation then leaves them whole; worth a warning naming the images)."""
+    if not settings.varies or settings.keep_tokens_separator or not settings.keep_tokens:
+        return []
+    return [i for i, caption in enumerate(captions) if len(split_tags(caption, settings.separator)) <= settings.keep_tokens]

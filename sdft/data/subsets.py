@@ -26,7 +26,7 @@ import torch
 from torch.utils.data import Dataset
 
 from sdft.data.buckets import BucketPlan
-from sdft.data.captions import CaptionAugment, augment_caption, caption_rng, caption_variants
+from sdft.data.captions import CaptionAugment, augment_caption, caption_rng, caption_variants, short_captions
 from sdft.data.dataset import collate, seeded_rng
 from sdft.data.latent_cache import CacheImage, LatentCache, describe_image
 from sdft.data.sources import CaptionedImages, checked_images, find_images, read_caption_file
@@ -255,3 +255,10 @@ def log_epoch(dataset: SubsetDataset) -> None:
              f"{' (regularisation)' if part.is_reg else ''}, {part.transform.resolution}px, batch {part.batch_size}"
              for p, part in enumerate(dataset.parts)]
     logger.info("Dataset subsets (%d items per epoch):\n  %s", len(dataset), "\n  ".join(lines))
+    for part in dataset.parts:
+        short = short_captions([captions[0] for captions in map(part.images.captions, range(len(part.images)))],
+                               part.captions)
+        if short:
+            logger.warning("%s: keep_tokens %d keeps every tag of %d caption(s), so nothing of them is shuffled or "
+                           "dropped: %s", part.where, part.captions.keep_tokens, len(short),
+                           ", ".join(part.images.name(i) for i in short[:5]) + (" ..." if len(short) > 5 else ""))

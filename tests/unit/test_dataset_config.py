@@ -321,3 +321,35 @@ def test_the_planned_caption_variants_are_exactly_the_captions_the_items_show(tm
         shown |= {dataset[i]["caption"] for i in range(len(dataset))}
     assert planned_variants(dataset.caption_items(), 5, 3) == shown and "" in shown and len(shown) > 10
     assert planned_variants(dataset.caption_items(), 5, 3, limit=5) is None
+
+
+def test_reg_data_dir_folders_are_regularisation_subsets_weighted_by_prior_loss_weight(tmp_path, accelerator):
+    from sdft.builders import text_image_data
+
+    make_images(tmp_path / "train" / "5_sks dog", num_images=2, layout="images", size=32)
+    make_images(tmp_path / "reg" / "1_dog", num_images=3, layout="images", size=32)
+    args = t2i.parse_args(["--pretrained_model_name_or_path", "org/model", "--resolution", "32", "--output_dir",
+                           str(tmp_path / "o"), "--train_data_dir", str(tmp_path / "train"), "--reg_data_dir",
+                           str(tmp_path / "reg"), "--prior_loss_weight", "0.5"])
+    dataset = text_image_data(args, 0, accelerator, None)
+    assert len(dataset) == 10 * 2                         # 2 x 5 training items, as many reg items
+    weights = [dataset[i]["loss_weight"] for i in range(len(dataset))]
+    assert weights == [1.0] * 10 + [0.5] * 10
+    assert dataset[10]["caption"] == "dog" and dataset[0]["caption"] == "sks dog"
+
+
+def test_keep_tokens_covering_a_whole_caption_is_a_warning_naming_the_image(tmp_path, caplog):
+    from sdft.data.subsets import SubsetDataset, log_epoch
+
+    folder = make_images(tmp_path / "a", num_images=2, layout="captions", size=32)
+    first, second = sorted(folder.glob("*.txt"))
+    first.write_text("sks, red")
+    second.write_text("sks, red, circle, blue")
+    images = subset_images(folder, None, None, None, None, "a")
+    settings = CaptionAugment(shuffle=True, keep_tokens=2)
+    with caplog.at_level("WARNING"):
+        log_epoch(SubsetDataset([Part("datasets[0].subsets[0]", images, 1, settings,
+                                      ImageTransform(32, False, False), None, 1, 0)], seed=0))
+    warning = " ".join(r.getMessage() for r in caplog.records if r.levelname == "WARNING")
+    assert "datasets[0].subsets[0]: keep_tokens 2 keeps every tag of 1 caption(s)" in warning
+    assert first.with_suffix(".png").name in warning and second.with_suffix(".png").name not in warning
