@@ -40,12 +40,13 @@ from sdft.data.dreambooth import (
 )
 from sdft.data.held_out import split_held_out
 from sdft.data.preprocess.subject import CACHE_FOLDER, SubjectPlan, prepare_subject
+from sdft.data.report import data_report
 from sdft.data.sources import CaptionedImages, load_captioned_images
 from sdft.data.subsets import Part, SubsetDataset, kohya_folders, log_epoch, subset_images
 from sdft.data.text_cache import TextCache
 from sdft.data.transforms import ImageTransform
 from sdft.ema import EMA
-from sdft.errors import CliError, MissingFileError
+from sdft.errors import CliError, Finished, MissingFileError
 from sdft.families.protocol import Family
 from sdft.families.source import ModelSource
 from sdft.guards import NonFiniteGuard, check_precision_device
@@ -91,6 +92,8 @@ def build(args: argparse.Namespace, family: Family, make_objective, make_data, t
 
     # Data first: a bad dataset should fail before minutes of model loading.
     dataset = make_data(args, seed, accelerator, family)
+    if args.dry_run:
+        dry_run(args, dataset, seed)
     plan = token_plan(args)
     if plan is not None:
         check_abstractions_used(plan, [*(dataset.distinct_captions(sys.maxsize) or ()), *validation_prompts(args)])
@@ -118,6 +121,14 @@ def build(args: argparse.Namespace, family: Family, make_objective, make_data, t
                                last_checkpoint=partial(resolve_resume, "latest", output_dir),
                                check_grad_norm=accelerator.scaler is None)
     return run
+
+
+def dry_run(args: argparse.Namespace, dataset, seed: int) -> None:
+    """--dry_run: print the data report (sdft.data.report) and end the run before any model loads."""
+    print(data_report(dataset, batch_size=args.train_batch_size, seed=seed,
+                      gradient_accumulation_steps=args.gradient_accumulation_steps,
+                      max_train_steps=args.max_train_steps, num_train_epochs=args.num_train_epochs))
+    raise Finished("--dry_run")
 
 
 # --------------------------------------------------------------------------- the process

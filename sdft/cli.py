@@ -16,7 +16,7 @@ import os
 import sys
 from typing import AbstractSet, Callable, Iterable, Sequence
 
-from sdft.errors import CliError, UserError
+from sdft.errors import CliError, Finished, UserError
 from sdft.optim import LR_SCHEDULERS
 from sdft.preemption import Interrupted
 
@@ -87,6 +87,9 @@ def add_kohya_data_args(parser: argparse.ArgumentParser) -> None:
                    help="With kohya N_name folders in --train_data_dir: a folder of N_name folders of regularisation "
                         "images, weighted by --prior_loss_weight and repeated to match the training items "
                         "(default: none).")
+    g.add_argument("--dry_run", action="store_true",
+                   help="Read the data and print what an epoch holds (items per subset, steps, buckets, example "
+                        "captions, caption-cache size), then exit without loading a model.")
     g.add_argument("--caption_extension", type=str, default=None,
                    help="Caption files of kohya subsets and N_name folders: <image stem><extension>. Default: "
                         "'.caption' (kohya's), else '.txt' when an image has no .caption file.")
@@ -578,6 +581,8 @@ def run(main: Callable[[argparse.Namespace], None], args: argparse.Namespace) ->
     """Entry-point wrapper: a bad input ends the run with its message instead of a traceback."""
     try:
         main(args)
+    except Finished:
+        return 0
     except Interrupted as err:
         logger.warning("%s", err)
         print(f"interrupted: {err}", file=sys.stderr)

@@ -26,6 +26,7 @@ from pathlib import Path
 
 import tomllib
 
+from sdft.data.buckets import BucketSettings, bucket_sizes
 from sdft.data.captions import CaptionAugment
 from sdft.errors import DataError
 
@@ -205,6 +206,8 @@ def square_resolution(table: Table, value) -> int:
 def check_dataset(table: Table, spec: DatasetSpec, step_multiple: int) -> None:
     if spec.batch_size < 1:
         raise table.fail("batch_size", f"must be at least 1, got {spec.batch_size}.")
+    if spec.resolution % 8:
+        raise table.fail("resolution", f"must be a multiple of 8 (the VAE downsamples by 8), got {spec.resolution}.")
     if not spec.enable_bucket:
         return
     step = spec.bucket_reso_steps
@@ -217,6 +220,10 @@ def check_dataset(table: Table, spec: DatasetSpec, step_multiple: int) -> None:
     if spec.min_bucket_reso > spec.max_bucket_reso:
         raise table.fail("min_bucket_reso", f"{spec.min_bucket_reso} is larger than max_bucket_reso "
                                             f"{spec.max_bucket_reso}.")
+    if not bucket_sizes(BucketSettings(spec.resolution, spec.min_bucket_reso, spec.max_bucket_reso, step)):
+        raise table.fail("resolution", f"no bucket of about {spec.resolution} squared pixels has both sides between "
+                                       f"min_bucket_reso {spec.min_bucket_reso} and max_bucket_reso "
+                                       f"{spec.max_bucket_reso}.")
 
 
 def read_subset(table: Table, dataset: Table, general: Table, defaults: dict) -> SubsetSpec:

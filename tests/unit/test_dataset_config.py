@@ -98,6 +98,8 @@ def test_the_kohya_docs_example_parses_into_the_plan_its_docs_describe(tmp_path)
     (("num_repeats = 1", "resolution = 512"), "datasets[0].subsets[1]", "resolution", "is a dataset key"),
     (("batch_size = 2", "batch_size = 2\nimage_dir = 'a'"), "datasets[0]", "image_dir", "only be set in"),
     (("batch_size = 2", "batch_size = 0"), "datasets[0]", "batch_size", "at least 1"),
+    (("batch_size = 2", "batch_size = 2\nresolution = 500"), "datasets[0]", "resolution", "multiple of 8"),
+    (("batch_size = 2", "batch_size = 2\nresolution = [512, 768]"), "datasets[0]", "resolution", "square"),
     (("num_repeats = 1", "caption_dropout_rate = 1.5"), "datasets[0].subsets[1]", "caption_dropout_rate",
      "between 0 and 1"),
 ])
@@ -353,3 +355,30 @@ def test_keep_tokens_covering_a_whole_caption_is_a_warning_naming_the_image(tmp_
     warning = " ".join(r.getMessage() for r in caplog.records if r.levelname == "WARNING")
     assert "datasets[0].subsets[0]: keep_tokens 2 keeps every tag of 1 caption(s)" in warning
     assert first.with_suffix(".png").name in warning and second.with_suffix(".png").name not in warning
+
+
+def test_dry_run_prints_the_epoch_and_loads_no_model(tmp_path, monkeypatch, capsys, fresh_accelerate_state):
+    import sdft.builders
+    from sdft.cli import run
+
+    folder = make_images(tmp_path / "a", num_images=3, layout="captions", size=32)
+    for caption in folder.glob("*.txt"):
+        caption.write_text("sks, red, circle, blue")
+    path = tmp_path / "d.toml"
+    path.write_text("[[datasets]]\nresolution = 32\nbatch_size = 2\n[[datasets.subsets]]\nimage_dir = 'a'\n"
+                    "num_repeats = 2\nshuffle_caption = true\nkeep_tokens = 1\n")
+
+    def no_model(*_args, **_kwargs):
+        raise AssertionError("--dry_run loaded a model")
+
+    monkeypatch.setattr(sdft.builders, "load_models", no_model)
+    args = t2i.parse_args(["--pretrained_model_name_or_path", "org/model", "--dataset_config", str(path),
+                           "--output_dir", str(tmp_path / "o"), "--dry_run", "--max_train_steps", "9",
+                           "--report_to", "none"])
+    assert run(t2i.main, args) == 0
+    out = capsys.readouterr().out
+    assert "Items per epoch: 6; batches per epoch: 3; optimizer steps per epoch: 3 (one process); epochs: 3" in out
+    assert "datasets[0].subsets[0]: 3 images x 2 repeats, 32px, batch 2" in out
+    examples = out.split("Example captions of epoch 0:\n")[1].splitlines()[:3]
+    assert all(line.strip().startswith("'sks, ") for line in examples), examples
+    assert "caption variants for 3 epoch(s)" in out
