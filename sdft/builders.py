@@ -476,6 +476,8 @@ def dataset_config_defaults(args: argparse.Namespace) -> dict:
         "caption_dropout_every_n_epochs": args.caption_dropout_every_n_epochs,
         "caption_tag_dropout_rate": args.caption_tag_dropout_rate, "flip_aug": args.random_flip,
         "random_crop": not args.center_crop,
+        # Config keys only: our --caption_prefix prefixes generated captions (--caption_model).
+        "caption_prefix": "", "caption_suffix": "", "enable_wildcard": False,
     }
 
 

@@ -14,15 +14,21 @@ steps, in kohya's order (sd-scripts docs/config_README-en.md):
 5. the tags are joined with ", "; a tag holding `secondary_separator` moved and dropped as one tag,
    and its inner separators become `caption_separator`.
 
+Before step 1, `caption_prefix` and `caption_suffix` are put around the caption as written (kohya
+concatenates them as strings); between steps 1 and 2, with `enable_wildcard`, one line of a
+multi-line caption is picked and each `{a|b}` group becomes one of its options.
+
 The random draws, in this order, all come from `rng`: one `random()` for step 1 when the rate is
-set, `rng.shuffle(flexible)` for step 3, one `random()` per flexible tag for step 4. The datasets
+set, the wildcard choices, `rng.shuffle(flexible)` for step 3, one `random()` per flexible tag for step 4. The datasets
 seed `rng` from (seed, epoch, item) only (`caption_rng`), so a resumed run sees exactly the
 captions of an uninterrupted one.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import random
+import re
 from dataclasses import dataclass
 
 
@@ -36,11 +42,14 @@ class CaptionAugment:
     dropout_rate: float = 0.0             # caption_dropout_rate
     dropout_every_n_epochs: int = 0       # caption_dropout_every_n_epochs (0: never)
     tag_dropout_rate: float = 0.0         # caption_tag_dropout_rate
+    prefix: str = ""                      # caption_prefix, put before the caption as written
+    suffix: str = ""                      # caption_suffix
+    wildcard: bool = False                # enable_wildcard: one line of a multi-line caption, {a|b} choices
 
     @property
     def varies(self) -> bool:
         """Whether a caption's text (not only "whole or empty") changes from epoch to epoch."""
-        return self.shuffle or self.tag_dropout_rate > 0
+        return self.shuffle or self.tag_dropout_rate > 0 or self.wildcard
 
     @property
     def drops(self) -> bool:
@@ -48,7 +57,8 @@ class CaptionAugment:
 
     @property
     def active(self) -> bool:
-        return self.varies or self.drops or bool(self.secondary_separator or self.keep_tokens_separator)
+        return self.varies or self.drops or bool(self.secondary_separator or self.keep_tokens_separator
+                                                 or self.prefix or self.suffix)
 
 
 NO_AUGMENT = CaptionAugment()
@@ -77,10 +87,13 @@ def caption_parts(caption: str, settings: CaptionAugment) -> tuple[list[str], li
 def augment_caption(caption: str, settings: CaptionAugment, epoch: int, rng: random.Random) -> str:
     if not settings.active:
         return caption
+    caption = settings.prefix + caption + settings.suffix
     if settings.dropout_every_n_epochs and (epoch + 1) % settings.dropout_every_n_epochs == 0:
         return ""
     if settings.dropout_rate and rng.random() < settings.dropout_rate:
         return ""
+    if settings.wildcard:
+        caption = expand_wildcards(caption, rng)
     if not (settings.varies or settings.secondary_separator or settings.keep_tokens_separator):  # text as written
         return caption
     head, flexible, tail = caption_parts(caption, settings)
@@ -94,14 +107,26 @@ def augment_caption(caption: str, settings: CaptionAugment, epoch: int, rng: ran
     return ", ".join(tags)
 
 
+WILDCARD = re.compile(r"\{([^{}]*)\}")
+
+
+def expand_wildcards(caption: str, rng: random.Random) -> str:
+    """enable_wildcard: one line of a multi-line caption (`rng.choice`), then each `{a|b|c}` one
+    of its options (`rng.choice` per group, left to right); `{{` and `}}` are literal braces."""
+    lines = [line.strip() for line in caption.splitlines() if line.strip()]
+    text = rng.choice(lines) if len(lines) > 1 else caption.strip()
+    text = text.replace("{{", "\x00").replace("}}", "\x01")
+    text = WILDCARD.sub(lambda group: rng.choice(group.group(1).split("|")), text)
+    return text.replace("\x00", "{").replace("\x01", "}")
+
+
 def caption_variants(captions: set[str], settings: CaptionAugment) -> set[str] | None:
     """Every caption the text encoder can see for `captions` under `settings`, or None when the
     tags are shuffled or dropped (then the set depends on the epoch and item; the text encoders
     encode per step)."""
     if settings.varies:
         return None
-    steady = CaptionAugment(keep_tokens=settings.keep_tokens, keep_tokens_separator=settings.keep_tokens_separator,
-                            separator=settings.separator, secondary_separator=settings.secondary_separator)
+    steady = dataclasses.replace(settings, dropout_rate=0.0, dropout_every_n_epochs=0)
     found = {augment_caption(caption, steady, 0, random.Random(0)) for caption in captions}
     return found | {""} if settings.drops else found
 

@@ -40,12 +40,13 @@ SUBSET_KEYS = {
     "num_repeats": int, "caption_extension": str, "keep_tokens": int, "keep_tokens_separator": str,
     "shuffle_caption": bool, "caption_separator": str, "secondary_separator": str, "caption_dropout_rate": float,
     "caption_dropout_every_n_epochs": int, "caption_tag_dropout_rate": float, "flip_aug": bool, "random_crop": bool,
+    "caption_prefix": str, "caption_suffix": str, "enable_wildcard": bool,
 }
 SUBSET_ONLY_KEYS = {"image_dir": str, "is_reg": bool, "class_tokens": str, "metadata_file": str}
 # kohya keys not implemented yet, with kohya's default: that value is accepted (it changes nothing).
 NOT_YET = {
-    "color_aug": False, "face_crop_aug_range": None, "caption_prefix": None, "caption_suffix": None,
-    "enable_wildcard": False, "resize_interpolation": None, "skip_image_resolution": None, "cache_info": False,
+    "color_aug": False, "face_crop_aug_range": None, "resize_interpolation": None, "skip_image_resolution": None,
+    "cache_info": False,
     "alpha_mask": False, "token_warmup_min": 1, "token_warmup_step": 0, "custom_attributes": None,
     "conditioning_data_dir": None, "validation_seed": None, "validation_split": 0.0,
 }
@@ -245,7 +246,8 @@ def read_subset(table: Table, dataset: Table, general: Table, defaults: dict) ->
             keep_tokens_separator=get("keep_tokens_separator"), separator=get("caption_separator"),
             secondary_separator=get("secondary_separator"), dropout_rate=float(get("caption_dropout_rate")),
             dropout_every_n_epochs=get("caption_dropout_every_n_epochs"),
-            tag_dropout_rate=float(get("caption_tag_dropout_rate"))))
+            tag_dropout_rate=float(get("caption_tag_dropout_rate")), prefix=get("caption_prefix"),
+            suffix=get("caption_suffix"), wildcard=get("enable_wildcard")))
     check_subset(table, spec)
     return spec
 

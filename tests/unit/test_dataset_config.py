@@ -24,7 +24,8 @@ DEFAULTS = {
     "bucket_reso_steps": 64, "bucket_no_upscale": False, "num_repeats": 1, "caption_extension": None,
     "keep_tokens": 0, "keep_tokens_separator": "", "shuffle_caption": False, "caption_separator": ",",
     "secondary_separator": "", "caption_dropout_rate": 0.0, "caption_dropout_every_n_epochs": 0,
-    "caption_tag_dropout_rate": 0.0, "flip_aug": False, "random_crop": True,
+    "caption_tag_dropout_rate": 0.0, "flip_aug": False, "random_crop": True, "caption_prefix": "",
+    "caption_suffix": "", "enable_wildcard": False,
 }
 
 # The example of kohya's docs/config_README-en.md, its Windows folders made relative.
@@ -382,3 +383,17 @@ def test_dry_run_prints_the_epoch_and_loads_no_model(tmp_path, monkeypatch, caps
     examples = out.split("Example captions of epoch 0:\n")[1].splitlines()[:3]
     assert all(line.strip().startswith("'sks, ") for line in examples), examples
     assert "caption variants for 3 epoch(s)" in out
+
+
+def test_prefix_suffix_and_wildcards_as_kohyas_docs_example():
+    """The docs' example: a prefix ending in '|||' and a suffix holding one are fixed head and tail."""
+    settings = CaptionAugment(shuffle=True, keep_tokens_separator="|||", prefix="1girl, hatsune miku, vocaloid |||",
+                              suffix=", anime screencap ||| masterpiece, rating: general")
+    out = augment_caption("stage, microphone, white shirt", settings, 0, random.Random(2)).split(", ")
+    assert out[:3] == ["1girl", "hatsune miku", "vocaloid"] and out[-2:] == ["masterpiece", "rating: general"]
+    assert sorted(out[3:-2]) == sorted(["stage", "microphone", "white shirt", "anime screencap"])
+    wild = CaptionAugment(wildcard=True)
+    seen = {augment_caption("a {simple|white} background, {{retro}}\nsecond line", wild, 0, random.Random(s))
+            for s in range(40)}
+    assert seen == {"a simple background, {retro}", "a white background, {retro}", "second line"}
+    assert caption_variants({"x"}, CaptionAugment(prefix="p, ")) == {"p, x"}
