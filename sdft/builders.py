@@ -491,6 +491,7 @@ def subset_conflicts(args: argparse.Namespace) -> list[str]:
         "--mask_data_dir": args.mask_data_dir is not None, "--mask_model": args.mask_model is not None,
         "--with_prior_preservation (use an is_reg subset)": args.with_prior_preservation,
         "--proportion_empty_prompts (use caption_dropout_rate)": args.proportion_empty_prompts > 0,
+        "--repeats (use num_repeats)": args.repeats != 1,
     }
     return [flag for flag, on in conflicts.items() if on]
 
@@ -548,8 +549,8 @@ def subset_buckets(images: CaptionedImages, settings: BucketSettings | None, whe
 
 
 def fallback_caption(args: argparse.Namespace) -> str | None:
-    """SD3's --instance_prompt stays required (diffusers' contract); with --dataset_config it is the
-    caption of images that have neither a caption file nor class_tokens."""
+    """With --dataset_config, --instance_prompt (required in SD3, by diffusers' contract; optional
+    elsewhere) is the caption of images that have neither a caption file nor class_tokens."""
     return args.instance_prompt
 
 

@@ -172,3 +172,24 @@ def test_sdxl_and_sd3_train_from_a_config_with_caption_dropout(tiny_sdxl, tmp_pa
                "16"), "--instance_prompt", "a photo of sks"])) == 0
     assert sorted(set(seen)) == ["", "a photo of sks"] and len(seen) == 8, seen
     assert (tmp_path / "sd3-out" / "model_index.json").is_file()
+
+
+def test_two_processes_resume_a_config_run_exactly_from_the_disk_text_cache(tiny_sd, config, tmp_path):
+    """`accelerate launch` with 2 processes: the augmented caption variants are cached once and
+    shared, and a run resumed mid-epoch ends with the uninterrupted run's weights."""
+    from tests.integration.conftest import accelerate_launch
+
+    common = ["--cache_text_encoder_outputs_to_disk", "--latents_cache_dir", tmp_path / "cache"]
+    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
+    first = accelerate_launch("train_text_to_image.py", argv(tiny_sd, config, straight, *common), num_processes=2)
+    log = first.stderr + first.stdout
+    assert "identical on all 2 processes" in log and "caption variants for" in log
+    resumed.mkdir()
+    shutil.copytree(straight / "checkpoint-3", resumed / "checkpoint-3")
+    again = accelerate_launch("train_text_to_image.py",
+                              argv(tiny_sd, config, resumed, *common, "--resume_from_checkpoint", "latest"),
+                              num_processes=2)
+    assert "Cached text-encoder outputs: 0 encoded" in again.stderr + again.stdout
+    a = load_file(straight / "unet" / "diffusion_pytorch_model.safetensors")
+    b = load_file(resumed / "unet" / "diffusion_pytorch_model.safetensors")
+    assert all(torch.equal(a[k], b[k]) for k in a), "resumed weights differ"
