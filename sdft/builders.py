@@ -567,13 +567,17 @@ def dreambooth_data(args: argparse.Namespace, seed: int, accelerator: Accelerato
     if args.with_prior_preservation:
         class_dir, nested = data_folder(args.class_data_dir, cache_root(args), accelerator)
         missing = missing_class_images(class_dir, args.num_class_images, recursive=nested)
-        if missing:
+        if missing and args.dry_run:   # generating them would load the model
+            logger.info("--dry_run: %d class images would be generated for '%s'.", missing, args.class_prompt)
+        elif missing:
             logger.info("Generating %d class images for '%s'", missing, args.class_prompt)
             generate_class_images(Path(class_dir), args.class_prompt, missing,
                                   class_image_pipeline(args, family, accelerator.device),
                                   sample_batch_size=args.sample_batch_size, accelerator=accelerator, seed=seed,
                                   start_index=args.num_class_images - missing)
         class_images = load_class_images(class_dir, recursive=nested)[: args.num_class_images]
+        if args.dry_run and not class_images:
+            class_images = None   # none generated yet: the report shows the instance images only
     instance, held_out = split_held_out(instance, args.validation_split, validation_seed(args, seed))
     if args.validation_data_dir is not None:
         held_out = load_instance_images(

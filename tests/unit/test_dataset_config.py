@@ -397,3 +397,24 @@ def test_prefix_suffix_and_wildcards_as_kohyas_docs_example():
             for s in range(40)}
     assert seen == {"a simple background, {retro}", "a white background, {retro}", "second line"}
     assert caption_variants({"x"}, CaptionAugment(prefix="p, ")) == {"p, x"}
+
+
+def test_dry_run_with_prior_preservation_generates_no_class_image(tmp_path, monkeypatch, capsys,
+                                                                  fresh_accelerate_state):
+    import sdft.builders
+    from sdft.cli import run
+
+    def no_model(*_args, **_kwargs):
+        raise AssertionError("--dry_run loaded a model")
+
+    monkeypatch.setattr(sdft.builders, "load_models", no_model)
+    monkeypatch.setattr(sdft.builders, "generate_class_images", no_model)
+    instance = make_images(tmp_path / "dog", num_images=2, layout="images", size=32)
+    args = sd3_script.parse_args(["--pretrained_model_name_or_path", "org/model", "--instance_data_dir", str(instance),
+                                  "--instance_prompt", "a photo of sks dog", "--with_prior_preservation",
+                                  "--class_data_dir", str(tmp_path / "class"), "--class_prompt", "a photo of dog",
+                                  "--output_dir", str(tmp_path / "o"), "--dry_run", "--caption_dropout_rate", "0.5",
+                                  "--report_to", "none"])
+    assert run(sd3_script.main, args) == 0
+    out = capsys.readouterr().out
+    assert "Items per epoch: 2" in out and "caption variants" in out
