@@ -21,7 +21,7 @@ import argparse
 import sys
 
 from sdft import checks, cli, output, trainer
-from sdft.builders import build, dreambooth_data, flow_objective
+from sdft.builders import build, config_data, dreambooth_data, flow_objective
 from sdft.families.sd3 import StableDiffusion3
 from sdft.training_run import Run
 
@@ -31,6 +31,7 @@ def build_parser() -> argparse.ArgumentParser:
     cli.add_model_args(parser)
     cli.add_dreambooth_args(parser)
     cli.add_image_args(parser)
+    cli.add_kohya_data_args(parser)
     cli.add_latent_cache_args(parser)
     cli.add_training_args(parser)
     cli.add_text_encoder_optimizer_args(parser)
@@ -67,7 +68,8 @@ def main(args: argparse.Namespace) -> Run:
     family = StableDiffusion3(max_sequence_length=args.max_sequence_length, lora_layers=args.lora_layers,
                               lora_blocks=args.lora_blocks, apply_t5_attn_mask=args.apply_t5_attn_mask,
                               pos_emb_random_crop_rate=args.pos_emb_random_crop_rate)
-    with build(args, family, make_objective=flow_objective, make_data=dreambooth_data,
+    data = config_data if args.dataset_config else dreambooth_data
+    with build(args, family, make_objective=flow_objective, make_data=data,
                tracker_name="dreambooth-sd3-lora" if args.use_lora else "dreambooth-sd3") as run:
         trainer.train(run)
         output.finish(run)

@@ -23,7 +23,7 @@ import sys
 from functools import partial
 
 from sdft import checks, cli, output, trainer
-from sdft.builders import build, ddpm_objective, dreambooth_data, text_image_data
+from sdft.builders import build, config_data, ddpm_objective, dreambooth_data, text_image_data
 from sdft.families.sdxl import StableDiffusionXL
 from sdft.training_run import Run
 
@@ -38,6 +38,7 @@ def build_parser() -> argparse.ArgumentParser:
     cli.add_dreambooth_args(parser, hub_dataset=False, instance_prompt_required=False)
     cli.add_empty_prompt_args(parser)
     cli.add_image_args(parser)
+    cli.add_kohya_data_args(parser)
     cli.add_latent_cache_args(parser)
     cli.add_training_args(parser)
     cli.add_optimizer_args(parser, choice=True)
@@ -71,7 +72,7 @@ def parse_args(input_args: list[str] | None = None) -> argparse.Namespace:
 
 def main(args: argparse.Namespace) -> Run:
     family = StableDiffusionXL(vae_path=args.pretrained_vae_model_name_or_path)
-    data = dreambooth_data if args.instance_data_dir else text_image_data
+    data = config_data if args.dataset_config else dreambooth_data if args.instance_data_dir else text_image_data
     with build(args, family, make_objective=ddpm_objective, make_data=data,
                tracker_name="text2image-fine-tune-sdxl") as run:
         trainer.train(run)

@@ -28,7 +28,9 @@ from sdft.data.archives import data_folder
 from sdft.data.buckets import BucketPlan, BucketSettings, captioned_image_sizes
 from sdft.data.buckets import log_plan as log_buckets
 from sdft.data.caches import CacheSettings, cache_folder, fill_caches
+from sdft.data.captions import CaptionAugment
 from sdft.data.dataset import CaptionedImageDataset, loader_order
+from sdft.data.dataset_config import read_dataset_config
 from sdft.data.dreambooth import (
     DreamBoothDataset,
     generate_class_images,
@@ -38,11 +40,13 @@ from sdft.data.dreambooth import (
 )
 from sdft.data.held_out import split_held_out
 from sdft.data.preprocess.subject import CACHE_FOLDER, SubjectPlan, prepare_subject
+from sdft.data.report import data_report
 from sdft.data.sources import CaptionedImages, load_captioned_images
+from sdft.data.subsets import Part, SubsetDataset, kohya_folders, log_epoch, subset_images
 from sdft.data.text_cache import TextCache
 from sdft.data.transforms import ImageTransform
 from sdft.ema import EMA
-from sdft.errors import CliError, MissingFileError
+from sdft.errors import CliError, Finished, MissingFileError
 from sdft.families.protocol import Family
 from sdft.families.source import ModelSource
 from sdft.guards import NonFiniteGuard, check_precision_device
@@ -94,6 +98,8 @@ def build(args: argparse.Namespace, family: Family, make_objective, make_data, t
 
     # Data first: a bad dataset should fail before minutes of model loading.
     dataset = make_data(args, seed, accelerator, family)
+    if args.dry_run:
+        dry_run(args, dataset, seed)
     plan = token_plan(args)
     if plan is not None:
         check_abstractions_used(plan, [*(dataset.distinct_captions(sys.maxsize) or ()), *validation_prompts(args)])
@@ -121,6 +127,14 @@ def build(args: argparse.Namespace, family: Family, make_objective, make_data, t
                                last_checkpoint=partial(resolve_resume, "latest", output_dir),
                                check_grad_norm=accelerator.scaler is None)
     return run
+
+
+def dry_run(args: argparse.Namespace, dataset, seed: int) -> None:
+    """--dry_run: print the data report (sdft.data.report) and end the run before any model loads."""
+    print(data_report(dataset, batch_size=args.train_batch_size, seed=seed,
+                      gradient_accumulation_steps=args.gradient_accumulation_steps,
+                      max_train_steps=args.max_train_steps, num_train_epochs=args.num_train_epochs))
+    raise Finished("--dry_run")
 
 
 # --------------------------------------------------------------------------- the process
@@ -202,7 +216,8 @@ def build_run(args: argparse.Namespace, family: Family, make_objective, accelera
                              if args.use_lora else None)
     condition_cache, offloaded = precompute(family, models, dataset, accelerator,
                                             args.train_text_encoder or new_tokens is not None,
-                                            caches=cache_settings(args), source=source)
+                                            caches=cache_settings(args), source=source,
+                                            epochs=math.ceil(max_train_steps / updates_per_epoch))
     prompts = validation_prompts(args)
     return Run(
         accelerator=accelerator, family=family, models=models,
@@ -258,11 +273,12 @@ def held_out_loss(args: argparse.Namespace, accelerator: Accelerator, dataset, f
 
 def precompute(family: Family, models, dataset, accelerator: Accelerator, train_text_encoders: bool, *,
                caches: CacheSettings, source: ModelSource,
-               caption_limit: int = 64) -> tuple[TextCache | None, list[str]]:
+               caption_limit: int = 64, epochs: int = 1) -> tuple[TextCache | None, list[str]]:
     """Encode what will not change during training once (sdft.data.caches), then park the encoders
     on the CPU."""
     cache, offloaded = fill_caches(family, models, dataset, accelerator, caches, source,
-                                   train_text_encoders=train_text_encoders, caption_limit=caption_limit)
+                                   train_text_encoders=train_text_encoders, caption_limit=caption_limit,
+                                   epochs=epochs)
     for role in offloaded:
         getattr(models, role).to("cpu")
     return cache, offloaded
@@ -417,6 +433,11 @@ def validation_seed(args: argparse.Namespace, seed: int) -> int:
 
 def text_image_data(args: argparse.Namespace, seed: int, accelerator: Accelerator, family: Family) -> CaptionedImageDataset:
     data_dir, _ = data_folder(args.train_data_dir, cache_root(args), accelerator)
+    folders = kohya_folders(Path(data_dir)) if data_dir is not None and args.dataset_name is None else None
+    if folders:
+        return folder_data(args, seed, folders)
+    if args.reg_data_dir is not None:
+        raise CliError("--reg_data_dir needs kohya N_name folders in --train_data_dir (e.g. 10_sks dog).")
     images = load_captioned_images(
         dataset_name=args.dataset_name, dataset_config_name=args.dataset_config_name,
         train_data_dir=data_dir, image_column=args.image_column, caption_column=args.caption_column,
@@ -433,11 +454,112 @@ def text_image_data(args: argparse.Namespace, seed: int, accelerator: Accelerato
             max_train_samples=None, seed=seed)
     dataset = CaptionedImageDataset(images, image_transform(args), seed,
                                     empty_caption_rate=args.proportion_empty_prompts,
-                                    buckets=bucket_plan(args, images))
+                                    buckets=bucket_plan(args, images), captions=caption_augment(args))
     if held_out is not None:
         dataset.held_out = CaptionedImageDataset(held_out, image_transform(args), validation_seed(args, seed),
                                                  buckets=bucket_plan(args, held_out, "held-out"))
     return dataset
+
+
+def caption_augment(args: argparse.Namespace) -> CaptionAugment:
+    """kohya's caption flags (every script); a --dataset_config overrides them per subset."""
+    return CaptionAugment(
+        shuffle=args.shuffle_caption, keep_tokens=args.keep_tokens, keep_tokens_separator=args.keep_tokens_separator,
+        separator=args.caption_separator, secondary_separator=args.secondary_separator,
+        dropout_rate=args.caption_dropout_rate, dropout_every_n_epochs=args.caption_dropout_every_n_epochs,
+        tag_dropout_rate=args.caption_tag_dropout_rate)
+
+
+def dataset_config_defaults(args: argparse.Namespace) -> dict:
+    """The command-line values a --dataset_config overrides, under kohya's key names. random_crop is
+    the opposite of --center_crop: without --center_crop our crops are random."""
+    return {
+        "resolution": args.resolution, "batch_size": args.train_batch_size, "enable_bucket": args.enable_bucket,
+        "min_bucket_reso": args.min_bucket_reso, "max_bucket_reso": args.max_bucket_reso,
+        "bucket_reso_steps": args.bucket_reso_steps, "bucket_no_upscale": args.bucket_no_upscale,
+        "num_repeats": 1, "caption_extension": args.caption_extension, "keep_tokens": args.keep_tokens,
+        "keep_tokens_separator": args.keep_tokens_separator, "shuffle_caption": args.shuffle_caption,
+        "caption_separator": args.caption_separator, "secondary_separator": args.secondary_separator,
+        "caption_dropout_rate": args.caption_dropout_rate,
+        "caption_dropout_every_n_epochs": args.caption_dropout_every_n_epochs,
+        "caption_tag_dropout_rate": args.caption_tag_dropout_rate, "flip_aug": args.random_flip,
+        "random_crop": not args.center_crop,
+        # Config keys only: our --caption_prefix prefixes generated captions (--caption_model).
+        "caption_prefix": "", "caption_suffix": "", "enable_wildcard": False,
+    }
+
+
+def subset_conflicts(args: argparse.Namespace) -> list[str]:
+    """Flags a --dataset_config or N_name-folder run cannot honour yet (each subset is read as it is)."""
+    conflicts = {
+        "--validation_split": args.validation_split > 0, "--validation_data_dir": args.validation_data_dir is not None,
+        "--max_train_samples": args.max_train_samples is not None,
+        "--caption_model": args.caption_model is not None, "--upscale_model": args.upscale_model is not None,
+        "--masked_loss": args.masked_loss, "--crop_to_mask": args.crop_to_mask, "--alpha_mask": args.alpha_mask,
+        "--mask_data_dir": args.mask_data_dir is not None, "--mask_model": args.mask_model is not None,
+        "--with_prior_preservation (use an is_reg subset)": args.with_prior_preservation,
+        "--proportion_empty_prompts (use caption_dropout_rate)": args.proportion_empty_prompts > 0,
+        "--repeats (use num_repeats)": args.repeats != 1,
+    }
+    return [flag for flag, on in conflicts.items() if on]
+
+
+def config_data(args: argparse.Namespace, seed: int, accelerator: Accelerator, family: Family) -> SubsetDataset:
+    """The subsets of --dataset_config (checked at parse time; read again here, cheaply)."""
+    config = read_dataset_config(args.dataset_config, dataset_config_defaults(args))
+    parts = []
+    for group, spec in enumerate(config.datasets):
+        settings = (BucketSettings(spec.resolution, spec.min_bucket_reso, spec.max_bucket_reso, spec.bucket_reso_steps,
+                                   spec.bucket_no_upscale) if spec.enable_bucket else None)
+        for subset in spec.subsets:
+            images = subset_images(subset.image_dir, subset.caption_extension, subset.class_tokens,
+                                   subset.metadata_file, fallback_caption(args), f"{config.path}: {subset.where}")
+            transform = ImageTransform(spec.resolution, not subset.random_crop, subset.flip_aug,
+                                       args.image_interpolation_mode)
+            parts.append(Part(subset.where, images, subset.num_repeats, subset.captions, transform,
+                              subset_buckets(images, settings, subset.where), spec.batch_size, group, subset.is_reg))
+    return subset_dataset(parts, seed, args.prior_loss_weight)
+
+
+def folder_data(args: argparse.Namespace, seed: int, folders: list[tuple[Path, int, str]]) -> SubsetDataset:
+    """kohya's N_name folders in --train_data_dir: one subset each, N repeats, `name` the caption of
+    images without a caption file; everything else from the flags."""
+    typed = subset_conflicts(args)
+    if typed:
+        raise CliError(f"--train_data_dir holds kohya N_name folders, which do not combine with {', '.join(typed)} yet.")
+    settings = bucket_settings(args)
+    reg = []
+    if args.reg_data_dir is not None:
+        reg = kohya_folders(Path(args.reg_data_dir))
+        if not reg:
+            raise CliError(f"--reg_data_dir '{args.reg_data_dir}' must hold N_name folders only (e.g. 1_dog), "
+                           "as --train_data_dir does.")
+    parts = []
+    for (folder, repeats, tokens), is_reg in [*((f, False) for f in folders), *((f, True) for f in reg)]:
+        images = subset_images(folder, args.caption_extension, tokens, None, None, str(folder))
+        parts.append(Part(folder.name, images, repeats, caption_augment(args), image_transform(args),
+                          subset_buckets(images, settings, folder.name), args.train_batch_size, 0, is_reg))
+    return subset_dataset(parts, seed, args.prior_loss_weight)
+
+
+def subset_dataset(parts: list[Part], seed: int, reg_weight: float) -> SubsetDataset:
+    dataset = SubsetDataset(parts, seed, reg_weight)
+    log_epoch(dataset)
+    return dataset
+
+
+def subset_buckets(images: CaptionedImages, settings: BucketSettings | None, where: str) -> BucketPlan | None:
+    if settings is None:
+        return None
+    plan = BucketPlan.build(captioned_image_sizes(images), settings)
+    log_buckets(plan, images.name, settings, where)
+    return plan
+
+
+def fallback_caption(args: argparse.Namespace) -> str | None:
+    """With --dataset_config, --instance_prompt (required in SD3, by diffusers' contract; optional
+    elsewhere) is the caption of images that have neither a caption file nor class_tokens."""
+    return args.instance_prompt
 
 
 def dreambooth_data(args: argparse.Namespace, seed: int, accelerator: Accelerator, family: Family) -> DreamBoothDataset:
@@ -453,13 +575,17 @@ def dreambooth_data(args: argparse.Namespace, seed: int, accelerator: Accelerato
     if args.with_prior_preservation:
         class_dir, nested = data_folder(args.class_data_dir, cache_root(args), accelerator)
         missing = missing_class_images(class_dir, args.num_class_images, recursive=nested)
-        if missing:
+        if missing and args.dry_run:   # generating them would load the model
+            logger.info("--dry_run: %d class images would be generated for '%s'.", missing, args.class_prompt)
+        elif missing:
             logger.info("Generating %d class images for '%s'", missing, args.class_prompt)
             generate_class_images(Path(class_dir), args.class_prompt, missing,
                                   class_image_pipeline(args, family, accelerator.device),
                                   sample_batch_size=args.sample_batch_size, accelerator=accelerator, seed=seed,
                                   start_index=args.num_class_images - missing)
         class_images = load_class_images(class_dir, recursive=nested)[: args.num_class_images]
+        if args.dry_run and not class_images:
+            class_images = None   # none generated yet: the report shows the instance images only
     instance, held_out = split_held_out(instance, args.validation_split, validation_seed(args, seed))
     if args.validation_data_dir is not None:
         held_out = load_instance_images(
@@ -468,7 +594,7 @@ def dreambooth_data(args: argparse.Namespace, seed: int, accelerator: Accelerato
             cache_dir=args.cache_dir)
     dataset = DreamBoothDataset(instance, image_transform(args), seed, repeats=args.repeats,
                                 class_images=class_images, class_prompt=args.class_prompt,
-                                buckets=bucket_plan(args, instance))
+                                buckets=bucket_plan(args, instance), captions=caption_augment(args))
     if held_out is not None:
         dataset.held_out = DreamBoothDataset(held_out, image_transform(args), validation_seed(args, seed),
                                              buckets=bucket_plan(args, held_out, "held-out"))

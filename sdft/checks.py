@@ -17,12 +17,14 @@ from typing import AbstractSet, Sequence
 
 import torch
 
+from sdft.builders import dataset_config_defaults, subset_conflicts
 from sdft.checkpointing import resolve_resume
 from sdft.cli import TRACKERS
 from sdft.data.archives import ARCHIVE_SUFFIXES, is_archive
 from sdft.data.buckets import BucketSettings, bucket_sizes
 from sdft.data.cache_store import prepare_folder
 from sdft.data.caches import cache_folder
+from sdft.data.dataset_config import read_dataset_config
 from sdft.errors import CliError, DataError
 from sdft.objectives import (
     ResolutionShift,
@@ -291,7 +293,7 @@ def check_sdxl(args: argparse.Namespace, given: Given) -> None:
 
 
 def check_dreambooth(args: argparse.Namespace, given: Given) -> None:
-    if (args.dataset_name is None) == (args.instance_data_dir is None):
+    if args.dataset_config is None and (args.dataset_name is None) == (args.instance_data_dir is None):
         raise CliError("Give exactly one of --instance_data_dir (a folder of images) and --dataset_name.")
     check_data_dir("--instance_data_dir", args.instance_data_dir)
     if args.with_prior_preservation:
@@ -314,9 +316,14 @@ TEXTUAL_INVERSION_ONLY = ("token_abstraction", "num_new_tokens_per_abstraction",
 
 
 def check_t2i_or_dreambooth_data(args: argparse.Namespace, given: Given) -> None:
-    """SD 1.x / SDXL: captioned images (--train_data_dir/--dataset_name) or DreamBooth data."""
+    """SD 1.x / SDXL: captioned images (--train_data_dir/--dataset_name) or DreamBooth data (or a
+    --dataset_config, checked by check_dataset_config)."""
+    if args.dataset_config is not None:
+        return
     if args.instance_data_dir is None:
-        typed = [f"--{name}" for name in DREAMBOOTH_ONLY if name in given]
+        # --prior_loss_weight also weighs kohya regularisation folders (--reg_data_dir).
+        typed = [f"--{name}" for name in DREAMBOOTH_ONLY if name in given
+                 and not (name == "prior_loss_weight" and args.reg_data_dir is not None)]
         if typed:
             raise CliError(f"{', '.join(typed)} only applies to DreamBooth data; add --instance_data_dir.")
         check_t2i_dataset(args)
@@ -360,6 +367,8 @@ def check_textual_inversion(args: argparse.Namespace, given: Given) -> None:
 
 
 def check_sd3(args: argparse.Namespace, given: Given) -> None:
+    if args.dataset_config is not None:
+        read_config(args, SD3_LATENT_MULTIPLE)
     if args.enable_bucket and args.bucket_reso_steps % SD3_LATENT_MULTIPLE:
         # VAE 8 x transformer patch 2.
         raise CliError(f"--bucket_reso_steps must be a positive multiple of {SD3_LATENT_MULTIPLE}, "
@@ -568,8 +577,43 @@ def check_validation_loss(args: argparse.Namespace, given: Given) -> None:
         raise CliError(f"--validation_seed must be between 0 and 2**32 - 1, got {args.validation_seed}.")
 
 
+def check_dataset_config(args: argparse.Namespace, given: Given) -> None:
+    """kohya's caption flags, and a --dataset_config read in full (every error names the file,
+    table and key) before any model loads."""
+    for name in ("caption_dropout_rate", "caption_tag_dropout_rate"):
+        if not 0 <= getattr(args, name) <= 1:
+            raise CliError(f"--{name} must be between 0 and 1, got {getattr(args, name)}.")
+    for name in ("keep_tokens", "caption_dropout_every_n_epochs"):
+        if getattr(args, name) < 0:
+            raise CliError(f"--{name} cannot be negative, got {getattr(args, name)}.")
+    if not args.caption_separator:
+        raise CliError("--caption_separator cannot be empty.")
+    if args.reg_data_dir is not None and not Path(args.reg_data_dir).is_dir():
+        raise CliError(f"--reg_data_dir '{args.reg_data_dir}' is not a folder.")
+    if args.reg_data_dir is not None and getattr(args, "train_data_dir", None) is None:
+        raise CliError("--reg_data_dir needs --train_data_dir holding kohya N_name folders (with --dataset_config, "
+                       "use an is_reg subset).")
+    if args.dataset_config is None:
+        return
+    typed = [f"--{name}" for name in ("train_data_dir", "dataset_name", "instance_data_dir")
+             if getattr(args, name, None) is not None]
+    if typed:
+        raise CliError(f"--dataset_config replaces {', '.join(typed)}: the config names the image folders; give one.")
+    conflicts = subset_conflicts(args)
+    if conflicts:
+        raise CliError(f"--dataset_config does not combine with {', '.join(conflicts)} yet.")
+    read_config(args, LATENT_MULTIPLE)
+
+
+def read_config(args: argparse.Namespace, step_multiple: int) -> None:
+    try:
+        read_dataset_config(args.dataset_config, dataset_config_defaults(args), step_multiple=step_multiple)
+    except DataError as err:
+        raise CliError(str(err)) from err
+
+
 # Run by every script, before its own checks.
 COMMON = [check_positive, check_model_path, check_lora, check_textual_inversion, check_ema, check_resume,
           check_validation, check_tracking_and_hub, check_accelerators, check_single_file, check_buckets,
           check_validation_loss, check_subject, check_optimizer, check_memory_flags, check_caches, check_output_dir,
-          check_loss_type]
+          check_loss_type, check_dataset_config]

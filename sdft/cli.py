@@ -16,7 +16,7 @@ import os
 import sys
 from typing import AbstractSet, Callable, Iterable, Sequence
 
-from sdft.errors import CliError, UserError
+from sdft.errors import CliError, Finished, UserError
 from sdft.objectives import FLOW_TIMESTEP_SAMPLING, HUBER_SCHEDULES, LOSS_TYPES
 from sdft.optim import CURATED, LR_SCHEDULERS
 from sdft.preemption import Interrupted
@@ -45,6 +45,7 @@ WHEN_ABSENT = {
     # Flow-matching recipes (issue 21): SD3 only.
     "training_shift": None, "resolution_dependent_shift": False, "timestep_sampling": "table",
     "apply_t5_attn_mask": False, "pos_emb_random_crop_rate": 0.0,
+    "max_train_samples": None,
 }
 
 
@@ -81,6 +82,40 @@ def add_dataset_args(parser: argparse.ArgumentParser) -> None:
                         "(columns image_file,caption), or images with same-name .txt caption files.")
     g.add_argument("--max_train_samples", type=int, default=None,
                    help="Keep only this many samples (shuffled with --seed first); for debugging.")
+
+
+def add_kohya_data_args(parser: argparse.ArgumentParser) -> None:
+    """kohya sd-scripts' dataset config and caption-augmentation flags, same names and meaning."""
+    g = parser.add_argument_group("kohya dataset config and caption augmentation")
+    g.add_argument("--dataset_config", type=str, default=None,
+                   help="A kohya dataset config (.toml or .json: [general], [[datasets]], [[datasets.subsets]]) "
+                        "instead of --train_data_dir/--dataset_name/--instance_data_dir; the flags below, "
+                        "--resolution, --train_batch_size and the bucket flags are the defaults it overrides.")
+    g.add_argument("--reg_data_dir", type=str, default=None,
+                   help="With kohya N_name folders in --train_data_dir: a folder of N_name folders of regularisation "
+                        "images, weighted by --prior_loss_weight and repeated to match the training items "
+                        "(default: none).")
+    g.add_argument("--dry_run", action="store_true",
+                   help="Read the data and print what an epoch holds (items per subset, steps, buckets, example "
+                        "captions, caption-cache size), then exit without loading a model.")
+    g.add_argument("--caption_extension", type=str, default=None,
+                   help="Caption files of kohya subsets and N_name folders: <image stem><extension>. Default: "
+                        "'.caption' (kohya's), else '.txt' when an image has no .caption file.")
+    g.add_argument("--shuffle_caption", action="store_true",
+                   help="Shuffle the comma-separated tags of each caption, anew every epoch (default: off).")
+    g.add_argument("--keep_tokens", type=int, default=0,
+                   help="Keep this many leading tags in place when shuffling or dropping tags (default 0).")
+    g.add_argument("--keep_tokens_separator", type=str, default="",
+                   help="Tags before this string (and after a second one) stay in place, e.g. '|||' (default: none).")
+    g.add_argument("--caption_separator", type=str, default=",", help="What separates tags (default ',').")
+    g.add_argument("--secondary_separator", type=str, default="",
+                   help="Tags joined by this string move and drop as one tag, e.g. ';;;' (default: none).")
+    g.add_argument("--caption_dropout_rate", type=float, default=0.0,
+                   help="Probability of training an item on the empty caption, drawn per item and epoch (default 0).")
+    g.add_argument("--caption_dropout_every_n_epochs", type=int, default=0,
+                   help="Train every N-th epoch (counting from 1) on empty captions only (default 0: never).")
+    g.add_argument("--caption_tag_dropout_rate", type=float, default=0.0,
+                   help="Probability of dropping each tag that is not kept, per item and epoch (default 0).")
 
 
 def add_hub_dataset_args(g) -> None:
@@ -658,6 +693,8 @@ def run(main: Callable[[argparse.Namespace], object], args: argparse.Namespace) 
     """Entry-point wrapper: a bad input ends the run with its message instead of a traceback."""
     try:
         main(args)
+    except Finished:
+        return 0
     except Interrupted as err:
         logger.warning("%s", err)
         print(f"interrupted: {err}", file=sys.stderr)

@@ -26,3 +26,7 @@ class NonFiniteError(UserError, RuntimeError):
 
 class MissingFileError(UserError, FileNotFoundError):
     """A model, checkpoint or file named on the command line is not there."""
+
+
+class Finished(Exception):
+    """The run did all it was asked before training (--dry_run): the process wrapper exits 0."""

@@ -131,10 +131,7 @@ def training_step(run_state: Run, batch: dict, micro_step: int) -> tuple[torch.T
     if run_state.masked_loss and "masks" in batch:
         mask = latent_mask(batch["masks"].to(latents.device), latents.shape[-2:])
     per_sample = run_state.objective.loss(pred, noised, mask)
-    if run_state.prior_loss_weight is not None:
-        loss = split_prior(per_sample, run_state.prior_loss_weight)
-    else:
-        loss = per_sample.mean()
+    loss = reduce_loss(per_sample, batch, run_state.prior_loss_weight)
     run_state.stepper.begin(micro_step // accelerator.gradient_accumulation_steps)  # seeds stochastic rounding
     accelerator.backward(loss)
     run_state.stats.lap("denoiser")
@@ -155,6 +152,16 @@ def training_step(run_state: Run, batch: dict, micro_step: int) -> tuple[torch.T
         run_state.trained.ema.step(run_state.trained.modules[family.denoiser_role].parameters())
     run_state.stats.lap("optimizer")
     return loss, per_sample.detach()
+
+
+def reduce_loss(per_sample: torch.Tensor, batch: dict, prior_loss_weight: float | None) -> torch.Tensor:
+    """The batch's loss: weighted per sample when the batch says so (regularisation subsets of a
+    --dataset_config, kohya's prior_loss_weight per item), DreamBooth's [instance; class] halves, or the mean."""
+    if "loss_weights" in batch:
+        return (per_sample * batch["loss_weights"].to(per_sample.device, per_sample.dtype)).mean()
+    if prior_loss_weight is not None:
+        return split_prior(per_sample, prior_loss_weight)
+    return per_sample.mean()
 
 
 def step_generator(seed: int, micro_step: int, process_index: int, device: torch.device) -> torch.Generator:

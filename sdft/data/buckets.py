@@ -172,26 +172,31 @@ class BucketBatchSampler:
     variable-sized: each process gets whole batches round-robin, and the epoch is padded with its
     first batches to a multiple of the process count, as for any sampler."""
 
-    def __init__(self, item_buckets: Sequence[Size], batch_size: int, seed: int):
+    def __init__(self, item_buckets: Sequence[tuple], batch_size: int, seed: int,
+                 batch_sizes: dict[tuple, int] | None = None):
+        """`item_buckets`: each item's group key, a bucket (height, width) or any sortable tuple
+        (a `--dataset_config` run keys by (dataset, height, width)); `batch_sizes`: a key's own
+        batch size, else `batch_size`."""
         self.batch_size_limit = batch_size
         self.seed = seed
         self.epoch = 0
-        groups: dict[Size, list[int]] = {}
+        groups: dict[tuple, list[int]] = {}
         for index, bucket in enumerate(item_buckets):
             groups.setdefault(bucket, []).append(index)
         self.groups = [groups[key] for key in sorted(groups)]
+        self.sizes = [(batch_sizes or {}).get(key, batch_size) for key in sorted(groups)]
 
     def use_epoch(self, epoch: int) -> None:
         self.epoch = epoch
 
     def __len__(self) -> int:
-        return sum(math.ceil(len(group) / self.batch_size_limit) for group in self.groups)
+        return sum(math.ceil(len(group) / size) for group, size in zip(self.groups, self.sizes))
 
     def __iter__(self) -> Iterator[list[int]]:
         generator = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
         batches = []
-        for group in self.groups:
+        for group, size in zip(self.groups, self.sizes):
             order = torch.randperm(len(group), generator=generator).tolist()
             shuffled = [group[i] for i in order]
-            batches += [shuffled[i:i + self.batch_size_limit] for i in range(0, len(shuffled), self.batch_size_limit)]
+            batches += [shuffled[i:i + size] for i in range(0, len(shuffled), size)]
         return iter([batches[i] for i in torch.randperm(len(batches), generator=generator).tolist()])

@@ -18,6 +18,7 @@ from pathlib import Path
 from accelerate.utils import gather_object
 
 from sdft.data.cache_store import DiskStore, FillResult, MemoryStore
+from sdft.data.captions import MAX_CAPTION_VARIANTS, planned_variants
 from sdft.data.latent_cache import VaeEncoder, fill_latent_cache, vae_identity
 from sdft.data.text_cache import TextCache, fill_text_cache, text_identity
 
@@ -34,8 +35,9 @@ class CacheSettings:
 
 
 def fill_caches(family, models, dataset, accelerator, settings: CacheSettings, source, *,
-                train_text_encoders: bool, caption_limit: int = 64) -> tuple[TextCache | None, list[str]]:
-    """Fill the caches `settings` asks for; returns the text cache and the roles it made idle."""
+                train_text_encoders: bool, caption_limit: int = 64, epochs: int = 1) -> tuple[TextCache | None, list[str]]:
+    """Fill the caches `settings` asks for; returns the text cache and the roles it made idle.
+    `epochs`: how many epochs the run trains, for the caption variants of caption augmentation."""
     where = dict(process_index=accelerator.process_index, num_processes=accelerator.num_processes,
                  show_progress=accelerator.is_local_main_process)
     idle, results = [], {}
@@ -47,6 +49,8 @@ def fill_caches(family, models, dataset, accelerator, settings: CacheSettings, s
         idle.append("vae")
     text_cache = None
     captions = None if train_text_encoders else dataset.distinct_captions(math.inf if settings.text else caption_limit)
+    if captions is None and settings.text and not train_text_encoders:
+        captions = augmented_captions(dataset, epochs)
     if captions is not None:
         store = DiskStore(settings.folder / "text") if settings.text_to_disk else MemoryStore()
         identity = text_identity(family, models, source.path, source.revision, source.variant)
@@ -56,6 +60,22 @@ def fill_caches(family, models, dataset, accelerator, settings: CacheSettings, s
     if results:
         report(accelerator, results)
     return text_cache, idle
+
+
+def augmented_captions(dataset, epochs: int) -> set[str] | None:
+    """With shuffled or dropped tags, every caption the run will show is known in advance (a pure
+    function of seed, epoch and item: sdft.data.captions), so the text cache holds exactly those
+    variants. kohya refuses the text cache with caption augmentation (kohya #886, #1460, #1750).
+    None, and encoding every step, when there are too many or an item has several captions."""
+    found = planned_variants(dataset.caption_items(), dataset.seed, epochs)
+    if found is None:
+        logger.warning("Not caching text-encoder outputs: the augmented captions of %d epoch(s) are more than %d "
+                       "variants (or images have several captions to choose from), so the text encoders stay "
+                       "loaded and encode every step.", epochs, MAX_CAPTION_VARIANTS)
+        return None
+    found |= dataset.extra_captions()
+    logger.info("Caption augmentation: caching %d caption variants for %d epoch(s).", len(found), epochs)
+    return found
 
 
 def cache_folder(latents_cache_dir: str | None, output_dir: str | Path) -> Path:

@@ -21,6 +21,7 @@ import torch
 from torch.utils.data import Dataset, Sampler
 
 from sdft.data.buckets import BucketBatchSampler, BucketPlan, captioned_image_sizes
+from sdft.data.captions import NO_AUGMENT, CaptionAugment, augment_caption, caption_rng, caption_variants
 from sdft.data.latent_cache import CacheImage, LatentCache, describe_image
 from sdft.data.sources import CaptionedImages
 from sdft.data.transforms import ImageTransform, Placement, Transformed, upright
@@ -35,6 +36,8 @@ class CaptionedImageDataset(Dataset):
     """`empty_caption_rate` replaces captions with "" at that rate, drawn anew every epoch
     (SDXL's --proportion_empty_prompts; upstream draws once, when it precomputes embeddings).
 
+    `captions`: kohya's caption augmentation (`sdft.data.captions`), from the caption flags.
+
     `buckets` (a `sdft.data.buckets.BucketPlan` over `images`, --enable_bucket) gives each image
     its own target size; without it every image is cropped to the square --resolution.
     `target_size(index)` and `placement(index, epoch)` say, without decoding pixels, what item
@@ -42,8 +45,9 @@ class CaptionedImageDataset(Dataset):
     the images kept out of training for the validation loss, if any."""
 
     def __init__(self, images: CaptionedImages, transform: ImageTransform, seed: int, empty_caption_rate: float = 0.0,
-                 buckets: BucketPlan | None = None):
+                 buckets: BucketPlan | None = None, captions: CaptionAugment = NO_AUGMENT):
         self.images = images
+        self.captions = captions
         self.transform = transform
         self.seed = seed
         self.empty_caption_rate = empty_caption_rate
@@ -64,9 +68,18 @@ class CaptionedImageDataset(Dataset):
 
     def distinct_captions(self, limit: int) -> set[str] | None:
         found = self.images.distinct_captions(limit)
+        if found is not None and self.captions.active:
+            found = caption_variants(found, self.captions)
         if found is not None and self.empty_caption_rate:
             found.add("")
         return found
+
+    def caption_items(self) -> list[tuple[int, list[str], CaptionAugment]]:
+        """One epoch's (item, captions, augmentation), for the caption variants a text cache holds."""
+        return [(index, self.images.captions(index), self.captions) for index in range(len(self.images))]
+
+    def extra_captions(self) -> set[str]:
+        return {""} if self.empty_caption_rate else set()
 
     def target_size(self, index: int) -> tuple[int, int]:
         """(height, width) item `index` is cropped to: its bucket, or the square --resolution."""
@@ -112,6 +125,8 @@ class CaptionedImageDataset(Dataset):
             if out.mask is not None:
                 item["mask"] = out.mask
         caption = rng.choice(self.images.captions(index))
+        if self.captions.active:   # its own stream: the draws above stay as they were without it
+            caption = augment_caption(caption, self.captions, self.epoch, caption_rng(self.seed, self.epoch, index))
         if self.empty_caption_rate and rng.random() < self.empty_caption_rate:
             caption = ""
         return {**item, "caption": caption, "name": self.images.name(index)}
@@ -168,7 +183,12 @@ def target_sizes(examples: list[dict], prefix: str) -> torch.Tensor:
 
 def loader_order(dataset, batch_size: int, seed: int) -> tuple[object, dict]:
     """The per-epoch sampler of `dataset` and the DataLoader arguments that use it: batches of one
-    bucket when the dataset has buckets, else a shuffled permutation cut into `batch_size`."""
+    bucket when the dataset has buckets, else a shuffled permutation cut into `batch_size`. A dataset
+    with a `batch_plan` (`sdft.data.subsets`) says each item's group and each group's batch size."""
+    if hasattr(dataset, "batch_plan"):
+        keys, sizes = dataset.batch_plan()
+        sampler = BucketBatchSampler(keys, batch_size, seed, batch_sizes=sizes)
+        return sampler, {"batch_sampler": sampler}
     if getattr(dataset, "buckets", None) is None:
         sampler = EpochShuffleSampler(len(dataset), seed)
         return sampler, {"sampler": sampler, "batch_size": batch_size}

@@ -27,6 +27,7 @@ from torch.utils.data import Dataset
 from tqdm.auto import tqdm
 
 from sdft.data.buckets import BucketPlan
+from sdft.data.captions import NO_AUGMENT, CaptionAugment, augment_caption, caption_rng, caption_variants
 from sdft.data.dataset import seeded_rng, stack_masks, target_sizes
 from sdft.data.latent_cache import CacheImage, LatentCache, describe_image
 from sdft.data.sources import (
@@ -226,7 +227,7 @@ class DreamBoothDataset(Dataset):
 
     def __init__(self, instance: CaptionedImages, transform: ImageTransform, seed: int, repeats: int = 1,
                  class_images: list[Path] | None = None, class_prompt: str | None = None,
-                 buckets: BucketPlan | None = None):
+                 buckets: BucketPlan | None = None, captions: CaptionAugment = NO_AUGMENT):
         if repeats < 1:
             raise DataError(f"--repeats must be at least 1, got {repeats}.")
         if len(instance) == 0:
@@ -241,6 +242,7 @@ class DreamBoothDataset(Dataset):
         self.transform = transform
         self.seed = seed
         self.repeats = repeats
+        self.captions = captions   # kohya's caption augmentation of the instance captions
         self.class_images = [Path(p) for p in class_images] if class_images else None
         self.class_prompt = class_prompt
         self.epoch = 0
@@ -259,6 +261,9 @@ class DreamBoothDataset(Dataset):
         row = index % len(self.instance)
         # The caption is drawn before the image so it is the same with and without a latent cache.
         item = {"caption": rng.choice(self.instance.captions(row)), "name": self.instance.name(row)}
+        if self.captions.active:   # its own stream: the crop and flip draws stay as they were without it
+            item["caption"] = augment_caption(item["caption"], self.captions, self.epoch,
+                                              caption_rng(self.seed, self.epoch, index))
         item.update(self._image(("instance", row), rng, prefix="", target=self.target_size(index)))
         if self.class_images:
             slot = index % len(self.class_images)
@@ -282,9 +287,19 @@ class DreamBoothDataset(Dataset):
         """Every caption an item can carry, class prompt included, or None if there are more than
         `limit` (the trainer then encodes captions per step instead of once)."""
         found = self.instance.distinct_captions(limit)
+        if found is not None and self.captions.active:
+            found = caption_variants(found, self.captions)
         if found is not None and self.class_images:
             found.add(self.class_prompt)
         return found if found is not None and len(found) <= limit else None
+
+    def caption_items(self) -> list[tuple[int, list[str], CaptionAugment]]:
+        """One epoch's (item, instance captions, augmentation), for the caption variants a text cache holds."""
+        return [(index, self.instance.captions(index % len(self.instance)), self.captions)
+                for index in range(len(self))]
+
+    def extra_captions(self) -> set[str]:
+        return {self.class_prompt} if self.class_images else set()
 
     def cache_keys(self) -> list[CacheKey]:
         keys = [("instance", i) for i in range(len(self.instance))]
