@@ -57,7 +57,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def parse_args(input_args: list[str] | None = None) -> argparse.Namespace:
-    own = [checks.check_t2i_or_dreambooth_data, partial(checks.check_prediction_type, allowed=PREDICTION_TYPES)]
+    own = [partial(checks.check_base_file, family="sd"), checks.check_t2i_or_dreambooth_data,
+           partial(checks.check_prediction_type, allowed=PREDICTION_TYPES)]
     return cli.parse(build_parser(), input_args, [*checks.COMMON, *own])
 
 

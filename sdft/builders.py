@@ -43,6 +43,8 @@ from sdft.data.text_cache import TextCache
 from sdft.data.transforms import ImageTransform
 from sdft.ema import EMA
 from sdft.errors import CliError, MissingFileError
+from sdft.families.base_file import converted_folder, is_single_file, offline
+from sdft.families.base_file import inspect as inspect_base_file
 from sdft.families.protocol import Family
 from sdft.families.source import ModelSource
 from sdft.guards import NonFiniteGuard, check_precision_device
@@ -78,6 +80,7 @@ def build(args: argparse.Namespace, family: Family, make_objective, make_data, t
     family)` and `make_objective(args, noise_scheduler, device)` are builders of this module."""
     # The process: accelerator, memory estimate, resume point and seed.
     accelerator = make_accelerator(args)
+    args = with_base_folder(args, family, accelerator)
     check_memory(args, family, accelerator)
     output_dir = Path(args.output_dir)
     resume_dir = resolve_resume(args.resume_from_checkpoint, output_dir)
@@ -135,6 +138,22 @@ def make_accelerator(args: argparse.Namespace) -> Accelerator:
     if args.allow_tf32 and torch.cuda.is_available():
         torch.backends.cuda.matmul.allow_tf32 = True
     return accelerator
+
+
+def with_base_folder(args: argparse.Namespace, family: Family, accelerator: Accelerator) -> argparse.Namespace:
+    """A single-file base is converted (once per file content) into a diffusers folder, which the rest
+    of the run reads as any other base; `base_file` keeps the user's file for metadata and the card.
+    The main process converts first so that the others find its folder."""
+    if not is_single_file(args.pretrained_model_name_or_path):
+        return argparse.Namespace(**{**vars(args), "base_file": None})
+    base = inspect_base_file(args.pretrained_model_name_or_path, family.name)
+    root = Path(args.cache_dir) / "sdft-single-file" if args.cache_dir else Path(args.output_dir) / CACHE_FOLDER
+    root = root / "single_file"
+    with accelerator.main_process_first():
+        folder = converted_folder(base, family.pipeline_cls, args.single_file_config, root,
+                                  local_files_only=offline())
+    return argparse.Namespace(**{**vars(args), "pretrained_model_name_or_path": str(folder),
+                                 "base_file": args.pretrained_model_name_or_path})
 
 
 def resolve_seed(requested: int | None, resumed: Position | None) -> int:
@@ -317,8 +336,8 @@ def file_metadata(args: argparse.Namespace, family: Family, models, trained: dic
     denoiser = getattr(models, family.denoiser_role)   # trained or not (--train_unet false)
     prediction = args.prediction_type or models.noise_scheduler.config.get("prediction_type")
     base = describe_base(family.name, dict(denoiser.config), prediction)
-    return training_metadata(base, base_model=args.pretrained_model_name_or_path, title=Path(args.output_dir).name,
-                             resolution=args.resolution, steps=steps,
+    return training_metadata(base, base_model=args.base_file or args.pretrained_model_name_or_path,
+                             title=Path(args.output_dir).name, resolution=args.resolution, steps=steps,
                              lora=rank_and_alpha(trained) if args.use_lora else None)
 
 
@@ -334,7 +353,7 @@ def model_card(args: argparse.Namespace, run: Run) -> hub.CardInfo:
             triggers=new_tokens.plan.triggers(), in_pipeline=not args.use_lora,
             encoders=[(e.key, e.role, e.tokenizer_role) for e in new_tokens.encoders])
     return hub.CardInfo(
-        base_model=args.pretrained_model_name_or_path, title=run.output_dir.name, license=family.license,
+        base_model=args.base_file or args.pretrained_model_name_or_path, title=run.output_dir.name, license=family.license,
         tags=family.tags, lora=args.use_lora, pipeline_class=family.pipeline_cls.__name__,
         dataset=args.dataset_name, instance_prompt=instance_prompt, embeddings=embeddings,
         training={"steps": run.max_train_steps, "learning rate": args.learning_rate,

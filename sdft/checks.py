@@ -23,6 +23,7 @@ from sdft.data.buckets import BucketSettings, bucket_sizes
 from sdft.data.cache_store import prepare_folder
 from sdft.data.caches import cache_folder
 from sdft.errors import CliError, DataError
+from sdft.families.base_file import check_vae_file, inspect, is_single_file, offline
 from sdft.objectives import validate_timestep_bias
 from sdft.optim import LR_SCHEDULERS, OPTIMIZERS
 from sdft.textual_inversion import TokenPlan, check_abstractions_used
@@ -96,13 +97,34 @@ LOADED_COMPONENTS = ("unet", "transformer", "vae", "scheduler", "text_encoder", 
 
 
 def check_model_path(args: argparse.Namespace, given: Given) -> None:
-    """A local model folder must exist and hold a diffusers pipeline; Hub ids are checked at load time."""
+    """A local model folder must exist and hold a diffusers pipeline; Hub ids are checked at load time.
+    Single files are checked by each script's check_base_file, which knows the family."""
+    if "single_file_config" in given and not is_single_file(args.pretrained_model_name_or_path):
+        raise CliError("--single_file_config gives the configs of a single-file --pretrained_model_name_or_path; "
+                       f"'{args.pretrained_model_name_or_path}' is not a file.")
+    if args.single_file_config:
+        check_pipeline_folder("--single_file_config", args.single_file_config, "model_index.json")
+    if is_single_file(args.pretrained_model_name_or_path):
+        return
     check_pipeline_folder("--pretrained_model_name_or_path", args.pretrained_model_name_or_path, "model_index.json")
     check_pipeline_components(args.pretrained_model_name_or_path,
                               skip={"vae"} if getattr(args, "pretrained_vae_model_name_or_path", None) else set())
     vae = getattr(args, "pretrained_vae_model_name_or_path", None)
-    if vae:
+    if vae and is_single_file(vae):
+        check_vae_file(vae)
+    elif vae:
         check_pipeline_folder("--pretrained_vae_model_name_or_path", vae, "config.json")
+
+
+def check_base_file(args: argparse.Namespace, given: Given, *, family: str) -> None:
+    """A single-file base: readable, of this script's family, and with a config source (issue 16)."""
+    if not is_single_file(args.pretrained_model_name_or_path):
+        return
+    inspect(args.pretrained_model_name_or_path, family)
+    if args.single_file_config is None and offline():
+        raise CliError(f"--pretrained_model_name_or_path '{args.pretrained_model_name_or_path}' is a single file and "
+                       "the Hub is offline (HF_HUB_OFFLINE): give --single_file_config, the diffusers folder of its "
+                       "base model, for the component configs.")
 
 
 def check_pipeline_folder(flag: str, value: str, marker: str) -> None:

@@ -46,7 +46,14 @@ WHEN_ABSENT = {
 def add_model_args(parser: argparse.ArgumentParser) -> None:
     g = parser.add_argument_group("model and output")
     g.add_argument("--pretrained_model_name_or_path", type=str, default=None, required=True,
-                   help="Hub id or local folder of the base diffusers pipeline.")
+                   help="Hub id or local folder of the base diffusers pipeline, or one .safetensors/.ckpt "
+                        "checkpoint in the A1111/ComfyUI/Forge layout (converted once into a diffusers folder under "
+                        "--cache_dir, else <output_dir>/.sdft-cache, and reused by later runs of the same file).")
+    g.add_argument("--single_file_config", type=str, default=None,
+                   help="For a single-file --pretrained_model_name_or_path: the diffusers folder or Hub id whose "
+                        "component configs (and tokenizers, scheduler, and any component the file lacks, e.g. "
+                        "SD3's T5) are used, e.g. stabilityai/stable-diffusion-xl-base-1.0. Default: the Hub "
+                        "repository diffusers picks for the checkpoint's model type (needs the network).")
     g.add_argument("--revision", type=str, default=None, help="Hub revision of the base model.")
     g.add_argument("--variant", type=str, default=None,
                    help="Weight-file variant of the base model, e.g. 'fp16'.")
@@ -61,7 +68,8 @@ def add_model_args(parser: argparse.ArgumentParser) -> None:
 
 def add_vae_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--pretrained_vae_model_name_or_path", type=str, default=None,
-                        help="Another VAE (a folder or Hub id without subfolder), e.g. an fp16-safe SDXL VAE.")
+                        help="Another VAE (a folder or Hub id without subfolder, or one .safetensors VAE file), "
+                             "e.g. an fp16-safe SDXL VAE.")
 
 
 def add_dataset_args(parser: argparse.ArgumentParser) -> None:

@@ -163,7 +163,7 @@ def save_outputs(run: Run) -> None:
     family, output_dir, trained, plan = run.family, run.output_dir, run.trained, run.export
     if trained.ema is not None:
         trained.ema.copy_to(trained.modules[family.denoiser_role].parameters())
-    extra = family.export_modules(run.models)
+    extra = family.export_modules(run.models, run.source)
     new_tokens = run.token_embeddings
     embeddings_file = new_tokens.export(output_dir) if new_tokens is not None else None
     if new_tokens is not None and not plan.lora:

@@ -56,5 +56,5 @@ class Family(Protocol):
     def pipeline_modules(self, models: Models) -> dict:
         """In-memory modules a validation pipeline reuses instead of reloading them."""
 
-    def export_modules(self, models: Models) -> dict:
+    def export_modules(self, models: Models, source: ModelSource) -> dict:
         """Components the exported pipeline takes from elsewhere than the base model (SDXL: its VAE)."""

@@ -88,6 +88,6 @@ class StableDiffusion:
         return {"tokenizer": models.tokenizer, "text_encoder": models.text_encoder, "vae": models.vae,
                 "safety_checker": None, "feature_extractor": None, "requires_safety_checker": False}
 
-    def export_modules(self, models: SDModels) -> dict:
+    def export_modules(self, models: SDModels, source: ModelSource) -> dict:
         """Components the exported pipeline takes from elsewhere than the base model: none here."""
         return {}

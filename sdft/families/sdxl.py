@@ -14,6 +14,7 @@ from diffusers import AutoencoderKL, DDPMScheduler, StableDiffusionXLPipeline, U
 from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
 from sdft.families import streamed_load
+from sdft.families.base_file import is_single_file
 from sdft.families.source import ModelSource
 
 
@@ -86,8 +87,15 @@ class StableDiffusionXL:
 
     def load_vae(self, source: ModelSource) -> AutoencoderKL:
         if self.vae_path is not None:
-            return AutoencoderKL.from_pretrained(self.vae_path, cache_dir=source.cache_dir)
+            return self.other_vae(source.path, source.cache_dir)
         return AutoencoderKL.from_pretrained(source.path, subfolder="vae", **source.weight_kwargs())
+
+    def other_vae(self, base: str, cache_dir: str | None = None) -> AutoencoderKL:
+        """--pretrained_vae_model_name_or_path: a folder or Hub id, or one VAE file (read by diffusers'
+        single-file loader with the base model's VAE config)."""
+        if is_single_file(self.vae_path):
+            return AutoencoderKL.from_single_file(self.vae_path, config=base, subfolder="vae")
+        return AutoencoderKL.from_pretrained(self.vae_path, cache_dir=cache_dir)
 
     def load_denoiser(self, source: ModelSource) -> UNet2DConditionModel:
         return streamed_load.load_denoiser(UNet2DConditionModel, source, "unet")
@@ -130,9 +138,9 @@ class StableDiffusionXL:
         return {"tokenizer": models.tokenizer, "tokenizer_2": models.tokenizer_2, "text_encoder": models.text_encoder,
                 "text_encoder_2": models.text_encoder_2, "vae": models.vae}
 
-    def export_modules(self, models: SDXLModels) -> dict:
+    def export_modules(self, models: SDXLModels, source: ModelSource) -> dict:
         """The exported pipeline carries the VAE that was trained with, as stored on disk."""
-        return {"vae": AutoencoderKL.from_pretrained(self.vae_path)} if self.vae_path is not None else {}
+        return {"vae": self.other_vae(source.path, source.cache_dir)} if self.vae_path is not None else {}
 
     def text_settings(self) -> dict:
         """Settings besides the encoders that change `encode_text`'s output (none here)."""

@@ -78,15 +78,14 @@ def test_local_model_folder_that_does_not_exist(data_dir, workdir, capsys, spell
     assert "--pretrained_model_name_or_path" in err and missing in err and "does not exist" in err
 
 
-def test_single_file_checkpoint_is_not_reported_as_missing(data_dir, workdir, capsys):
-    # A common mistake: a single .safetensors file instead of a diffusers folder. It exists, so the
-    # message must not say it does not; it should say a pipeline folder is needed.
+def test_damaged_single_file_checkpoint_is_not_reported_as_missing(data_dir, workdir, capsys):
+    # Single files are bases too (issue 16); one that exists but cannot be read is named as damaged.
     single = workdir / "v1-5-pruned-emaonly.safetensors"
     single.write_bytes(b"\0" * 16)
     err = parse_error([f"--pretrained_model_name_or_path={single}", f"--train_data_dir={data_dir}"], capsys)
     assert "--pretrained_model_name_or_path" in err and str(single) in err
     assert "does not exist" not in err
-    assert "folder" in err or "model_index.json" in err
+    assert "is not a readable .safetensors file" in err
 
 
 def test_model_folder_without_model_index(data_dir, workdir, capsys):
