@@ -50,6 +50,7 @@ from sdft.families.source import ModelSource
 from sdft.guards import NonFiniteGuard, check_precision_device
 from sdft.lora import KOHYA_WEIGHT_NAME, WEIGHT_NAME, rank_and_alpha
 from sdft.model_spec import describe_base, training_metadata
+from sdft.noise_schedule import ZTSNR, check_zero_terminal_snr, markers_of, scheduler_with, settings_for
 from sdft.objectives import DDPMObjective, FlowMatchingObjective, flow_sigma_table, timestep_bias_weights
 from sdft.optim import (
     AdafactorSettings,
@@ -183,6 +184,8 @@ def build_run(args: argparse.Namespace, family: Family, make_objective, accelera
     source = model_source(args, weight_dtype)
     trained_dtype = source.denoiser_dtype or torch.float32
     models = load_models(family, source)
+    if args.zero_terminal_snr:
+        models.noise_scheduler = scheduler_with(models.noise_scheduler, ZTSNR)
     placement = Placement(accelerator.device, weight_dtype, family.vae_dtype(weight_dtype), trained_dtype)
     trained, new_tokens = build_trained(args, family, models, placement, seed)
     ema = None
@@ -236,6 +239,7 @@ def build_run(args: argparse.Namespace, family: Family, make_objective, accelera
         token_embeddings=new_tokens, masked_loss=args.masked_loss, stepper=stepper,
         val_loss=held_out_loss(args, accelerator, dataset, family, objective, weight_dtype, offloaded, seed,
                                caption_map=new_tokens.plan.apply_all if new_tokens else None),
+        scheduler_settings=settings_for(args.prediction_type, args.zero_terminal_snr),
     )
 
 
@@ -322,7 +326,9 @@ def export_plan(args: argparse.Namespace, run: Run, hub_repo: str | None) -> Exp
     return ExportPlan(
         lora=args.use_lora, kohya_lora=args.use_lora and args.output_kohya_format,
         lora_dtype=None if args.upcast_before_saving else run.weight_dtype,
-        prediction_type=args.prediction_type,
+        scheduler_settings=settings_for(args.prediction_type, args.zero_terminal_snr),
+        markers=markers_of({**run.models.noise_scheduler.config, **settings_for(args.prediction_type, False)})
+        if single_file and run.family.name != "sd3" else (),
         single_file_dtype=SAVE_PRECISIONS.get(args.save_precision, run.weight_dtype) if single_file else None,
         metadata=file_metadata(args, run.family, run.models, run.trained.modules, run.max_train_steps)
         if single_file else {},
@@ -338,6 +344,7 @@ def file_metadata(args: argparse.Namespace, family: Family, models, trained: dic
     base = describe_base(family.name, dict(denoiser.config), prediction)
     return training_metadata(base, base_model=args.base_file or args.pretrained_model_name_or_path,
                              title=Path(args.output_dir).name, resolution=args.resolution, steps=steps,
+                             zero_terminal_snr=bool(models.noise_scheduler.config.get("rescale_betas_zero_snr")),
                              lora=rank_and_alpha(trained) if args.use_lora else None)
 
 
@@ -530,6 +537,10 @@ def cache_settings(args: argparse.Namespace) -> CacheSettings:
 
 def ddpm_objective(args: argparse.Namespace, noise_scheduler, device: torch.device) -> DDPMObjective:
     prediction_type = args.prediction_type or noise_scheduler.config.prediction_type
+    message = check_zero_terminal_snr(prediction_type, noise_scheduler.config.get("rescale_betas_zero_snr", False),
+                                      "--zero_terminal_snr" if args.zero_terminal_snr else "the base model's")
+    if message:   # a Hub base's prediction type is known only now
+        raise CliError(message)
     if args.dream_training and prediction_type != "epsilon":
         raise CliError(f"--dream_training supports epsilon prediction only; this model predicts {prediction_type}.")
     weights = None

@@ -24,6 +24,7 @@ from sdft.data.cache_store import prepare_folder
 from sdft.data.caches import cache_folder
 from sdft.errors import CliError, DataError
 from sdft.families.base_file import check_vae_file, inspect, is_single_file, offline
+from sdft.noise_schedule import check_zero_terminal_snr
 from sdft.objectives import validate_timestep_bias
 from sdft.optim import LR_SCHEDULERS, OPTIMIZERS
 from sdft.textual_inversion import TokenPlan, check_abstractions_used
@@ -127,6 +128,31 @@ def check_base_file(args: argparse.Namespace, given: Given, *, family: str) -> N
                        "base model, for the component configs.")
 
 
+def base_prediction_type(model: str, single_file_config: str | None) -> str | None:
+    """What a local base predicts, when that is known without loading it (None for Hub ids)."""
+    if is_single_file(model):
+        if inspect(model, None).v_pred:
+            return "v_prediction"
+        model = single_file_config or ""
+    config = local_scheduler_config(model) if model else None
+    return config.get("prediction_type", "epsilon") if config is not None else None
+
+
+def base_has_ztsnr(model: str) -> bool:
+    if is_single_file(model):
+        return inspect(model, None).ztsnr
+    config = local_scheduler_config(model)
+    return bool(config and config.get("rescale_betas_zero_snr"))
+
+
+def local_scheduler_config(model: str) -> dict | None:
+    path = Path(model).expanduser() / "scheduler" / "scheduler_config.json"
+    try:
+        return json.loads(path.read_text()) if path.is_file() else None
+    except (OSError, ValueError):
+        return None
+
+
 def check_pipeline_folder(flag: str, value: str, marker: str) -> None:
     path = Path(value).expanduser()
     if path.exists() and not path.is_dir():
@@ -207,6 +233,12 @@ def check_prediction_type(args: argparse.Namespace, given: Given, *, allowed: Se
                        f"choose one of: {', '.join(allowed)}.")
     if args.snr_gamma is not None and args.snr_gamma <= 0:
         raise CliError(f"--snr_gamma must be positive, got {args.snr_gamma}.")
+    message = check_zero_terminal_snr(args.prediction_type or base_prediction_type(args.pretrained_model_name_or_path,
+                                                                                   args.single_file_config),
+                                      args.zero_terminal_snr or base_has_ztsnr(args.pretrained_model_name_or_path),
+                                      "--zero_terminal_snr" if args.zero_terminal_snr else "the base model's")
+    if message:
+        raise CliError(message)
     if getattr(args, "dream_training", False) and args.prediction_type not in (None, "epsilon"):
         raise CliError("--dream_training supports epsilon prediction only, not "
                        f"--prediction_type={args.prediction_type}.")

@@ -30,7 +30,8 @@ TRACKERS = ["tensorboard", "wandb", "comet_ml", "all", "none"]
 WHEN_ABSENT = {
     "pretrained_vae_model_name_or_path": None, "train_text_encoder": False, "text_encoder_lr": None,
     "adam_weight_decay_text_encoder": None, "proportion_empty_prompts": 0.0, "prediction_type": None,
-    "timestep_bias_strategy": "none", "dream_training": False, "input_perturbation": 0.0, "train_unet": True,
+    "zero_terminal_snr": False, "timestep_bias_strategy": "none", "dream_training": False, "input_perturbation": 0.0,
+    "train_unet": True,
     "use_ema": False, "offload_ema": False, "foreach_ema": False, "non_ema_revision": None,
     "train_text_encoder_ti": False, "lora_dropout": 0.0, "output_kohya_format": False, "debug_loss": False,
     # SD 1.x and SDXL have no flag: their LoRA files are written in fp32.
@@ -236,7 +237,12 @@ def add_ddpm_objective_args(parser: argparse.ArgumentParser, *, prediction_types
     g = parser.add_argument_group("DDPM objective")
     g.add_argument("--prediction_type", type=str, default=None,
                    help=f"Override the scheduler's prediction type ({', '.join(prediction_types)}); "
-                        "default: the model's own.")
+                        "default: the model's own (for a single file, v_prediction when it carries a v_pred "
+                        "marker key or modelspec.prediction_type 'v').")
+    g.add_argument("--zero_terminal_snr", action="store_true",
+                   help="Rescale the noise schedule's betas to zero terminal SNR (Lin et al. 2023; kohya's flag), "
+                        "for v-prediction only; sampling then uses 'trailing' timesteps. Default: the base model's "
+                        "schedule (rescaled when a single file carries a ztsnr marker key).")
     g.add_argument("--snr_gamma", type=float, default=None,
                    help="Min-SNR loss weighting with this gamma (5.0 is recommended); default: off.")
     g.add_argument("--noise_offset", type=float, default=0,

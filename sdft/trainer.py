@@ -23,6 +23,7 @@ from tqdm.auto import tqdm
 
 from sdft.checkpointing import Position
 from sdft.data.latent_cache import sample_from_moments, sample_latents
+from sdft.noise_schedule import scheduler_with
 from sdft.objectives import latent_mask, split_prior
 from sdft.preemption import stop_if_requested
 from sdft.training_run import Run
@@ -177,11 +178,9 @@ def validation_pipeline(run_state: Run):
         source.path, **{**family.pipeline_modules(run_state.models), **run_state.trained.modules},
         revision=source.revision, variant=source.variant, dtype=run_state.weight_dtype,
     )
-    # --prediction_type may differ from the base model's scheduler; sample the way the model was trained
-    # (the exported scheduler gets the same value in output.export_pipeline).
-    trained_type = getattr(run_state.objective, "prediction_type", None)
-    if trained_type not in (None, pipeline.scheduler.config.get("prediction_type", trained_type)):
-        pipeline.scheduler = type(pipeline.scheduler).from_config(pipeline.scheduler.config, prediction_type=trained_type)
+    # --prediction_type / --zero_terminal_snr may differ from the base model's scheduler; sample the way
+    # the model was trained (the exported scheduler gets the same settings in output.export_pipeline).
+    pipeline.scheduler = scheduler_with(pipeline.scheduler, run_state.scheduler_settings)
     return pipeline.to(run_state.accelerator.device)
 
 

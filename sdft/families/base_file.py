@@ -23,10 +23,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from diffusers import DDIMScheduler
 from safetensors import SafetensorError, safe_open
 
 from sdft.errors import CliError
+from sdft.noise_schedule import scheduler_with, settings_for
 
 logger = logging.getLogger("sdft")
 
@@ -123,8 +123,9 @@ def kind_of(keys: set[str]) -> str | None:
     return None
 
 
-def inspect(value: str, family: str, flag: str = "--pretrained_model_name_or_path") -> BaseFile:
-    """The checks that need only the key names; raises CliError naming the file, or the script to use."""
+def inspect(value: str, family: str | None, flag: str = "--pretrained_model_name_or_path") -> BaseFile:
+    """The checks that need only the key names; raises CliError naming the file, or the script to use
+    when it is not of `family` (None: any family)."""
     path = Path(value).expanduser()
     keys, metadata = read_keys(path, flag)
     kind = kind_of(keys)
@@ -132,6 +133,7 @@ def inspect(value: str, family: str, flag: str = "--pretrained_model_name_or_pat
         what = NAMES[kind] if kind else "a Stable Diffusion 1.x/2.x, SDXL or SD3 checkpoint"
         raise CliError(f"{flag} '{path}' is not a base model these scripts train ({what}; no "
                        f"'{DENOISER}' UNet or MMDiT keys of a known layout).")
+    family = family or FAMILY[kind]
     if FAMILY[kind] != family:
         raise CliError(f"{flag} '{path}' is a {NAMES[kind]} checkpoint; train it with {SCRIPTS[FAMILY[kind]]}, "
                        f"not {SCRIPTS[family]}.")
@@ -164,6 +166,10 @@ def converted_folder(base: BaseFile, pipeline_cls, config: str | None, cache_roo
     the same file at the same time writes its own temporary folder; the first rename wins and the
     other is dropped, so a reader never sees a half-written folder."""
     folder = cache_root / f"{base.path.stem}-{content_hash(base.path)[:16]}"
+    if marker_settings(base):
+        logger.info("Single-file base %s: detected %s%s from its markers.", base.path,
+                    "v-prediction" if base.v_pred else "epsilon prediction",
+                    " with zero terminal SNR" if base.ztsnr else "")
     if (folder / "model_index.json").is_file():
         logger.info("Single-file base %s: using the converted folder %s.", base.path, folder)
         return folder
@@ -177,7 +183,7 @@ def converted_folder(base: BaseFile, pipeline_cls, config: str | None, cache_roo
     pipe = pipeline_cls.from_single_file(str(base.path), config=config, local_files_only=local_files_only, **extra)
     cache_root.mkdir(parents=True, exist_ok=True)
     staging = cache_root / f".{folder.name}.{uuid.uuid4().hex}.tmp"
-    pipe.scheduler = marked_scheduler(pipe.scheduler, base)
+    pipe.scheduler = scheduler_with(pipe.scheduler, marker_settings(base))
     pipe.save_pretrained(str(staging))
     try:
         os.rename(staging, folder)
@@ -199,17 +205,8 @@ def components_from(pipeline_cls, config: str, roles: tuple[str, ...], local_fil
     return loaded
 
 
-def marked_scheduler(scheduler, base: BaseFile):
-    """v_pred / ztsnr markers become the folder's scheduler settings, which the objective, validation
-    and every export read. Zero terminal SNR (Lin et al. 2023, arXiv 2305.08891) rescales the betas;
-    sampling then starts from the last timestep ("trailing" spacing, the paper's section 3.3), which
-    DDIM supports."""
-    if base.family == "sd3" or not (base.v_pred or base.ztsnr):
-        return scheduler
-    logger.info("Single-file base %s: detected %s%s.", base.path, "v-prediction" if base.v_pred else "epsilon",
-                " with zero terminal SNR" if base.ztsnr else "")
-    settings = {"prediction_type": "v_prediction"} if base.v_pred else {}
-    if base.ztsnr:
-        return DDIMScheduler.from_config(scheduler.config, rescale_betas_zero_snr=True, timestep_spacing="trailing",
-                                         **settings)
-    return type(scheduler).from_config(scheduler.config, **settings)
+def marker_settings(base: BaseFile) -> dict:
+    """The scheduler settings a file's v_pred / ztsnr markers ask for (DDPM families only)."""
+    if base.family == "sd3":
+        return {}
+    return settings_for("v_prediction" if base.v_pred else None, base.ztsnr)

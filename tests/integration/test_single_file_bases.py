@@ -12,11 +12,13 @@ from pathlib import Path
 import pytest
 import torch
 from diffusers import StableDiffusion3Pipeline, StableDiffusionPipeline, StableDiffusionXLPipeline
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 import train_dreambooth_sd3 as sd3_script
 import train_text_to_image as t2i
 import train_text_to_image_sdxl as sdxl_script
+from sdft.builders import ddpm_objective
 from sdft.cli import run
 from sdft.families.sd import StableDiffusion
 from sdft.families.sd3 import StableDiffusion3
@@ -37,9 +39,10 @@ def _fresh(fresh_accelerate_state):
     yield
 
 
-def write_single_file(family, folder: Path, layout: str, path: Path, drop: str | None = None) -> Path:
+def write_single_file(family, folder: Path, layout: str, path: Path, drop: str | None = None,
+                      markers: tuple[str, ...] = ()) -> Path:
     models = family.load(ModelSource(str(folder)))
-    save_single_file(layout, family.components(models), path, torch.float32)
+    save_single_file(layout, family.components(models), path, torch.float32, markers=markers)
     if drop is not None:   # a file without one component, as SD3 files without T5 are published
         tensors = {k: v for k, v in load_file(path).items() if not k.startswith(drop)}
         save_file(tensors, str(path))
@@ -110,12 +113,33 @@ def test_sd1_ckpt_lora_loads_on_the_single_file_base(tiny_sd, image_folder, tmp_
     assert not torch.equal(torch.from_numpy(generate(pipe)), torch.from_numpy(before))
 
 
-def test_sdxl_single_file_run_that_changes_nothing_exports_the_same_file(tiny_sdxl, image_folder, tmp_path):
-    base = write_single_file(StableDiffusionXL(), tiny_sdxl, "sdxl_base_v1-0", tmp_path / "illustrious.safetensors")
+def test_vpred_ztsnr_sdxl_file_trains_as_marked_and_exports_the_same_file(tiny_sdxl, image_folder, tmp_path,
+                                                                         monkeypatch, caplog):
+    """NoobAI-style base: v_pred and ztsnr marker keys select v-prediction and zero-terminal-SNR betas
+    without flags, and the run's single file carries the markers back."""
+    base = write_single_file(StableDiffusionXL(), tiny_sdxl, "sdxl_base_v1-0", tmp_path / "noob.safetensors",
+                             markers=("v_pred", "ztsnr"))
+    objectives = []
+
+    def recorded(*args, **kwargs):
+        objectives.append(ddpm_objective(*args, **kwargs))
+        return objectives[-1]
+
+    monkeypatch.setattr(sdxl_script, "ddpm_objective", recorded)
     out = tmp_path / "sdxl"
     argv = sd_args(base, image_folder, out, *ONE_STEP_NO_CHANGE, "--single_file_config", tiny_sdxl)
-    assert run(sdxl_script.main, sdxl_script.parse_args([str(a) for a in argv])) == 0
-    assert_same_tensors(out / "sdxl.safetensors", base)
+    with caplog.at_level(logging.INFO, logger="sdft"):
+        assert run(sdxl_script.main, sdxl_script.parse_args([str(a) for a in argv])) == 0
+    assert "detected v-prediction with zero terminal SNR" in caplog.text
+    assert objectives[0].prediction_type == "v_prediction"
+    assert objectives[0].alphas_cumprod[-1] == 0   # rescaled betas: the last timestep is pure noise
+    assert_same_tensors(out / "sdxl.safetensors", base)   # markers included
+    with safe_open(str(out / "sdxl.safetensors"), "pt") as handle:
+        metadata = handle.metadata()
+    assert metadata["modelspec.prediction_type"] == "v" and metadata["ss_zero_terminal_snr"] == "True"
+    folder = StableDiffusionXLPipeline.from_pretrained(str(out))
+    assert folder.scheduler.config.prediction_type == "v_prediction"
+    assert folder.scheduler.config.rescale_betas_zero_snr and folder.scheduler.config.timestep_spacing == "trailing"
     pipe = StableDiffusionXLPipeline.from_single_file(str(out / "sdxl.safetensors"), config=str(tiny_sdxl),
                                                       local_files_only=True)
     assert generate(pipe).shape == (32, 32, 3)
@@ -182,3 +206,30 @@ def test_bad_single_files_are_named_at_parse_time(sd1_file, tiny_sd, tiny_sdxl, 
     assert "give --single_file_config" in error(t2i, sd1_file)
     assert "--single_file_config gives the configs of a single-file" in error(t2i, tiny_sd, "--single_file_config",
                                                                                tiny_sd)
+
+
+def test_zero_terminal_snr_with_epsilon_is_refused_at_parse_time(tiny_sd, image_folder, tmp_path, capsys):
+    base = sd_args(tiny_sd, image_folder, tmp_path / "out", "--zero_terminal_snr")
+    assert "Zero terminal SNR (--zero_terminal_snr) needs v-prediction" in parse_error(t2i, base, capsys)
+    assert "needs v-prediction" in parse_error(t2i, [*base, "--prediction_type", "epsilon"], capsys)
+    assert t2i.parse_args([str(a) for a in base] + ["--prediction_type", "v_prediction"]).zero_terminal_snr
+
+
+def test_zero_terminal_snr_flag_trains_and_exports_rescaled_betas(tiny_sd, image_folder, tmp_path, monkeypatch):
+    objectives = []
+
+    def recorded(*args, **kwargs):
+        objectives.append(ddpm_objective(*args, **kwargs))
+        return objectives[-1]
+
+    monkeypatch.setattr(t2i, "ddpm_objective", recorded)
+    out = tmp_path / "ztsnr"
+    argv = sd_args(tiny_sd, image_folder, out, "--max_train_steps", "1", "--report_to", "none", "--zero_terminal_snr",
+                   "--prediction_type", "v_prediction", "--save_single_file")
+    assert run(t2i.main, t2i.parse_args([str(a) for a in argv])) == 0
+    assert objectives[0].alphas_cumprod[-1] == 0 and objectives[0].prediction_type == "v_prediction"
+    pipe = StableDiffusionPipeline.from_pretrained(str(out), safety_checker=None)
+    assert pipe.scheduler.config.rescale_betas_zero_snr and pipe.scheduler.config.prediction_type == "v_prediction"
+    assert generate(pipe).shape == (32, 32, 3)
+    with safe_open(str(out / "ztsnr.safetensors"), "pt") as handle:
+        assert {"v_pred", "ztsnr"} <= set(handle.keys())
