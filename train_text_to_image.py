@@ -38,6 +38,7 @@ def build_parser() -> argparse.ArgumentParser:
     cli.add_optimizer_args(parser, choice=True)
     cli.add_memory_args(parser)
     cli.add_precision_args(parser)
+    cli.add_text_encoding_args(parser)
     cli.add_ddpm_objective_args(parser, prediction_types=PREDICTION_TYPES)
     cli.add_t2i_objective_extras(parser)
     cli.add_ema_args(parser, offload=True)
@@ -63,7 +64,7 @@ def parse_args(input_args: list[str] | None = None) -> argparse.Namespace:
 
 
 def main(args: argparse.Namespace) -> None:
-    family = StableDiffusion(denoiser_revision=args.non_ema_revision)
+    family = StableDiffusion(denoiser_revision=args.non_ema_revision, clip_skip=args.clip_skip)
     data = dreambooth_data if args.instance_data_dir else text_image_data
     with build(args, family, make_objective=ddpm_objective, make_data=data,
                tracker_name=args.tracker_project_name) as run:

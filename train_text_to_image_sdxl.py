@@ -42,6 +42,7 @@ def build_parser() -> argparse.ArgumentParser:
     cli.add_optimizer_args(parser, choice=True)
     cli.add_memory_args(parser)
     cli.add_precision_args(parser, npu=True)
+    cli.add_text_encoding_args(parser)
     cli.add_ddpm_objective_args(parser, prediction_types=PREDICTION_TYPES)
     cli.add_timestep_bias_args(parser)
     cli.add_ema_args(parser, offload=False)
@@ -68,7 +69,7 @@ def parse_args(input_args: list[str] | None = None) -> argparse.Namespace:
 
 
 def main(args: argparse.Namespace) -> None:
-    family = StableDiffusionXL(vae_path=args.pretrained_vae_model_name_or_path)
+    family = StableDiffusionXL(vae_path=args.pretrained_vae_model_name_or_path, clip_skip=args.clip_skip)
     data = dreambooth_data if args.instance_data_dir else text_image_data
     with build(args, family, make_objective=ddpm_objective, make_data=data,
                tracker_name="text2image-fine-tune-sdxl") as run:

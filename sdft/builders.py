@@ -230,7 +230,7 @@ def build_run(args: argparse.Namespace, family: Family, make_objective, accelera
         num_epochs=math.ceil(max_train_steps / updates_per_epoch), checkpointing_steps=args.checkpointing_steps,
         max_grad_norm=0.0 if stepper.fused else args.max_grad_norm, weight_dtype=weight_dtype,
         validation=ValidationPlan(new_tokens.plan.apply_all(prompts) if new_tokens else prompts, seed=seed,
-                                  resolution=args.resolution),
+                                  resolution=args.resolution, prompt_kwargs=family.validation_kwargs),
         validation_epochs=args.validation_epochs, output_dir=Path(args.output_dir), source=source,
         dream_detail_preservation=args.dream_detail_preservation if args.dream_training else None,
         params_to_clip=params, train_text_encoders=args.train_text_encoder,
@@ -344,6 +344,7 @@ def file_metadata(args: argparse.Namespace, family: Family, models, trained: dic
     base = describe_base(family.name, dict(denoiser.config), prediction)
     return training_metadata(base, base_model=args.base_file or args.pretrained_model_name_or_path,
                              title=Path(args.output_dir).name, resolution=args.resolution, steps=steps,
+                             clip_skip=args.clip_skip,
                              zero_terminal_snr=bool(models.noise_scheduler.config.get("rescale_betas_zero_snr")),
                              lora=rank_and_alpha(trained) if args.use_lora else None)
 

@@ -231,6 +231,9 @@ def check_prediction_type(args: argparse.Namespace, given: Given, *, allowed: Se
     if args.prediction_type is not None and args.prediction_type not in allowed:
         raise CliError(f"--prediction_type '{args.prediction_type}' is not supported; "
                        f"choose one of: {', '.join(allowed)}.")
+    if args.clip_skip is not None and not 1 <= args.clip_skip <= 12:
+        raise CliError(f"--clip_skip counts CLIP layers from the end (1 = the last, 2 = the penultimate), from 1 to "
+                       f"12; got {args.clip_skip}.")
     if args.snr_gamma is not None and args.snr_gamma <= 0:
         raise CliError(f"--snr_gamma must be positive, got {args.snr_gamma}.")
     message = check_zero_terminal_snr(args.prediction_type or base_prediction_type(args.pretrained_model_name_or_path,

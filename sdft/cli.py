@@ -30,7 +30,8 @@ TRACKERS = ["tensorboard", "wandb", "comet_ml", "all", "none"]
 WHEN_ABSENT = {
     "pretrained_vae_model_name_or_path": None, "train_text_encoder": False, "text_encoder_lr": None,
     "adam_weight_decay_text_encoder": None, "proportion_empty_prompts": 0.0, "prediction_type": None,
-    "zero_terminal_snr": False, "timestep_bias_strategy": "none", "dream_training": False, "input_perturbation": 0.0,
+    "zero_terminal_snr": False, "clip_skip": None, "timestep_bias_strategy": "none", "dream_training": False,
+    "input_perturbation": 0.0,
     "train_unet": True,
     "use_ema": False, "offload_ema": False, "foreach_ema": False, "non_ema_revision": None,
     "train_text_encoder_ti": False, "lora_dropout": 0.0, "output_kohya_format": False, "debug_loss": False,
@@ -231,6 +232,15 @@ def add_precision_args(parser: argparse.ArgumentParser, *, npu: bool = False, xf
     if npu:
         g.add_argument("--enable_npu_flash_attention", action="store_true",
                        help="Use flash attention on Ascend NPUs (needs torch_npu).")
+
+
+def add_text_encoding_args(parser: argparse.ArgumentParser) -> None:
+    g = parser.add_argument_group("text encoding")
+    g.add_argument("--clip_skip", type=int, default=None,
+                   help="Condition on the CLIP layer this many from the end, as kohya and A1111 count: 2 = the "
+                        "penultimate layer (what anime bases are trained with), through the final layer norm for "
+                        "SD 1.x/2.x. diffusers' pipelines count one lower (clip_skip=1 there). Default: 1, the "
+                        "model's usual layer (SDXL's is already the penultimate; 2 moves it one further back).")
 
 
 def add_ddpm_objective_args(parser: argparse.ArgumentParser, *, prediction_types: Sequence[str]) -> None:

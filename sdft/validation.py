@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import torch
@@ -19,6 +20,8 @@ class ValidationPlan:
     seed: int
     num_inference_steps: int = 25
     resolution: int | None = None   # default: the pipeline's own
+    # (pipeline, prompt, device) -> extra pipeline arguments: the family's validation_kwargs (clip skip)
+    prompt_kwargs: Callable[..., dict] | None = None
 
     @property
     def enabled(self) -> bool:
@@ -39,8 +42,11 @@ def generate(pipeline, plan: ValidationPlan, device: torch.device, autocast) -> 
     for index, prompt in enumerate(plan.prompts):
         generator = torch.Generator(device=device).manual_seed(plan.seed + index)
         size = {"height": plan.resolution, "width": plan.resolution} if plan.resolution else {}
+        extra = plan.prompt_kwargs(pipeline, prompt, device) if plan.prompt_kwargs else {}
+        if "prompt_embeds" in extra:
+            prompt = None
         with autocast(), torch.no_grad():
-            result = pipeline(prompt, num_inference_steps=plan.num_inference_steps, generator=generator, **size)
+            result = pipeline(prompt, **extra, num_inference_steps=plan.num_inference_steps, generator=generator, **size)
         images.append(result.images[0])
     return images
 

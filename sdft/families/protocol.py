@@ -45,6 +45,9 @@ class Family(Protocol):
     def text_settings(self) -> dict:
         """Settings besides the encoders that change `encode_text`'s output (they key the text cache)."""
 
+    def validation_kwargs(self, pipeline, prompt: str, device: torch.device) -> dict:
+        """Pipeline arguments for one validation prompt so that it is conditioned as in training (clip skip)."""
+
     def batch_condition(self, text: dict, batch: dict, device: torch.device) -> dict:
         """The full conditioning from the text part and the batch (SDXL adds its size/crop numbers)."""
 

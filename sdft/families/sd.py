@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from types import SimpleNamespace
 
 import torch
 from diffusers import AutoencoderKL, DDPMScheduler, StableDiffusionPipeline, UNet2DConditionModel
@@ -21,6 +22,17 @@ class SDModels:
     noise_scheduler: DDPMScheduler
 
 
+def clip_states(encoder: CLIPTextModel, ids: torch.Tensor, clip_skip: int | None) -> torch.Tensor:
+    """The last layer's states, or with `clip_skip` N the N-th layer from the end passed through the
+    final layer norm (kohya's and A1111's "clip skip": 2 = the penultimate layer, NovelAI's choice)."""
+    if clip_skip in (None, 1):
+        return encoder(ids, return_dict=False)[0]
+    hidden = encoder(ids, output_hidden_states=True, return_dict=True).hidden_states[-clip_skip]
+    # transformers 5 keeps the layers on the model itself; 4.x under .text_model
+    text_model = encoder.text_model if hasattr(encoder, "text_model") else encoder
+    return text_model.final_layer_norm(hidden)
+
+
 class StableDiffusion:
     """The family object the trainer talks to. `denoiser_revision` loads the trained UNet from
     another Hub revision (--non_ema_revision)."""
@@ -37,8 +49,9 @@ class StableDiffusion:
     license = "creativeml-openrail-m"
     tags = ["stable-diffusion", "stable-diffusion-diffusers", "text-to-image", "diffusers", "diffusers-training"]
 
-    def __init__(self, denoiser_revision: str | None = None):
+    def __init__(self, denoiser_revision: str | None = None, clip_skip: int | None = None):
         self.denoiser_revision = denoiser_revision
+        self.clip_skip = clip_skip
 
     def load(self, source: ModelSource) -> SDModels:
         return SDModels(
@@ -67,11 +80,22 @@ class StableDiffusion:
             captions, padding="max_length", max_length=models.tokenizer.model_max_length,
             truncation=True, return_tensors="pt",
         ).input_ids.to(device)
-        return {"encoder_hidden_states": models.text_encoder(ids, return_dict=False)[0]}
+        return {"encoder_hidden_states": clip_states(models.text_encoder, ids, self.clip_skip)}
 
     def text_settings(self) -> dict:
-        """Settings besides the encoders that change `encode_text`'s output (none here)."""
-        return {}
+        """Settings besides the encoders that change `encode_text`'s output: --clip_skip when set."""
+        return {"clip_skip": self.clip_skip} if self.clip_skip not in (None, 1) else {}
+
+    def validation_kwargs(self, pipeline, prompt: str, device: torch.device) -> dict:
+        """Pipeline arguments that make validation condition the way training does. With --clip_skip the
+        embeddings are computed here: diffusers 0.42's SD encode_prompt(clip_skip=...) reaches for
+        `text_encoder.text_model`, which transformers 5 removed (issue 16)."""
+        if self.clip_skip in (None, 1):
+            return {}
+        models = SimpleNamespace(tokenizer=pipeline.tokenizer, text_encoder=pipeline.text_encoder)
+        with torch.no_grad():
+            return {"prompt_embeds": self.encode_text(models, [prompt], device)["encoder_hidden_states"],
+                    "negative_prompt_embeds": self.encode_text(models, [""], device)["encoder_hidden_states"]}
 
     def batch_condition(self, text: dict, batch: dict, device: torch.device) -> dict:
         """Conditioning that depends on the images too: none for SD."""

@@ -113,6 +113,9 @@ class StableDiffusion3:
         prompt_embeds, pooled = encode_prompts(models, captions, self.max_sequence_length, device)
         return {"encoder_hidden_states": prompt_embeds, "pooled_projections": pooled}
 
+    def validation_kwargs(self, pipeline, prompt: str, device: torch.device) -> dict:
+        return {}
+
     def text_settings(self) -> dict:
         return {"max_sequence_length": self.max_sequence_length}
 

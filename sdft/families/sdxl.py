@@ -38,15 +38,19 @@ def micro_conditioning(original_sizes: torch.Tensor, crop_top_lefts: torch.Tenso
     return torch.cat([original_sizes, crop_top_lefts, target.expand(len(original_sizes), 2)], dim=1)
 
 
-def encode_prompts(tokenizers: list, text_encoders: list, captions: list[str], device: torch.device):
+def encode_prompts(tokenizers: list, text_encoders: list, captions: list[str], device: torch.device,
+                   clip_skip: int | None = None):
     """Penultimate hidden states of both encoders side by side; the pooled, projected output of the
-    second. Encoders are used by position: the first is CLIP ViT-L, the second OpenCLIP bigG."""
+    second. Encoders are used by position: the first is CLIP ViT-L, the second OpenCLIP bigG.
+    `clip_skip` N > 1 (kohya's count) takes N - 1 layers further back, as diffusers' pipeline
+    does for its clip_skip=N - 1, without a final layer norm."""
+    layer = -1 - (clip_skip or 1)
     hidden = []
     for tokenizer, encoder in zip(tokenizers, text_encoders):
         ids = tokenizer(captions, padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
                         return_tensors="pt").input_ids.to(device)
         output = encoder(ids, output_hidden_states=True, return_dict=True)
-        hidden.append(output.hidden_states[-2])
+        hidden.append(output.hidden_states[layer])
     pooled = output.text_embeds
     return torch.cat(hidden, dim=-1), pooled
 
@@ -68,8 +72,9 @@ class StableDiffusionXL:
     tags = ["stable-diffusion-xl", "stable-diffusion-xl-diffusers", "text-to-image", "diffusers",
             "diffusers-training"]
 
-    def __init__(self, vae_path: str | None = None):
+    def __init__(self, vae_path: str | None = None, clip_skip: int | None = None):
         self.vae_path = vae_path
+        self.clip_skip = clip_skip
 
     def load(self, source: ModelSource) -> SDXLModels:
         hub = source.hub_kwargs()
@@ -114,7 +119,8 @@ class StableDiffusionXL:
 
     def encode_text(self, models: SDXLModels, captions: list[str], device: torch.device) -> dict:
         prompt_embeds, pooled = encode_prompts([models.tokenizer, models.tokenizer_2],
-                                               [models.text_encoder, models.text_encoder_2], captions, device)
+                                               [models.text_encoder, models.text_encoder_2], captions, device,
+                                               self.clip_skip)
         return {"encoder_hidden_states": prompt_embeds, "text_embeds": pooled}
 
     def batch_condition(self, text: dict, batch: dict, device: torch.device) -> dict:
@@ -143,5 +149,9 @@ class StableDiffusionXL:
         return {"vae": self.other_vae(source.path, source.cache_dir)} if self.vae_path is not None else {}
 
     def text_settings(self) -> dict:
-        """Settings besides the encoders that change `encode_text`'s output (none here)."""
-        return {}
+        """Settings besides the encoders that change `encode_text`'s output: --clip_skip when set."""
+        return {"clip_skip": self.clip_skip} if self.clip_skip not in (None, 1) else {}
+
+    def validation_kwargs(self, pipeline, prompt: str, device: torch.device) -> dict:
+        """diffusers' SDXL pipeline counts clip skip one lower than kohya/A1111."""
+        return {"clip_skip": self.clip_skip - 1} if self.clip_skip not in (None, 1) else {}
