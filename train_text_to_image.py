@@ -42,7 +42,7 @@ def build_parser() -> argparse.ArgumentParser:
     cli.add_ddpm_objective_args(parser, prediction_types=PREDICTION_TYPES)
     cli.add_t2i_objective_extras(parser)
     cli.add_ema_args(parser, offload=True)
-    cli.add_lora_args(parser, kohya=True)
+    cli.add_lora_args(parser, text_encoder=True, kohya=True)
     cli.add_textual_inversion_args(parser)
     cli.add_subject_args(parser)
     cli.add_single_file_args(parser)

@@ -47,6 +47,7 @@ def build_parser() -> argparse.ArgumentParser:
     cli.add_timestep_bias_args(parser)
     cli.add_ema_args(parser, offload=False)
     cli.add_lora_args(parser, text_encoder=True, kohya=True, debug_loss=True)
+    cli.add_per_encoder_lr_args(parser)
     cli.add_textual_inversion_args(parser)
     cli.add_subject_args(parser)
     cli.add_single_file_args(parser)

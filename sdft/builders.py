@@ -195,7 +195,7 @@ def build_run(args: argparse.Namespace, family: Family, make_objective, accelera
     objective = make_objective(args, models.noise_scheduler, accelerator.device)
     params = trainable_params(trained) + (new_tokens.params() if new_tokens else [])
     optimizer = build_optimizer(args, param_groups(trained, family.denoiser_role, args.text_encoder_lr,
-                                                   args.adam_weight_decay_text_encoder)
+                                                   args.adam_weight_decay_text_encoder, encoder_lrs(args, family))
                                 + ([{"params": new_tokens.params()}] if new_tokens else []),
                                 accelerator.num_processes)
     sampler, order = loader_order(dataset, args.train_batch_size, seed)
@@ -246,8 +246,9 @@ def build_run(args: argparse.Namespace, family: Family, make_objective, accelera
 def build_trained(args: argparse.Namespace, family: Family, models, placement: Placement,
                   seed: int) -> tuple[dict, TokenEmbeddings | None]:
     """The modules that train (full or LoRA), and the new token embeddings of --train_text_encoder_ti."""
+    frozen = {role for role, lr in encoder_lrs(args, family).items() if lr == 0}   # --learning_rate_te1/2 0
     roles = ([family.denoiser_role] if args.train_unet else []) + (
-        family.trainable_text_encoder_roles if args.train_text_encoder else [])
+        [r for r in family.trainable_text_encoder_roles if r not in frozen] if args.train_text_encoder else [])
     trained = prepare_models(family, models, roles, placement, lora=lora_spec(args, family),
                              gradient_checkpointing=args.gradient_checkpointing,
                              xformers=args.enable_xformers_memory_efficient_attention,
@@ -257,6 +258,12 @@ def build_trained(args: argparse.Namespace, family: Family, models, placement: P
         # Frozen, but the embeddings' gradient still flows back through it.
         enable_gradient_checkpointing(getattr(models, family.denoiser_role), needs_input_grads=False)
     return trained, new_tokens
+
+
+def encoder_lrs(args: argparse.Namespace, family: Family) -> dict[str, float]:
+    """SDXL's --learning_rate_te1/--learning_rate_te2 by encoder role (those given)."""
+    given = zip(family.trainable_text_encoder_roles, (args.learning_rate_te1, args.learning_rate_te2))
+    return {role: lr for role, lr in given if lr is not None}
 
 
 def held_out_loss(args: argparse.Namespace, accelerator: Accelerator, dataset, family: Family, objective,

@@ -310,8 +310,15 @@ def check_tracking_and_hub(args: argparse.Namespace, given: Given) -> None:
 
 
 def check_sdxl(args: argparse.Namespace, given: Given) -> None:
-    if args.train_text_encoder and not args.use_lora:
-        raise CliError("--train_text_encoder only applies to LoRA training; add --use_lora.")
+    for number in (1, 2):
+        value = getattr(args, f"learning_rate_te{number}")
+        if value is not None and not args.train_text_encoder:
+            raise CliError(f"--learning_rate_te{number} sets a text encoder's learning rate; add --train_text_encoder.")
+        if value is not None and value < 0:
+            raise CliError(f"--learning_rate_te{number} cannot be negative, got {value}.")
+    if args.learning_rate_te1 == 0 and args.learning_rate_te2 == 0:
+        raise CliError("--learning_rate_te1 0 and --learning_rate_te2 0 freeze both text encoders; drop "
+                       "--train_text_encoder instead.")
     if not 0 <= args.proportion_empty_prompts <= 1:
         raise CliError(f"--proportion_empty_prompts must be between 0 and 1, got {args.proportion_empty_prompts}.")
     if args.timestep_bias_strategy != "none" or "timestep_bias_multiplier" in given:

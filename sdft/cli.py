@@ -30,7 +30,8 @@ TRACKERS = ["tensorboard", "wandb", "comet_ml", "all", "none"]
 WHEN_ABSENT = {
     "pretrained_vae_model_name_or_path": None, "train_text_encoder": False, "text_encoder_lr": None,
     "adam_weight_decay_text_encoder": None, "proportion_empty_prompts": 0.0, "prediction_type": None,
-    "zero_terminal_snr": False, "clip_skip": None, "timestep_bias_strategy": "none", "dream_training": False,
+    "zero_terminal_snr": False, "clip_skip": None, "learning_rate_te1": None, "learning_rate_te2": None,
+    "timestep_bias_strategy": "none", "dream_training": False,
     "input_perturbation": 0.0,
     "train_unet": True,
     "use_ema": False, "offload_ema": False, "foreach_ema": False, "non_ema_revision": None,
@@ -211,6 +212,14 @@ def add_text_encoder_optimizer_args(parser: argparse.ArgumentParser) -> None:
                    help="Weight decay of the text encoders.")
 
 
+def add_per_encoder_lr_args(parser: argparse.ArgumentParser) -> None:
+    g = parser.add_argument_group("text-encoder learning rates (SDXL)")
+    for number, name in ((1, "CLIP ViT-L (text_encoder)"), (2, "OpenCLIP bigG (text_encoder_2)")):
+        g.add_argument(f"--learning_rate_te{number}", type=float, default=None,
+                       help=f"With --train_text_encoder: the learning rate of {name}; 0 keeps it frozen "
+                            "(kohya's flag). Default: --learning_rate.")
+
+
 def parse_bool(value: str) -> bool:
     """argparse's type=bool turns any non-empty string, "False" included, into True."""
     lowered = value.strip().lower()
@@ -350,7 +359,9 @@ def add_lora_args(parser: argparse.ArgumentParser, *, text_encoder: bool = False
     g.add_argument("--rank", type=int, default=4, help="LoRA rank (lora_alpha equals the rank).")
     if text_encoder:
         g.add_argument("--train_text_encoder", action="store_true",
-                       help="Also train LoRA adapters on the text encoders (q/k/v/out projections).")
+                       help="Also train the CLIP text encoder(s): fully, or LoRA adapters on their q/k/v/out "
+                            "projections with --use_lora. Trained encoders are saved in every output; the "
+                            "text-encoder cache cannot be used with them.")
     if kohya:
         g.add_argument("--output_kohya_format", action="store_true",
                        help="Also write pytorch_lora_weights_kohya.safetensors: the same LoRA with kohya key names "

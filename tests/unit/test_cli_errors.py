@@ -227,8 +227,8 @@ def test_parse_hands_the_checks_the_typed_flags_and_fills_in_absent_ones(base):
                      [lambda args, given: seen.append(given)])
     assert seen == [{"pretrained_model_name_or_path", "train_data_dir", "random_flip", "use_lora"}]
     assert args.rank == 4
-    # SD 1.x has no --train_text_encoder: the namespace says what its absence means.
-    assert args.train_text_encoder is False and not any(name.startswith("_") for name in vars(args))
+    # SD 1.x has no --learning_rate_te1 (SDXL's): the namespace says what its absence means.
+    assert args.learning_rate_te1 is None and not any(name.startswith("_") for name in vars(args))
 
 
 # --------------------------------------------------------------------------- SDXL
@@ -248,7 +248,8 @@ def sdxl_error(argv: list[str], capsys) -> str:
     (["--timestep_bias_strategy=earlier", "--timestep_bias_portion=0"], "--timestep_bias_portion"),
     (["--proportion_empty_prompts=1.5"], "--proportion_empty_prompts"),
     (["--output_kohya_format"], "--use_lora"),
-    (["--train_text_encoder"], "--use_lora"),
+    (["--learning_rate_te1=1e-4"], "--train_text_encoder"),
+    (["--train_text_encoder", "--learning_rate_te2=-1"], "--learning_rate_te2"),
     (["--enable_npu_flash_attention"], "--enable_npu_flash_attention"),
     (["--pretrained_vae_model_name_or_path=./no-such-vae"], "--pretrained_vae_model_name_or_path"),
 ])
