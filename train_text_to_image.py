@@ -64,7 +64,8 @@ def parse_args(input_args: list[str] | None = None) -> argparse.Namespace:
 
 
 def main(args: argparse.Namespace) -> None:
-    family = StableDiffusion(denoiser_revision=args.non_ema_revision, clip_skip=args.clip_skip)
+    family = StableDiffusion(denoiser_revision=args.non_ema_revision, clip_skip=args.clip_skip,
+                             max_token_length=args.max_token_length)
     data = dreambooth_data if args.instance_data_dir else text_image_data
     with build(args, family, make_objective=ddpm_objective, make_data=data,
                tracker_name=args.tracker_project_name) as run:

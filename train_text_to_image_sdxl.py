@@ -70,7 +70,8 @@ def parse_args(input_args: list[str] | None = None) -> argparse.Namespace:
 
 
 def main(args: argparse.Namespace) -> None:
-    family = StableDiffusionXL(vae_path=args.pretrained_vae_model_name_or_path, clip_skip=args.clip_skip)
+    family = StableDiffusionXL(vae_path=args.pretrained_vae_model_name_or_path, clip_skip=args.clip_skip,
+                               max_token_length=args.max_token_length)
     data = dreambooth_data if args.instance_data_dir else text_image_data
     with build(args, family, make_objective=ddpm_objective, make_data=data,
                tracker_name="text2image-fine-tune-sdxl") as run:

@@ -30,7 +30,8 @@ TRACKERS = ["tensorboard", "wandb", "comet_ml", "all", "none"]
 WHEN_ABSENT = {
     "pretrained_vae_model_name_or_path": None, "train_text_encoder": False, "text_encoder_lr": None,
     "adam_weight_decay_text_encoder": None, "proportion_empty_prompts": 0.0, "prediction_type": None,
-    "zero_terminal_snr": False, "clip_skip": None, "learning_rate_te1": None, "learning_rate_te2": None,
+    "zero_terminal_snr": False, "clip_skip": None, "max_token_length": None,
+    "learning_rate_te1": None, "learning_rate_te2": None,
     "timestep_bias_strategy": "none", "dream_training": False,
     "input_perturbation": 0.0,
     "train_unet": True,
@@ -250,6 +251,10 @@ def add_text_encoding_args(parser: argparse.ArgumentParser) -> None:
                         "penultimate layer (what anime bases are trained with), through the final layer norm for "
                         "SD 1.x/2.x. diffusers' pipelines count one lower (clip_skip=1 there). Default: 1, the "
                         "model's usual layer (SDXL's is already the penultimate; 2 moves it one further back).")
+    g.add_argument("--max_token_length", type=int, default=None, choices=[75, 150, 225],
+                   help="Caption tokens read, in 75-token chunks encoded the way A1111/Forge/ComfyUI encode long "
+                        "prompts (kohya's flag): 150 or 225 reads longer captions. Default: 75, one CLIP "
+                        "sequence (77 with <BOS>/<EOS>); longer captions are cut.")
 
 
 def add_ddpm_objective_args(parser: argparse.ArgumentParser, *, prediction_types: Sequence[str]) -> None:

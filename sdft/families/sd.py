@@ -10,6 +10,7 @@ from diffusers import AutoencoderKL, DDPMScheduler, StableDiffusionPipeline, UNe
 from transformers import CLIPTextModel, CLIPTokenizer
 
 from sdft.families import streamed_load
+from sdft.families.long_prompts import CHUNK, chunked_ids, join_chunks
 from sdft.families.source import ModelSource
 
 
@@ -49,9 +50,11 @@ class StableDiffusion:
     license = "creativeml-openrail-m"
     tags = ["stable-diffusion", "stable-diffusion-diffusers", "text-to-image", "diffusers", "diffusers-training"]
 
-    def __init__(self, denoiser_revision: str | None = None, clip_skip: int | None = None):
+    def __init__(self, denoiser_revision: str | None = None, clip_skip: int | None = None,
+                 max_token_length: int | None = None):
         self.denoiser_revision = denoiser_revision
         self.clip_skip = clip_skip
+        self.max_token_length = max_token_length if max_token_length != CHUNK else None
 
     def load(self, source: ModelSource) -> SDModels:
         return SDModels(
@@ -76,6 +79,10 @@ class StableDiffusion:
         return latents * models.vae.config.scaling_factor
 
     def encode_text(self, models: SDModels, captions: list[str], device: torch.device) -> dict:
+        if self.max_token_length:   # --max_token_length 150/225: 75-token chunks, as A1111 encodes them
+            ids = chunked_ids(models.tokenizer, captions, self.max_token_length).flatten(0, 1).to(device)
+            states = clip_states(models.text_encoder, ids, self.clip_skip)
+            return {"encoder_hidden_states": join_chunks(states, len(captions))}
         ids = models.tokenizer(
             captions, padding="max_length", max_length=models.tokenizer.model_max_length,
             truncation=True, return_tensors="pt",
@@ -83,14 +90,17 @@ class StableDiffusion:
         return {"encoder_hidden_states": clip_states(models.text_encoder, ids, self.clip_skip)}
 
     def text_settings(self) -> dict:
-        """Settings besides the encoders that change `encode_text`'s output: --clip_skip when set."""
-        return {"clip_skip": self.clip_skip} if self.clip_skip not in (None, 1) else {}
+        """Settings besides the encoders that change `encode_text`'s output: --clip_skip and
+        --max_token_length when set."""
+        return {**({"clip_skip": self.clip_skip} if self.clip_skip not in (None, 1) else {}),
+                **({"max_token_length": self.max_token_length} if self.max_token_length else {})}
 
     def validation_kwargs(self, pipeline, prompt: str, device: torch.device) -> dict:
-        """Pipeline arguments that make validation condition the way training does. With --clip_skip the
-        embeddings are computed here: diffusers 0.42's SD encode_prompt(clip_skip=...) reaches for
-        `text_encoder.text_model`, which transformers 5 removed (issue 16)."""
-        if self.clip_skip in (None, 1):
+        """Pipeline arguments that make validation condition the way training does. With --clip_skip or
+        --max_token_length the embeddings are computed here: diffusers 0.42's SD
+        encode_prompt(clip_skip=...) reaches for `text_encoder.text_model`, which transformers 5
+        removed (issue 16), and the pipeline cuts prompts at 77 tokens."""
+        if self.clip_skip in (None, 1) and not self.max_token_length:
             return {}
         models = SimpleNamespace(tokenizer=pipeline.tokenizer, text_encoder=pipeline.text_encoder)
         with torch.no_grad():

@@ -101,3 +101,22 @@ def test_clip_skip_out_of_range_is_refused(tiny_sd, image_folder, tmp_path, caps
     with pytest.raises(SystemExit):
         t2i.parse_args([str(a) for a in sd_args(tiny_sd, image_folder, tmp_path / "o", "--clip_skip", "0")])
     assert "--clip_skip counts CLIP layers from the end" in capsys.readouterr().err
+
+
+def test_sdxl_long_captions_train_and_validate_from_chunked_embeddings(tiny_sdxl, image_folder, tmp_path,
+                                                                       monkeypatch):
+    """--max_token_length 225: the denoiser and the validation pipeline see the same 3 x 77 states."""
+    recorder = Recorder(monkeypatch, StableDiffusionXL, StableDiffusionXLPipeline)
+    prompt = " ".join(["a red circle on a blue background"] * 20)
+    argv = sd_args(tiny_sdxl, image_folder, tmp_path / "long", "--max_token_length", "225", "--clip_skip", "2",
+                   "--max_train_steps", "1", "--report_to", "none", "--validation_prompt", prompt,
+                   "--num_validation_images", "1")
+    assert run(sdxl_script.main, sdxl_script.parse_args([str(a) for a in argv])) == 0
+    assert recorder.conditions[0].shape[1] == 231
+    base = StableDiffusionXLPipeline.from_pretrained(str(tiny_sdxl))
+    family = StableDiffusionXL(clip_skip=2, max_token_length=225)
+    with torch.no_grad():
+        expected = family.encode_text(base, [prompt], torch.device("cpu"))
+    call = recorder.pipeline_calls[-1]
+    assert torch.allclose(call["prompt_embeds"], expected["encoder_hidden_states"], atol=1e-6)
+    assert torch.allclose(call["pooled_prompt_embeds"], expected["text_embeds"], atol=1e-6)
