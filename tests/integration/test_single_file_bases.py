@@ -233,3 +233,15 @@ def test_zero_terminal_snr_flag_trains_and_exports_rescaled_betas(tiny_sd, image
     assert generate(pipe).shape == (32, 32, 3)
     with safe_open(str(out / "ztsnr.safetensors"), "pt") as handle:
         assert {"v_pred", "ztsnr"} <= set(handle.keys())
+
+
+def test_sdxl_lora_trained_on_a_single_file_loads_on_that_file(tiny_sdxl, image_folder, tmp_path):
+    base = write_single_file(StableDiffusionXL(), tiny_sdxl, "sdxl_base_v1-0", tmp_path / "pony.safetensors")
+    out = tmp_path / "lora"
+    train_argv = sd_args(base, image_folder, out, "--max_train_steps", "2", "--report_to", "none", "--use_lora",
+                         "--rank", "4", "--train_text_encoder", "--single_file_config", tiny_sdxl)
+    assert run(sdxl_script.main, sdxl_script.parse_args([str(a) for a in train_argv])) == 0
+    pipe = StableDiffusionXLPipeline.from_single_file(str(base), config=str(tiny_sdxl), local_files_only=True)
+    before = generate(pipe)
+    pipe.load_lora_weights(str(out))
+    assert not torch.equal(torch.from_numpy(generate(pipe)), torch.from_numpy(before))
