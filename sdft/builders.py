@@ -234,6 +234,8 @@ def build_run(args: argparse.Namespace, family: Family, make_objective, accelera
         validation_epochs=args.validation_epochs, output_dir=Path(args.output_dir), source=source,
         dream_detail_preservation=args.dream_detail_preservation if args.dream_training else None,
         params_to_clip=params, train_text_encoders=args.train_text_encoder,
+        text_encoder_stop_step=stop_step(args.train_text_encoder_frac, max_train_steps, True)
+        if args.train_text_encoder and args.train_text_encoder_frac < 1 else None,
         prior_loss_weight=args.prior_loss_weight if args.with_prior_preservation else None,
         debug_loss=args.debug_loss, condition_cache=condition_cache, offloaded=offloaded,
         token_embeddings=new_tokens, masked_loss=args.masked_loss, stepper=stepper,

@@ -452,6 +452,14 @@ def check_memory_flags(args: argparse.Namespace, given: Given) -> None:
             raise CliError(f"--full_bf16 needs --mixed_precision bf16, got --mixed_precision {args.mixed_precision}.")
 
 
+def check_text_encoder_frac(args: argparse.Namespace, given: Given) -> None:
+    if "train_text_encoder_frac" in given and not args.train_text_encoder:
+        raise CliError("--train_text_encoder_frac is the fraction of steps the text encoders train; add "
+                       "--train_text_encoder.")
+    if not 0 < args.train_text_encoder_frac <= 1:
+        raise CliError(f"--train_text_encoder_frac must be above 0 and at most 1, got {args.train_text_encoder_frac}.")
+
+
 def check_caches(args: argparse.Namespace, given: Given) -> None:
     """Text outputs can only be cached for frozen encoders; a disk cache folder must be writable."""
     text = args.cache_text_encoder_outputs or args.cache_text_encoder_outputs_to_disk
@@ -525,4 +533,5 @@ def check_validation_loss(args: argparse.Namespace, given: Given) -> None:
 # Run by every script, before its own checks.
 COMMON = [check_positive, check_model_path, check_lora, check_textual_inversion, check_ema, check_resume,
           check_validation, check_tracking_and_hub, check_accelerators, check_single_file, check_buckets,
-          check_validation_loss, check_subject, check_optimizer, check_memory_flags, check_caches, check_output_dir]
+          check_validation_loss, check_subject, check_optimizer, check_memory_flags, check_text_encoder_frac,
+          check_caches, check_output_dir]

@@ -31,7 +31,7 @@ WHEN_ABSENT = {
     "pretrained_vae_model_name_or_path": None, "train_text_encoder": False, "text_encoder_lr": None,
     "adam_weight_decay_text_encoder": None, "proportion_empty_prompts": 0.0, "prediction_type": None,
     "zero_terminal_snr": False, "clip_skip": None, "max_token_length": None,
-    "learning_rate_te1": None, "learning_rate_te2": None,
+    "learning_rate_te1": None, "learning_rate_te2": None, "train_text_encoder_frac": 1.0,
     "timestep_bias_strategy": "none", "dream_training": False,
     "input_perturbation": 0.0,
     "train_unet": True,
@@ -204,10 +204,18 @@ def add_memory_args(parser: argparse.ArgumentParser) -> None:
                         "exceeds the accelerator's memory (the machine's RAM on the CPU). Default: refuse.")
 
 
+def add_text_encoder_frac_arg(g) -> None:
+    g.add_argument("--train_text_encoder_frac", type=float, default=1.0,
+                   help="With --train_text_encoder: train the text encoders for this fraction of the steps "
+                        "(floor(frac x --max_train_steps), at least 1), then only the denoiser, as diffusers' "
+                        "advanced scripts do. Default: 1.0, throughout.")
+
+
 def add_text_encoder_optimizer_args(parser: argparse.ArgumentParser) -> None:
     g = parser.add_argument_group("text-encoder training")
     g.add_argument("--train_text_encoder", action="store_true",
                    help="Also train the CLIP text encoders (fully, or LoRA with --use_lora); T5 stays frozen.")
+    add_text_encoder_frac_arg(g)
     g.add_argument("--text_encoder_lr", type=float, default=5e-6, help="Learning rate of the text encoders.")
     g.add_argument("--adam_weight_decay_text_encoder", type=float, default=1e-03,
                    help="Weight decay of the text encoders.")
@@ -367,6 +375,7 @@ def add_lora_args(parser: argparse.ArgumentParser, *, text_encoder: bool = False
                        help="Also train the CLIP text encoder(s): fully, or LoRA adapters on their q/k/v/out "
                             "projections with --use_lora. Trained encoders are saved in every output; the "
                             "text-encoder cache cannot be used with them.")
+        add_text_encoder_frac_arg(g)
     if kohya:
         g.add_argument("--output_kohya_format", action="store_true",
                        help="Also write pytorch_lora_weights_kohya.safetensors: the same LoRA with kohya key names "

@@ -117,7 +117,7 @@ def training_step(run_state: Run, batch: dict, micro_step: int) -> tuple[torch.T
     if run_state.condition_cache is not None:
         cond = family.batch_condition(run_state.condition_cache(batch), batch, accelerator.device)
     else:
-        with nullcontext() if run_state.train_text_encoders or learn_tokens else torch.no_grad():
+        with nullcontext() if text_encoders_learn(run_state, micro_step) or learn_tokens else torch.no_grad():
             cond = family.condition(models, batch, accelerator.device)
     run_state.stats.lap("text")
     noised = run_state.objective.noise(latents, generator)
@@ -155,6 +155,14 @@ def training_step(run_state: Run, batch: dict, micro_step: int) -> tuple[torch.T
         run_state.trained.ema.step(run_state.trained.modules[family.denoiser_role].parameters())
     run_state.stats.lap("optimizer")
     return loss, per_sample.detach()
+
+
+def text_encoders_learn(run_state: Run, micro_step: int) -> bool:
+    """--train_text_encoder, until --train_text_encoder_frac's stop step: after it the encoders run
+    without gradients, so the optimizer (which skips parameters without a gradient) leaves them."""
+    stop = run_state.text_encoder_stop_step
+    step = micro_step // run_state.accelerator.gradient_accumulation_steps
+    return run_state.train_text_encoders and (stop is None or step < stop)
 
 
 def step_generator(seed: int, micro_step: int, process_index: int, device: torch.device) -> torch.Generator:

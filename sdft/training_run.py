@@ -76,6 +76,7 @@ class Run:
     dream_detail_preservation: float | None = None
     params_to_clip: list = field(default_factory=list)
     train_text_encoders: bool = False
+    text_encoder_stop_step: int | None = None   # --train_text_encoder_frac: optimizer steps [0, stop) train them
     prior_loss_weight: float | None = None
     debug_loss: bool = False
     condition_cache: TextCache | None = None

@@ -105,3 +105,21 @@ def test_sdxl_learning_rate_te_zero_keeps_that_encoder_frozen(tiny_sdxl, image_f
     with pytest.raises(SystemExit):
         sdxl_script.parse_args([str(a) for a in sd_args(tiny_sdxl, image_folder, out, "--learning_rate_te1", "1e-4")])
     assert "add --train_text_encoder" in capsys.readouterr().err
+
+
+def test_train_text_encoder_frac_stops_the_encoder_after_that_fraction(tiny_sd, image_folder, tmp_path, capsys):
+    """4 steps with --train_text_encoder_frac 0.5 leave the text encoder where 2 steps do, the UNet not."""
+    half, short = tmp_path / "half", tmp_path / "short"
+    train(t2i, sd_args(tiny_sd, image_folder, half, "--max_train_steps", "4", "--report_to", "none",
+                       "--train_text_encoder", "--train_text_encoder_frac", "0.5"))
+    train(t2i, sd_args(tiny_sd, image_folder, short, "--max_train_steps", "2", "--report_to", "none",
+                       "--train_text_encoder"))
+    a = StableDiffusionPipeline.from_pretrained(str(half), safety_checker=None)
+    b = StableDiffusionPipeline.from_pretrained(str(short), safety_checker=None)
+    base = StableDiffusionPipeline.from_pretrained(str(tiny_sd), safety_checker=None)
+    assert moved(states(base.text_encoder), states(a.text_encoder))
+    assert_equal(states(a.text_encoder), states(b.text_encoder))
+    assert moved(states(a.unet), states(b.unet))
+    with pytest.raises(SystemExit):
+        t2i.parse_args([str(x) for x in sd_args(tiny_sd, image_folder, half, "--train_text_encoder_frac", "0.5")])
+    assert "add --train_text_encoder" in capsys.readouterr().err
