@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from functools import partial
 
 from sdft import checks, cli, output, trainer
 from sdft.builders import build, config_data, dreambooth_data, flow_objective
@@ -60,8 +61,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def parse_args(input_args: list[str] | None = None) -> argparse.Namespace:
-    return cli.parse(build_parser(), input_args, [*checks.COMMON, checks.check_dreambooth, checks.check_sd3,
-                                                      checks.check_flow_recipes])
+    return cli.parse(build_parser(), input_args, [*checks.COMMON, partial(checks.check_base_file, family="sd3"),
+                                                  checks.check_dreambooth, checks.check_sd3, checks.check_flow_recipes])
 
 
 def main(args: argparse.Namespace) -> Run:

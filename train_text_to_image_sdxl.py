@@ -44,12 +44,14 @@ def build_parser() -> argparse.ArgumentParser:
     cli.add_optimizer_args(parser, choice=True)
     cli.add_memory_args(parser)
     cli.add_precision_args(parser, npu=True)
+    cli.add_text_encoding_args(parser)
     cli.add_ddpm_objective_args(parser, prediction_types=PREDICTION_TYPES)
     cli.add_timestep_bias_args(parser)
     cli.add_loss_type_args(parser)
     cli.add_ddpm_recipe_args(parser)
     cli.add_ema_args(parser, offload=False)
     cli.add_lora_args(parser, text_encoder=True, kohya=True, debug_loss=True)
+    cli.add_per_encoder_lr_args(parser)
     cli.add_textual_inversion_args(parser)
     cli.add_subject_args(parser)
     cli.add_single_file_args(parser)
@@ -65,13 +67,15 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def parse_args(input_args: list[str] | None = None) -> argparse.Namespace:
-    own = [checks.check_t2i_or_dreambooth_data, partial(checks.check_prediction_type, allowed=PREDICTION_TYPES),
-           checks.check_sdxl, checks.check_ddpm_recipes]
+    own = [partial(checks.check_base_file, family="sdxl"), checks.check_t2i_or_dreambooth_data,
+           partial(checks.check_prediction_type, allowed=PREDICTION_TYPES), checks.check_sdxl,
+           checks.check_ddpm_recipes]
     return cli.parse(build_parser(), input_args, [*checks.COMMON, *own])
 
 
 def main(args: argparse.Namespace) -> Run:
-    family = StableDiffusionXL(vae_path=args.pretrained_vae_model_name_or_path)
+    family = StableDiffusionXL(vae_path=args.pretrained_vae_model_name_or_path, clip_skip=args.clip_skip,
+                               max_token_length=args.max_token_length)
     data = config_data if args.dataset_config else dreambooth_data if args.instance_data_dir else text_image_data
     with build(args, family, make_objective=ddpm_objective, make_data=data,
                tracker_name="text2image-fine-tune-sdxl") as run:

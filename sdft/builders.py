@@ -47,11 +47,14 @@ from sdft.data.text_cache import TextCache
 from sdft.data.transforms import ImageTransform
 from sdft.ema import EMA
 from sdft.errors import CliError, Finished, MissingFileError
+from sdft.families.base_file import converted_folder, is_single_file, offline
+from sdft.families.base_file import inspect as inspect_base_file
 from sdft.families.protocol import Family
 from sdft.families.source import ModelSource
 from sdft.guards import NonFiniteGuard, check_precision_device
 from sdft.lora import KOHYA_WEIGHT_NAME, WEIGHT_NAME, rank_and_alpha
 from sdft.model_spec import describe_base, training_metadata
+from sdft.noise_schedule import ZTSNR, check_zero_terminal_snr, markers_of, scheduler_with, settings_for
 from sdft.objectives import (
     DDPMObjective,
     FlowMatchingObjective,
@@ -88,6 +91,7 @@ def build(args: argparse.Namespace, family: Family, make_objective, make_data, t
     family)` and `make_objective(args, noise_scheduler, device)` are builders of this module."""
     # The process: accelerator, memory estimate, resume point and seed.
     accelerator = make_accelerator(args)
+    args = with_base_folder(args, family, accelerator)
     check_memory(args, family, accelerator)
     output_dir = Path(args.output_dir)
     resume_dir = resolve_resume(args.resume_from_checkpoint, output_dir)
@@ -157,6 +161,22 @@ def make_accelerator(args: argparse.Namespace) -> Accelerator:
     return accelerator
 
 
+def with_base_folder(args: argparse.Namespace, family: Family, accelerator: Accelerator) -> argparse.Namespace:
+    """A single-file base is converted (once per file content) into a diffusers folder, which the rest
+    of the run reads as any other base; `base_file` keeps the user's file for metadata and the card.
+    The main process converts first so that the others find its folder."""
+    if not is_single_file(args.pretrained_model_name_or_path):
+        return argparse.Namespace(**{**vars(args), "base_file": None})
+    base = inspect_base_file(args.pretrained_model_name_or_path, family.name)
+    root = Path(args.cache_dir) / "sdft-single-file" if args.cache_dir else Path(args.output_dir) / CACHE_FOLDER
+    root = root / "single_file"
+    with accelerator.main_process_first():
+        folder = converted_folder(base, family.pipeline_cls, args.single_file_config, root,
+                                  local_files_only=offline())
+    return argparse.Namespace(**{**vars(args), "pretrained_model_name_or_path": str(folder),
+                                 "base_file": args.pretrained_model_name_or_path})
+
+
 def resolve_seed(requested: int | None, resumed: Position | None) -> int:
     """The data order depends on the seed, so a resumed run must keep the seed it started with."""
     if resumed is not None and resumed.seed is not None:
@@ -184,6 +204,8 @@ def build_run(args: argparse.Namespace, family: Family, make_objective, accelera
     source = model_source(args, weight_dtype)
     trained_dtype = source.denoiser_dtype or torch.float32
     models = load_models(family, source)
+    if args.zero_terminal_snr:
+        models.noise_scheduler = scheduler_with(models.noise_scheduler, ZTSNR)
     placement = Placement(accelerator.device, weight_dtype, family.vae_dtype(weight_dtype), trained_dtype)
     trained, new_tokens = build_trained(args, family, models, placement, seed)
     ema = None
@@ -193,7 +215,7 @@ def build_run(args: argparse.Namespace, family: Family, make_objective, accelera
     objective = make_objective(args, models.noise_scheduler, accelerator.device)
     params = trainable_params(trained) + (new_tokens.params() if new_tokens else [])
     optimizer = build_optimizer(args, param_groups(trained, family.denoiser_role, args.text_encoder_lr,
-                                                   args.adam_weight_decay_text_encoder)
+                                                   args.adam_weight_decay_text_encoder, encoder_lrs(args, family))
                                 + ([{"params": new_tokens.params()}] if new_tokens else []),
                                 accelerator.num_processes)
     sampler, order = loader_order(dataset, args.train_batch_size, seed)
@@ -235,19 +257,23 @@ def build_run(args: argparse.Namespace, family: Family, make_objective, accelera
         validation_epochs=args.validation_epochs, output_dir=Path(args.output_dir), source=source,
         dream_detail_preservation=args.dream_detail_preservation if args.dream_training else None,
         params_to_clip=params, train_text_encoders=args.train_text_encoder,
+        text_encoder_stop_step=stop_step(args.train_text_encoder_frac, max_train_steps, True)
+        if args.train_text_encoder and args.train_text_encoder_frac < 1 else None,
         prior_loss_weight=args.prior_loss_weight if args.with_prior_preservation else None,
         debug_loss=args.debug_loss, condition_cache=condition_cache, offloaded=offloaded,
         token_embeddings=new_tokens, masked_loss=args.masked_loss, stepper=stepper, eval_weights=eval_weights,
         val_loss=held_out_loss(args, accelerator, dataset, family, objective, weight_dtype, offloaded, seed,
                                caption_map=new_tokens.plan.apply_all if new_tokens else None),
+        scheduler_settings=settings_for(args.prediction_type, args.zero_terminal_snr),
     )
 
 
 def build_trained(args: argparse.Namespace, family: Family, models, placement: Placement,
                   seed: int) -> tuple[dict, TokenEmbeddings | None]:
     """The modules that train (full or LoRA), and the new token embeddings of --train_text_encoder_ti."""
+    frozen = {role for role, lr in encoder_lrs(args, family).items() if lr == 0}   # --learning_rate_te1/2 0
     roles = ([family.denoiser_role] if args.train_unet else []) + (
-        family.trainable_text_encoder_roles if args.train_text_encoder else [])
+        [r for r in family.trainable_text_encoder_roles if r not in frozen] if args.train_text_encoder else [])
     trained = prepare_models(family, models, roles, placement, lora=lora_spec(args, family),
                              gradient_checkpointing=args.gradient_checkpointing,
                              xformers=args.enable_xformers_memory_efficient_attention,
@@ -257,6 +283,12 @@ def build_trained(args: argparse.Namespace, family: Family, models, placement: P
         # Frozen, but the embeddings' gradient still flows back through it.
         enable_gradient_checkpointing(getattr(models, family.denoiser_role), needs_input_grads=False)
     return trained, new_tokens
+
+
+def encoder_lrs(args: argparse.Namespace, family: Family) -> dict[str, float]:
+    """SDXL's --learning_rate_te1/--learning_rate_te2 by encoder role (those given)."""
+    given = zip(family.trainable_text_encoder_roles, (args.learning_rate_te1, args.learning_rate_te2))
+    return {role: lr for role, lr in given if lr is not None}
 
 
 def held_out_loss(args: argparse.Namespace, accelerator: Accelerator, dataset, family: Family, objective,
@@ -327,7 +359,9 @@ def export_plan(args: argparse.Namespace, run: Run, hub_repo: str | None) -> Exp
     return ExportPlan(
         lora=args.use_lora, kohya_lora=args.use_lora and args.output_kohya_format,
         lora_dtype=None if args.upcast_before_saving else run.weight_dtype,
-        prediction_type=args.prediction_type,
+        scheduler_settings=settings_for(args.prediction_type, args.zero_terminal_snr),
+        markers=markers_of({**run.models.noise_scheduler.config, **settings_for(args.prediction_type, False)})
+        if single_file and run.family.name != "sd3" else (),
         single_file_dtype=SAVE_PRECISIONS.get(args.save_precision, run.weight_dtype) if single_file else None,
         metadata=file_metadata(args, run.family, run.models, run.trained.modules, run.max_train_steps)
         if single_file else {},
@@ -341,8 +375,10 @@ def file_metadata(args: argparse.Namespace, family: Family, models, trained: dic
     denoiser = getattr(models, family.denoiser_role)   # trained or not (--train_unet false)
     prediction = args.prediction_type or models.noise_scheduler.config.get("prediction_type")
     base = describe_base(family.name, dict(denoiser.config), prediction)
-    return training_metadata(base, base_model=args.pretrained_model_name_or_path, title=Path(args.output_dir).name,
-                             resolution=args.resolution, steps=steps,
+    return training_metadata(base, base_model=args.base_file or args.pretrained_model_name_or_path,
+                             title=Path(args.output_dir).name, resolution=args.resolution, steps=steps,
+                             clip_skip=args.clip_skip,
+                             zero_terminal_snr=bool(models.noise_scheduler.config.get("rescale_betas_zero_snr")),
                              lora=rank_and_alpha(trained) if args.use_lora else None)
 
 
@@ -358,7 +394,7 @@ def model_card(args: argparse.Namespace, run: Run) -> hub.CardInfo:
             triggers=new_tokens.plan.triggers(), in_pipeline=not args.use_lora,
             encoders=[(e.key, e.role, e.tokenizer_role) for e in new_tokens.encoders])
     return hub.CardInfo(
-        base_model=args.pretrained_model_name_or_path, title=run.output_dir.name, license=family.license,
+        base_model=args.base_file or args.pretrained_model_name_or_path, title=run.output_dir.name, license=family.license,
         tags=family.tags, lora=args.use_lora, pipeline_class=family.pipeline_cls.__name__,
         dataset=args.dataset_name, instance_prompt=instance_prompt, embeddings=embeddings,
         training={"steps": run.max_train_steps, "learning rate": args.learning_rate,
@@ -645,6 +681,10 @@ def cache_settings(args: argparse.Namespace) -> CacheSettings:
 
 def ddpm_objective(args: argparse.Namespace, noise_scheduler, device: torch.device) -> DDPMObjective:
     prediction_type = args.prediction_type or noise_scheduler.config.prediction_type
+    message = check_zero_terminal_snr(prediction_type, noise_scheduler.config.get("rescale_betas_zero_snr", False),
+                                      "--zero_terminal_snr" if args.zero_terminal_snr else "the base model's")
+    if message:   # a Hub base's prediction type is known only now
+        raise CliError(message)
     if args.dream_training and prediction_type != "epsilon":
         raise CliError(f"--dream_training supports epsilon prediction only; this model predicts {prediction_type}.")
     try:  # the checks that need the schedule's length (the others ran at parse time)

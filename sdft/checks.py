@@ -26,6 +26,8 @@ from sdft.data.cache_store import prepare_folder
 from sdft.data.caches import cache_folder
 from sdft.data.dataset_config import read_dataset_config
 from sdft.errors import CliError, DataError
+from sdft.families.base_file import check_vae_file, inspect, is_single_file, offline
+from sdft.noise_schedule import check_zero_terminal_snr
 from sdft.objectives import (
     ResolutionShift,
     validate_flow_shift,
@@ -121,13 +123,59 @@ LOADED_COMPONENTS = ("unet", "transformer", "vae", "scheduler", "text_encoder", 
 
 
 def check_model_path(args: argparse.Namespace, given: Given) -> None:
-    """A local model folder must exist and hold a diffusers pipeline; Hub ids are checked at load time."""
+    """A local model folder must exist and hold a diffusers pipeline; Hub ids are checked at load time.
+    Single files are checked by each script's check_base_file, which knows the family."""
+    if "single_file_config" in given and not is_single_file(args.pretrained_model_name_or_path):
+        raise CliError("--single_file_config gives the configs of a single-file --pretrained_model_name_or_path; "
+                       f"'{args.pretrained_model_name_or_path}' is not a file.")
+    if args.single_file_config:
+        check_pipeline_folder("--single_file_config", args.single_file_config, "model_index.json")
+    if is_single_file(args.pretrained_model_name_or_path):
+        return
     check_pipeline_folder("--pretrained_model_name_or_path", args.pretrained_model_name_or_path, "model_index.json")
     check_pipeline_components(args.pretrained_model_name_or_path,
                               skip={"vae"} if getattr(args, "pretrained_vae_model_name_or_path", None) else set())
     vae = getattr(args, "pretrained_vae_model_name_or_path", None)
-    if vae:
+    if vae and is_single_file(vae):
+        check_vae_file(vae)
+    elif vae:
         check_pipeline_folder("--pretrained_vae_model_name_or_path", vae, "config.json")
+
+
+def check_base_file(args: argparse.Namespace, given: Given, *, family: str) -> None:
+    """A single-file base: readable, of this script's family, and with a config source (issue 16)."""
+    if not is_single_file(args.pretrained_model_name_or_path):
+        return
+    inspect(args.pretrained_model_name_or_path, family)
+    if args.single_file_config is None and offline():
+        raise CliError(f"--pretrained_model_name_or_path '{args.pretrained_model_name_or_path}' is a single file and "
+                       "the Hub is offline (HF_HUB_OFFLINE): give --single_file_config, the diffusers folder of its "
+                       "base model, for the component configs.")
+
+
+def base_prediction_type(model: str, single_file_config: str | None) -> str | None:
+    """What a local base predicts, when that is known without loading it (None for Hub ids)."""
+    if is_single_file(model):
+        if inspect(model, None).v_pred:
+            return "v_prediction"
+        model = single_file_config or ""
+    config = local_scheduler_config(model) if model else None
+    return config.get("prediction_type", "epsilon") if config is not None else None
+
+
+def base_has_ztsnr(model: str) -> bool:
+    if is_single_file(model):
+        return inspect(model, None).ztsnr
+    config = local_scheduler_config(model)
+    return bool(config and config.get("rescale_betas_zero_snr"))
+
+
+def local_scheduler_config(model: str) -> dict | None:
+    path = Path(model).expanduser() / "scheduler" / "scheduler_config.json"
+    try:
+        return json.loads(path.read_text()) if path.is_file() else None
+    except (OSError, ValueError):
+        return None
 
 
 def check_pipeline_folder(flag: str, value: str, marker: str) -> None:
@@ -208,8 +256,17 @@ def check_prediction_type(args: argparse.Namespace, given: Given, *, allowed: Se
     if args.prediction_type is not None and args.prediction_type not in allowed:
         raise CliError(f"--prediction_type '{args.prediction_type}' is not supported; "
                        f"choose one of: {', '.join(allowed)}.")
+    if args.clip_skip is not None and not 1 <= args.clip_skip <= 12:
+        raise CliError(f"--clip_skip counts CLIP layers from the end (1 = the last, 2 = the penultimate), from 1 to "
+                       f"12; got {args.clip_skip}.")
     if args.snr_gamma is not None and args.snr_gamma <= 0:
         raise CliError(f"--snr_gamma must be positive, got {args.snr_gamma}.")
+    message = check_zero_terminal_snr(args.prediction_type or base_prediction_type(args.pretrained_model_name_or_path,
+                                                                                   args.single_file_config),
+                                      args.zero_terminal_snr or base_has_ztsnr(args.pretrained_model_name_or_path),
+                                      "--zero_terminal_snr" if args.zero_terminal_snr else "the base model's")
+    if message:
+        raise CliError(message)
     if getattr(args, "dream_training", False) and args.prediction_type not in (None, "epsilon"):
         raise CliError("--dream_training supports epsilon prediction only, not "
                        f"--prediction_type={args.prediction_type}.")
@@ -280,8 +337,15 @@ def check_tracking_and_hub(args: argparse.Namespace, given: Given) -> None:
 
 
 def check_sdxl(args: argparse.Namespace, given: Given) -> None:
-    if args.train_text_encoder and not args.use_lora:
-        raise CliError("--train_text_encoder only applies to LoRA training; add --use_lora.")
+    for number in (1, 2):
+        value = getattr(args, f"learning_rate_te{number}")
+        if value is not None and not args.train_text_encoder:
+            raise CliError(f"--learning_rate_te{number} sets a text encoder's learning rate; add --train_text_encoder.")
+        if value is not None and value < 0:
+            raise CliError(f"--learning_rate_te{number} cannot be negative, got {value}.")
+    if args.learning_rate_te1 == 0 and args.learning_rate_te2 == 0:
+        raise CliError("--learning_rate_te1 0 and --learning_rate_te2 0 freeze both text encoders; drop "
+                       "--train_text_encoder instead.")
     if not 0 <= args.proportion_empty_prompts <= 1:
         raise CliError(f"--proportion_empty_prompts must be between 0 and 1, got {args.proportion_empty_prompts}.")
     if args.timestep_bias_strategy != "none" or "timestep_bias_multiplier" in given:
@@ -507,6 +571,14 @@ def check_memory_flags(args: argparse.Namespace, given: Given) -> None:
             raise CliError(f"--full_bf16 needs --mixed_precision bf16, got --mixed_precision {args.mixed_precision}.")
 
 
+def check_text_encoder_frac(args: argparse.Namespace, given: Given) -> None:
+    if "train_text_encoder_frac" in given and not args.train_text_encoder:
+        raise CliError("--train_text_encoder_frac is the fraction of steps the text encoders train; add "
+                       "--train_text_encoder.")
+    if not 0 < args.train_text_encoder_frac <= 1:
+        raise CliError(f"--train_text_encoder_frac must be above 0 and at most 1, got {args.train_text_encoder_frac}.")
+
+
 def check_caches(args: argparse.Namespace, given: Given) -> None:
     """Text outputs can only be cached for frozen encoders; a disk cache folder must be writable."""
     text = args.cache_text_encoder_outputs or args.cache_text_encoder_outputs_to_disk
@@ -615,5 +687,5 @@ def read_config(args: argparse.Namespace, step_multiple: int) -> None:
 # Run by every script, before its own checks.
 COMMON = [check_positive, check_model_path, check_lora, check_textual_inversion, check_ema, check_resume,
           check_validation, check_tracking_and_hub, check_accelerators, check_single_file, check_buckets,
-          check_validation_loss, check_subject, check_optimizer, check_memory_flags, check_caches, check_output_dir,
-          check_loss_type, check_dataset_config]
+          check_validation_loss, check_subject, check_optimizer, check_memory_flags, check_text_encoder_frac,
+          check_caches, check_output_dir, check_loss_type, check_dataset_config]

@@ -31,7 +31,11 @@ TRACKERS = ["tensorboard", "wandb", "comet_ml", "all", "none"]
 WHEN_ABSENT = {
     "pretrained_vae_model_name_or_path": None, "train_text_encoder": False, "text_encoder_lr": None,
     "adam_weight_decay_text_encoder": None, "proportion_empty_prompts": 0.0, "prediction_type": None,
-    "timestep_bias_strategy": "none", "dream_training": False, "input_perturbation": 0.0, "train_unet": True,
+    "zero_terminal_snr": False, "clip_skip": None, "max_token_length": None,
+    "learning_rate_te1": None, "learning_rate_te2": None, "train_text_encoder_frac": 1.0,
+    "timestep_bias_strategy": "none", "dream_training": False,
+    "input_perturbation": 0.0,
+    "train_unet": True,
     "use_ema": False, "offload_ema": False, "foreach_ema": False, "non_ema_revision": None,
     "train_text_encoder_ti": False, "lora_dropout": 0.0, "output_kohya_format": False, "debug_loss": False,
     # SD 1.x and SDXL have no flag: their LoRA files are written in fp32.
@@ -55,7 +59,14 @@ WHEN_ABSENT = {
 def add_model_args(parser: argparse.ArgumentParser) -> None:
     g = parser.add_argument_group("model and output")
     g.add_argument("--pretrained_model_name_or_path", type=str, default=None, required=True,
-                   help="Hub id or local folder of the base diffusers pipeline.")
+                   help="Hub id or local folder of the base diffusers pipeline, or one .safetensors/.ckpt "
+                        "checkpoint in the A1111/ComfyUI/Forge layout (converted once into a diffusers folder under "
+                        "--cache_dir, else <output_dir>/.sdft-cache, and reused by later runs of the same file).")
+    g.add_argument("--single_file_config", type=str, default=None,
+                   help="For a single-file --pretrained_model_name_or_path: the diffusers folder or Hub id whose "
+                        "component configs (and tokenizers, scheduler, and any component the file lacks, e.g. "
+                        "SD3's T5) are used, e.g. stabilityai/stable-diffusion-xl-base-1.0. Default: the Hub "
+                        "repository diffusers picks for the checkpoint's model type (needs the network).")
     g.add_argument("--revision", type=str, default=None, help="Hub revision of the base model.")
     g.add_argument("--variant", type=str, default=None,
                    help="Weight-file variant of the base model, e.g. 'fp16'.")
@@ -70,7 +81,8 @@ def add_model_args(parser: argparse.ArgumentParser) -> None:
 
 def add_vae_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--pretrained_vae_model_name_or_path", type=str, default=None,
-                        help="Another VAE (a folder or Hub id without subfolder), e.g. an fp16-safe SDXL VAE.")
+                        help="Another VAE (a folder or Hub id without subfolder, or one .safetensors VAE file), "
+                             "e.g. an fp16-safe SDXL VAE.")
 
 
 def add_dataset_args(parser: argparse.ArgumentParser) -> None:
@@ -251,13 +263,29 @@ def add_memory_args(parser: argparse.ArgumentParser) -> None:
                         "exceeds the accelerator's memory (the machine's RAM on the CPU). Default: refuse.")
 
 
+def add_text_encoder_frac_arg(g) -> None:
+    g.add_argument("--train_text_encoder_frac", type=float, default=1.0,
+                   help="With --train_text_encoder: train the text encoders for this fraction of the steps "
+                        "(floor(frac x --max_train_steps), at least 1), then only the denoiser, as diffusers' "
+                        "advanced scripts do. Default: 1.0, throughout.")
+
+
 def add_text_encoder_optimizer_args(parser: argparse.ArgumentParser) -> None:
     g = parser.add_argument_group("text-encoder training")
     g.add_argument("--train_text_encoder", action="store_true",
                    help="Also train the CLIP text encoders (fully, or LoRA with --use_lora); T5 stays frozen.")
+    add_text_encoder_frac_arg(g)
     g.add_argument("--text_encoder_lr", type=float, default=5e-6, help="Learning rate of the text encoders.")
     g.add_argument("--adam_weight_decay_text_encoder", type=float, default=1e-03,
                    help="Weight decay of the text encoders.")
+
+
+def add_per_encoder_lr_args(parser: argparse.ArgumentParser) -> None:
+    g = parser.add_argument_group("text-encoder learning rates (SDXL)")
+    for number, name in ((1, "CLIP ViT-L (text_encoder)"), (2, "OpenCLIP bigG (text_encoder_2)")):
+        g.add_argument(f"--learning_rate_te{number}", type=float, default=None,
+                       help=f"With --train_text_encoder: the learning rate of {name}; 0 keeps it frozen "
+                            "(kohya's flag). Default: --learning_rate.")
 
 
 def parse_bool(value: str) -> bool:
@@ -283,11 +311,29 @@ def add_precision_args(parser: argparse.ArgumentParser, *, npu: bool = False, xf
                        help="Use flash attention on Ascend NPUs (needs torch_npu).")
 
 
+def add_text_encoding_args(parser: argparse.ArgumentParser) -> None:
+    g = parser.add_argument_group("text encoding")
+    g.add_argument("--clip_skip", type=int, default=None,
+                   help="Condition on the CLIP layer this many from the end, as kohya and A1111 count: 2 = the "
+                        "penultimate layer (what anime bases are trained with), through the final layer norm for "
+                        "SD 1.x/2.x. diffusers' pipelines count one lower (clip_skip=1 there). Default: 1, the "
+                        "model's usual layer (SDXL's is already the penultimate; 2 moves it one further back).")
+    g.add_argument("--max_token_length", type=int, default=None, choices=[75, 150, 225],
+                   help="Caption tokens read, in 75-token chunks encoded the way A1111/Forge/ComfyUI encode long "
+                        "prompts (kohya's flag): 150 or 225 reads longer captions. Default: 75, one CLIP "
+                        "sequence (77 with <BOS>/<EOS>); longer captions are cut.")
+
+
 def add_ddpm_objective_args(parser: argparse.ArgumentParser, *, prediction_types: Sequence[str]) -> None:
     g = parser.add_argument_group("DDPM objective")
     g.add_argument("--prediction_type", type=str, default=None,
                    help=f"Override the scheduler's prediction type ({', '.join(prediction_types)}); "
-                        "default: the model's own.")
+                        "default: the model's own (for a single file, v_prediction when it carries a v_pred "
+                        "marker key or modelspec.prediction_type 'v').")
+    g.add_argument("--zero_terminal_snr", action="store_true",
+                   help="Rescale the noise schedule's betas to zero terminal SNR (Lin et al. 2023; kohya's flag), "
+                        "for v-prediction only; sampling then uses 'trailing' timesteps. Default: the base model's "
+                        "schedule (rescaled when a single file carries a ztsnr marker key).")
     g.add_argument("--snr_gamma", type=float, default=None,
                    help="Min-SNR loss weighting with this gamma (5.0 is recommended); default: off.")
     g.add_argument("--noise_offset", type=float, default=0,
@@ -473,7 +519,10 @@ def add_lora_args(parser: argparse.ArgumentParser, *, text_encoder: bool = False
     g.add_argument("--rank", type=int, default=4, help="LoRA rank (lora_alpha equals the rank).")
     if text_encoder:
         g.add_argument("--train_text_encoder", action="store_true",
-                       help="Also train LoRA adapters on the text encoders (q/k/v/out projections).")
+                       help="Also train the CLIP text encoder(s): fully, or LoRA adapters on their q/k/v/out "
+                            "projections with --use_lora. Trained encoders are saved in every output; the "
+                            "text-encoder cache cannot be used with them.")
+        add_text_encoder_frac_arg(g)
     if kohya:
         g.add_argument("--output_kohya_format", action="store_true",
                        help="Also write pytorch_lora_weights_kohya.safetensors: the same LoRA with kohya key names "

@@ -132,8 +132,18 @@ def binary_size(count: int) -> str:
     return f"{count / GIB:.1f} GiB" if count >= GIB else f"{count / 2**20:.1f} MiB"
 
 
+def parameter_count(count: int) -> str:
+    """In the unit that fits: "0.86 B" (SD 1.5's UNet, as model cards say it), "2.10 M", "930 K"; a
+    2 M-parameter model is not "0.00 B" (issue 16)."""
+    if count >= 5e8:
+        return f"{count / 1e9:.2f} B"
+    if count >= 1e6:
+        return f"{count / 1e6:.2f} M"
+    return f"{count / 1e3:.0f} K" if count >= 1e3 else str(count)
+
+
 def describe(role: str, stats: ParamStats, lines: list[Line], capacity: int | None, where: str) -> str:
-    rows = [f"Memory estimate for training the {role} ({stats.count / 1e9:.2f} B parameters), before "
+    rows = [f"Memory estimate for training the {role} ({parameter_count(stats.count)} parameters), before "
             "activations and the frozen components:"]
     rows += [f"  {line.name:<12} {line.arithmetic:<68} = {line.bytes / GB:7.2f} GB" for line in lines]
     summed = total(lines)

@@ -51,7 +51,8 @@ def describe_base(family_name: str, denoiser_config: dict, prediction_type: str 
 
 
 def training_metadata(base: BaseModel, *, base_model: str, title: str, resolution: int, steps: int,
-                      lora: tuple[int, float] | None = None, date: datetime | None = None) -> dict[str, str]:
+                      lora: tuple[int, float] | None = None, date: datetime | None = None,
+                      zero_terminal_snr: bool = False, clip_skip: int | None = None) -> dict[str, str]:
     """String-valued metadata for a safetensors header. `lora` is (rank, alpha) for a LoRA file,
     None for a full checkpoint."""
     when = timestamp(date)
@@ -70,6 +71,10 @@ def training_metadata(base: BaseModel, *, base_model: str, title: str, resolutio
         "ss_steps": str(steps),
         "ss_max_train_steps": str(steps),
     }
+    if clip_skip is not None:   # kohya's key, in its count (2 = the penultimate layer)
+        metadata["ss_clip_skip"] = str(clip_skip)
+    if zero_terminal_snr:   # kohya's key; absent (False) keeps older files' headers as they were
+        metadata["ss_zero_terminal_snr"] = "True"
     if lora is not None:
         rank, alpha = lora
         metadata.update({"ss_network_module": "networks.lora", "ss_network_dim": str(rank),

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import importlib
 import json
 import logging
 import shutil
@@ -21,6 +22,7 @@ from sdft.errors import HubError
 from sdft.guards import require_finite_weights
 from sdft.lora import save_kohya, save_lora
 from sdft.model_spec import stamped
+from sdft.noise_schedule import scheduler_with
 from sdft.single_file import save_single_file
 from sdft.training_run import Run
 from sdft.validation import generate, log_images, save_images
@@ -45,11 +47,13 @@ def check_replicas_agree(accelerator: Accelerator, modules: dict[str, torch.nn.M
 
 
 def export_pipeline(family, source, trained: dict[str, torch.nn.Module], output_dir: Path,
-                    prediction_type: str | None, extra_modules: dict | None = None, dtype: torch.dtype | None = None,
-                    load_back: bool = True):
+                    scheduler_settings: dict | str | None, extra_modules: dict | None = None,
+                    dtype: torch.dtype | None = None, load_back: bool = True):
     """The full pipeline: the trained modules written anew, every other component copied file for
     file from the base model, so frozen parts keep their stored precision and nothing frozen is
-    loaded into memory (upstream rebuilds the whole pipeline, T5-XXL included, in fp32). Returns
+    loaded into memory (upstream rebuilds the whole pipeline, T5-XXL included, in fp32).
+    `scheduler_settings` (sdft.noise_schedule; a bare string is a prediction type) change the
+    exported scheduler the way the run trained. Returns
     the saved pipeline, loaded back from `output_dir` (None when `load_back` is off)."""
     written = {**(extra_modules or {}), **trained}
     base = local_base_folder(source)
@@ -62,8 +66,10 @@ def export_pipeline(family, source, trained: dict[str, torch.nn.Module], output_
         copy_components(base, output_dir, skip=set(written))
         for role, module in written.items():
             module.save_pretrained(output_dir / role)
-    if prediction_type is not None:
-        set_scheduler_prediction_type(output_dir / "scheduler" / "scheduler_config.json", prediction_type)
+    if isinstance(scheduler_settings, str):
+        scheduler_settings = {"prediction_type": scheduler_settings}
+    if scheduler_settings:
+        write_scheduler(output_dir, scheduler_settings)
     return family.pipeline_cls.from_pretrained(output_dir, dtype=dtype) if load_back else None
 
 
@@ -94,10 +100,18 @@ def copy_components(base: Path, output_dir: Path, skip: set[str]) -> None:
         shutil.copytree(base / name, output_dir / name)  # follows the Hub cache's symlinks: real files land here
 
 
-def set_scheduler_prediction_type(config_file: Path, prediction_type: str) -> None:
-    config = json.loads(config_file.read_text())
-    config["prediction_type"] = prediction_type
-    config_file.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+def write_scheduler(output_dir: Path, settings: dict) -> None:
+    """The exported scheduler with `settings`; model_index.json names its class (DDIM when the base's
+    cannot rescale its betas)."""
+    index_file = output_dir / "model_index.json"
+    index = json.loads(index_file.read_text())
+    library, class_name = index["scheduler"]
+    base = getattr(importlib.import_module(library), class_name).from_pretrained(output_dir, subfolder="scheduler")
+    scheduler = scheduler_with(base, settings)
+    scheduler.save_pretrained(output_dir / "scheduler")
+    if type(scheduler) is not type(base):
+        index["scheduler"] = [library, type(scheduler).__name__]
+        index_file.write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
 
 
 def export_lora(family, trained: dict[str, torch.nn.Module], output_dir: Path, *, kohya: bool,
@@ -112,11 +126,12 @@ def export_lora(family, trained: dict[str, torch.nn.Module], output_dir: Path, *
 
 
 def export_single_file(components: dict[str, torch.nn.Module], output_dir: Path, version: str, dtype: torch.dtype,
-                       metadata: dict[str, str] | None = None, vocab_sizes: dict[str, int] | None = None) -> Path:
+                       metadata: dict[str, str] | None = None, vocab_sizes: dict[str, int] | None = None,
+                       markers: tuple[str, ...] = ()) -> Path:
     """<output_dir>/<its name>.safetensors in the original layout; `version` is the
     ss_base_model_version (sdft.model_spec), which picks the layout."""
     path = save_single_file(version, components, output_dir / f"{output_dir.name}.safetensors", dtype, metadata,
-                            vocab_sizes)
+                            vocab_sizes, markers)
     logger.info("Wrote the single-file checkpoint %s", path)
     return path
 
@@ -164,7 +179,7 @@ def save_outputs(run: Run) -> None:
     family, output_dir, trained, plan = run.family, run.output_dir, run.trained, run.export
     if trained.ema is not None:
         trained.ema.copy_to(trained.modules[family.denoiser_role].parameters())
-    extra = family.export_modules(run.models)
+    extra = family.export_modules(run.models, run.source)
     new_tokens = run.token_embeddings
     embeddings_file = new_tokens.export(output_dir) if new_tokens is not None else None
     if new_tokens is not None and not plan.lora:
@@ -177,7 +192,7 @@ def save_outputs(run: Run) -> None:
         if pipeline is not None and new_tokens is not None:
             new_tokens.load_into(pipeline, embeddings_file)
     else:
-        pipeline = export_pipeline(family, run.source, trained.modules, output_dir, plan.prediction_type, extra,
+        pipeline = export_pipeline(family, run.source, trained.modules, output_dir, plan.scheduler_settings, extra,
                                    dtype=run.weight_dtype, load_back=run.validation.enabled)
         if plan.single_file_dtype is not None:
             save_single_file_output(run, extra)
@@ -201,4 +216,4 @@ def save_single_file_output(run: Run, extra: dict) -> Path:
     new_tokens = run.token_embeddings
     vocab_sizes = {encoder.role: min(encoder.ids) for encoder in new_tokens.encoders} if new_tokens else None
     return export_single_file(components, run.output_dir, plan.metadata["ss_base_model_version"],
-                              plan.single_file_dtype, plan.metadata, vocab_sizes)
+                              plan.single_file_dtype, plan.metadata, vocab_sizes, plan.markers)

@@ -74,11 +74,13 @@ class SingleFileError(RuntimeError):
 
 def save_single_file(layout: str, components: dict[str, torch.nn.Module], path: Path,
                      dtype: torch.dtype, metadata: dict[str, str] | None = None,
-                     vocab_sizes: dict[str, int] | None = None) -> Path:
+                     vocab_sizes: dict[str, int] | None = None, markers: tuple[str, ...] = ()) -> Path:
     """`layout` is the base model version (sd_v1, sd_v2, sdxl_base_v1-0, sd3); `components` maps
     diffusers roles (unet or transformer, vae, text_encoder, text_encoder_2, text_encoder_3) to
-    models. `vocab_sizes` keeps only the first rows of a text encoder's token table: tokens learned
-    by textual inversion travel in their own embeddings file, and UIs expect the base vocabulary."""
+    models. `markers` are key names stored as empty tensors, the way ComfyUI and Forge mark a
+    v-prediction (`v_pred`) or zero-terminal-SNR (`ztsnr`) checkpoint. `vocab_sizes` keeps only the
+    first rows of a text encoder's token table: tokens learned by textual inversion travel in their
+    own embeddings file, and UIs expect the base vocabulary."""
     if layout not in TEXT_ENCODER_LAYOUT:
         raise SingleFileError(f"No single-file layout for '{layout}' models.")
     checkpoint = original_checkpoint(layout, components, vocab_sizes or {})
@@ -90,6 +92,7 @@ def save_single_file(layout: str, components: dict[str, torch.nn.Module], path: 
             value = value.clone()
         seen.add(value.data_ptr())
         tensors[key] = value
+    tensors.update({marker: torch.tensor([]) for marker in markers})
     save_file(tensors, str(path), metadata=metadata)
     return path
 

@@ -252,7 +252,9 @@ class TokenEmbeddings:
         rows = load_file(str(directory / CHECKPOINT_WEIGHTS))
         for encoder in self.encoders:
             encoder.set_rows(rows[encoder.key])
-        self.stop_step = state["stop_step"]
+        # The stop step stays the one this invocation's flags give (--train_text_encoder_ti_frac of its
+        # --max_train_steps), as the learning-rate schedule does: a run of 3 steps resumed to 6 with
+        # frac 1.0 trains the tokens to step 6, like 6 steps run straight (issue 16).
 
     # ---- outputs
 

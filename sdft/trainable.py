@@ -89,11 +89,19 @@ def trainable_params(trained: dict[str, torch.nn.Module]) -> list[torch.nn.Param
 
 
 def param_groups(trained: dict[str, torch.nn.Module], denoiser_role: str, text_encoder_lr: float | None = None,
-                 text_encoder_weight_decay: float | None = None) -> list[dict]:
-    """One group for the denoiser, one for the text encoders when they have their own lr/decay."""
+                 text_encoder_weight_decay: float | None = None, role_lrs: dict[str, float] | None = None) -> list[dict]:
+    """One group for the denoiser, one for the text encoders when they have their own lr/decay, and
+    one for each encoder with a learning rate of its own in `role_lrs` (SDXL's --learning_rate_te1/2)."""
+    role_lrs = role_lrs or {}
     denoiser = [p for p in trained[denoiser_role].parameters() if p.requires_grad] if denoiser_role in trained else []
-    encoders = [p for role, m in trained.items() if role != denoiser_role for p in m.parameters() if p.requires_grad]
+    encoders = [p for role, m in trained.items() if role != denoiser_role and role not in role_lrs
+                for p in m.parameters() if p.requires_grad]
     groups = [{"params": denoiser}] if denoiser else []   # none with a frozen denoiser (textual inversion)
+    for role, lr in role_lrs.items():
+        own = [p for p in trained[role].parameters() if p.requires_grad] if role in trained else []
+        if own:
+            groups.append({"params": own, "lr": lr, **({"weight_decay": text_encoder_weight_decay}
+                                                         if text_encoder_weight_decay is not None else {})})
     if encoders:
         group = {"params": encoders}
         if text_encoder_lr is not None:

@@ -23,6 +23,7 @@ from tqdm.auto import tqdm
 
 from sdft.checkpointing import Position
 from sdft.data.latent_cache import sample_from_moments, sample_latents
+from sdft.noise_schedule import scheduler_with
 from sdft.objectives import latent_mask, split_prior
 from sdft.preemption import stop_if_requested
 from sdft.training_run import Run
@@ -116,7 +117,7 @@ def training_step(run_state: Run, batch: dict, micro_step: int) -> tuple[torch.T
     if run_state.condition_cache is not None:
         cond = family.batch_condition(run_state.condition_cache(batch), batch, accelerator.device)
     else:
-        with nullcontext() if run_state.train_text_encoders or learn_tokens else torch.no_grad():
+        with nullcontext() if text_encoders_learn(run_state, micro_step) or learn_tokens else torch.no_grad():
             cond = family.condition(models, batch, accelerator.device)
     run_state.stats.lap("text")
     noised = run_state.objective.noise(latents, generator)
@@ -164,6 +165,14 @@ def reduce_loss(per_sample: torch.Tensor, batch: dict, prior_loss_weight: float 
     return per_sample.mean()
 
 
+def text_encoders_learn(run_state: Run, micro_step: int) -> bool:
+    """--train_text_encoder, until --train_text_encoder_frac's stop step: after it the encoders run
+    without gradients, so the optimizer (which skips parameters without a gradient) leaves them."""
+    stop = run_state.text_encoder_stop_step
+    step = micro_step // run_state.accelerator.gradient_accumulation_steps
+    return run_state.train_text_encoders and (stop is None or step < stop)
+
+
 def step_generator(seed: int, micro_step: int, process_index: int, device: torch.device) -> torch.Generator:
     return torch.Generator(device=device).manual_seed(hash((seed, micro_step, process_index)) & (2**63 - 1))
 
@@ -186,11 +195,9 @@ def validation_pipeline(run_state: Run):
         source.path, **{**family.pipeline_modules(run_state.models), **run_state.trained.modules},
         revision=source.revision, variant=source.variant, dtype=run_state.weight_dtype,
     )
-    # --prediction_type may differ from the base model's scheduler; sample the way the model was trained
-    # (the exported scheduler gets the same value in output.export_pipeline).
-    trained_type = getattr(run_state.objective, "prediction_type", None)
-    if trained_type not in (None, pipeline.scheduler.config.get("prediction_type", trained_type)):
-        pipeline.scheduler = type(pipeline.scheduler).from_config(pipeline.scheduler.config, prediction_type=trained_type)
+    # --prediction_type / --zero_terminal_snr may differ from the base model's scheduler; sample the way
+    # the model was trained (the exported scheduler gets the same settings in output.export_pipeline).
+    pipeline.scheduler = scheduler_with(pipeline.scheduler, run_state.scheduler_settings)
     return pipeline.to(run_state.accelerator.device)
 
 

@@ -32,7 +32,9 @@ class ExportPlan:
     lora: bool                               # the LoRA file(s), else the diffusers folder
     kohya_lora: bool = False                 # --output_kohya_format: the kohya-layout LoRA file too
     lora_dtype: torch.dtype | None = None    # None: the LoRA file in fp32
-    prediction_type: str | None = None       # --prediction_type, written into the exported scheduler
+    # --prediction_type / --zero_terminal_snr, written into the exported scheduler (sdft.noise_schedule)
+    scheduler_settings: dict = field(default_factory=dict)
+    markers: tuple[str, ...] = ()            # v_pred / ztsnr marker keys of the single file
     single_file_dtype: torch.dtype | None = None   # --save_single_file in this precision; None: not written
     metadata: dict[str, str] = field(default_factory=dict)   # ss_*/modelspec.* header of single files
     card: CardInfo | None = None             # the model card, less what only the end of the run knows
@@ -75,6 +77,7 @@ class Run:
     dream_detail_preservation: float | None = None
     params_to_clip: list = field(default_factory=list)
     train_text_encoders: bool = False
+    text_encoder_stop_step: int | None = None   # --train_text_encoder_frac: optimizer steps [0, stop) train them
     prior_loss_weight: float | None = None
     debug_loss: bool = False
     condition_cache: TextCache | None = None
@@ -88,6 +91,7 @@ class Run:
     stop: StopRequest = field(default_factory=StopRequest)  # SIGTERM/SIGINT: checkpoint, then exit
     val_loss: ValidationLoss | None = None                # held-out images (--validation_split/_data_dir)
     eval_weights: EvalWeights = field(default_factory=EvalWeights.none)   # schedule-free: x for eval and export
+    scheduler_settings: dict = field(default_factory=dict)  # what validation samples with (sdft.noise_schedule)
 
     def __enter__(self) -> "Run":
         self.stop.install()

@@ -59,11 +59,12 @@ class Family(Protocol):
                 cond: dict) -> torch.Tensor: ...
 
     def prompt_inputs(self, pipeline, prompt: str, device: torch.device) -> dict:
-        """The validation pipeline's prompt arguments: {"prompt": prompt}, or embeddings where the
-        training encodes text differently from the pipeline (SD3 with --apply_t5_attn_mask)."""
+        """The validation pipeline's prompt arguments: {"prompt": prompt} (SDXL: with diffusers' clip_skip),
+        or embeddings where training encodes text differently from the pipeline (--clip_skip in SD 1.x,
+        --max_token_length, SD3 with --apply_t5_attn_mask)."""
 
     def pipeline_modules(self, models: Models) -> dict:
         """In-memory modules a validation pipeline reuses instead of reloading them."""
 
-    def export_modules(self, models: Models) -> dict:
+    def export_modules(self, models: Models, source: ModelSource) -> dict:
         """Components the exported pipeline takes from elsewhere than the base model (SDXL: its VAE)."""

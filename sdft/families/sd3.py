@@ -201,5 +201,5 @@ class StableDiffusion3:
                 "text_encoder": models.text_encoder, "text_encoder_2": models.text_encoder_2,
                 "text_encoder_3": models.text_encoder_3, "vae": models.vae}
 
-    def export_modules(self, models: SD3Models) -> dict:
+    def export_modules(self, models: SD3Models, source: ModelSource) -> dict:
         return {}

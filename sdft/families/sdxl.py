@@ -8,12 +8,15 @@ upstream holds every embedding and latent in RAM, 44 GB + 20 GB for 138k images,
 from __future__ import annotations
 
 from dataclasses import dataclass
+from types import SimpleNamespace
 
 import torch
 from diffusers import AutoencoderKL, DDPMScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
 from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
 from sdft.families import streamed_load
+from sdft.families.base_file import is_single_file
+from sdft.families.long_prompts import CHUNK, chunked_ids, join_chunks
 from sdft.families.source import ModelSource
 
 
@@ -37,16 +40,24 @@ def micro_conditioning(original_sizes: torch.Tensor, crop_top_lefts: torch.Tenso
     return torch.cat([original_sizes, crop_top_lefts, target.expand(len(original_sizes), 2)], dim=1)
 
 
-def encode_prompts(tokenizers: list, text_encoders: list, captions: list[str], device: torch.device):
+def encode_prompts(tokenizers: list, text_encoders: list, captions: list[str], device: torch.device,
+                   clip_skip: int | None = None, max_token_length: int | None = None):
     """Penultimate hidden states of both encoders side by side; the pooled, projected output of the
-    second. Encoders are used by position: the first is CLIP ViT-L, the second OpenCLIP bigG."""
+    second. Encoders are used by position: the first is CLIP ViT-L, the second OpenCLIP bigG.
+    `clip_skip` N > 1 (kohya's count) takes N - 1 layers further back, as diffusers' pipeline
+    does for its clip_skip=N - 1, without a final layer norm. `max_token_length` 150/225 encodes
+    75-token chunks (sdft.families.long_prompts); the pooled output is then the first chunk's."""
+    layer = -1 - (clip_skip or 1)
     hidden = []
     for tokenizer, encoder in zip(tokenizers, text_encoders):
-        ids = tokenizer(captions, padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
-                        return_tensors="pt").input_ids.to(device)
+        if max_token_length:
+            ids = chunked_ids(tokenizer, captions, max_token_length).flatten(0, 1).to(device)
+        else:
+            ids = tokenizer(captions, padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
+                            return_tensors="pt").input_ids.to(device)
         output = encoder(ids, output_hidden_states=True, return_dict=True)
-        hidden.append(output.hidden_states[-2])
-    pooled = output.text_embeds
+        hidden.append(join_chunks(output.hidden_states[layer], len(captions)))
+    pooled = output.text_embeds[::max_token_length // CHUNK] if max_token_length else output.text_embeds
     return torch.cat(hidden, dim=-1), pooled
 
 
@@ -67,8 +78,10 @@ class StableDiffusionXL:
     tags = ["stable-diffusion-xl", "stable-diffusion-xl-diffusers", "text-to-image", "diffusers",
             "diffusers-training"]
 
-    def __init__(self, vae_path: str | None = None):
+    def __init__(self, vae_path: str | None = None, clip_skip: int | None = None, max_token_length: int | None = None):
         self.vae_path = vae_path
+        self.clip_skip = clip_skip
+        self.max_token_length = max_token_length if max_token_length != CHUNK else None
 
     def load(self, source: ModelSource) -> SDXLModels:
         hub = source.hub_kwargs()
@@ -86,8 +99,15 @@ class StableDiffusionXL:
 
     def load_vae(self, source: ModelSource) -> AutoencoderKL:
         if self.vae_path is not None:
-            return AutoencoderKL.from_pretrained(self.vae_path, cache_dir=source.cache_dir)
+            return self.other_vae(source.path, source.cache_dir)
         return AutoencoderKL.from_pretrained(source.path, subfolder="vae", **source.weight_kwargs())
+
+    def other_vae(self, base: str, cache_dir: str | None = None) -> AutoencoderKL:
+        """--pretrained_vae_model_name_or_path: a folder or Hub id, or one VAE file (read by diffusers'
+        single-file loader with the base model's VAE config)."""
+        if is_single_file(self.vae_path):
+            return AutoencoderKL.from_single_file(self.vae_path, config=base, subfolder="vae")
+        return AutoencoderKL.from_pretrained(self.vae_path, cache_dir=cache_dir)
 
     def load_denoiser(self, source: ModelSource) -> UNet2DConditionModel:
         return streamed_load.load_denoiser(UNet2DConditionModel, source, "unet")
@@ -106,7 +126,8 @@ class StableDiffusionXL:
 
     def encode_text(self, models: SDXLModels, captions: list[str], device: torch.device) -> dict:
         prompt_embeds, pooled = encode_prompts([models.tokenizer, models.tokenizer_2],
-                                               [models.text_encoder, models.text_encoder_2], captions, device)
+                                               [models.text_encoder, models.text_encoder_2], captions, device,
+                                               self.clip_skip, self.max_token_length)
         return {"encoder_hidden_states": prompt_embeds, "text_embeds": pooled}
 
     def batch_condition(self, text: dict, batch: dict, device: torch.device) -> dict:
@@ -130,17 +151,29 @@ class StableDiffusionXL:
                            generator: torch.Generator) -> dict:
         return cond
 
-    def prompt_inputs(self, pipeline, prompt: str, device: torch.device) -> dict:
-        return {"prompt": prompt}
-
     def pipeline_modules(self, models: SDXLModels) -> dict:
         return {"tokenizer": models.tokenizer, "tokenizer_2": models.tokenizer_2, "text_encoder": models.text_encoder,
                 "text_encoder_2": models.text_encoder_2, "vae": models.vae}
 
-    def export_modules(self, models: SDXLModels) -> dict:
+    def export_modules(self, models: SDXLModels, source: ModelSource) -> dict:
         """The exported pipeline carries the VAE that was trained with, as stored on disk."""
-        return {"vae": AutoencoderKL.from_pretrained(self.vae_path)} if self.vae_path is not None else {}
+        return {"vae": self.other_vae(source.path, source.cache_dir)} if self.vae_path is not None else {}
 
     def text_settings(self) -> dict:
-        """Settings besides the encoders that change `encode_text`'s output (none here)."""
-        return {}
+        """Settings besides the encoders that change `encode_text`'s output: --clip_skip and
+        --max_token_length when set."""
+        return {**({"clip_skip": self.clip_skip} if self.clip_skip not in (None, 1) else {}),
+                **({"max_token_length": self.max_token_length} if self.max_token_length else {})}
+
+    def prompt_inputs(self, pipeline, prompt: str, device: torch.device) -> dict:
+        """The pipeline's prompt arguments. diffusers' SDXL pipeline counts clip skip one lower than
+        kohya/A1111; chunked long prompts are given to it as embeddings (it cuts prompts at 77 tokens)."""
+        if self.max_token_length:
+            models = SimpleNamespace(tokenizer=pipeline.tokenizer, tokenizer_2=pipeline.tokenizer_2,
+                                     text_encoder=pipeline.text_encoder, text_encoder_2=pipeline.text_encoder_2)
+            with torch.no_grad():
+                positive, negative = (self.encode_text(models, [text], device) for text in (prompt, ""))
+            return {"prompt_embeds": positive["encoder_hidden_states"], "pooled_prompt_embeds": positive["text_embeds"],
+                    "negative_prompt_embeds": negative["encoder_hidden_states"],
+                    "negative_pooled_prompt_embeds": negative["text_embeds"]}
+        return {"prompt": prompt, **({"clip_skip": self.clip_skip - 1} if self.clip_skip not in (None, 1) else {})}

@@ -169,3 +169,16 @@ def test_sdxl_dreambooth_prior_preservation_pivotal_lora_on_two_processes(tiny_s
     assert set(load_file(out / "ddp_emb.safetensors")) == {"clip_l", "clip_g"}
     assert set(rows(out / "checkpoint-2")) == {"clip_l", "clip_g"}
     assert (out / "pytorch_lora_weights.safetensors").is_file()
+
+
+def test_resumed_with_more_steps_the_embedding_phase_follows_the_new_flags(tiny_sdxl, instance_dir, tmp_path):
+    """issue 16: 3 steps resumed to 6 with --train_text_encoder_ti_frac 1.0 kept stopping the new tokens
+    at step 3 (the first run's plan) and ended 3e-3 away from 6 steps run straight."""
+    common = ["--use_lora", "--rank", "4", "--train_text_encoder_ti", "--train_text_encoder_ti_frac", "1.0",
+              "--checkpointing_steps", "3"]
+    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
+    assert run_in_process(sdxl, db_args(tiny_sdxl, instance_dir, straight, *common, "--max_train_steps", "6"))[0] == 0
+    assert run_in_process(sdxl, db_args(tiny_sdxl, instance_dir, resumed, *common, "--max_train_steps", "3"))[0] == 0
+    assert run_in_process(sdxl, db_args(tiny_sdxl, instance_dir, resumed, *common, "--max_train_steps", "6",
+                                        "--resume_from_checkpoint", "latest"))[0] == 0
+    assert same(load_file(straight / "straight_emb.safetensors"), load_file(resumed / "resumed_emb.safetensors"))

@@ -78,15 +78,14 @@ def test_local_model_folder_that_does_not_exist(data_dir, workdir, capsys, spell
     assert "--pretrained_model_name_or_path" in err and missing in err and "does not exist" in err
 
 
-def test_single_file_checkpoint_is_not_reported_as_missing(data_dir, workdir, capsys):
-    # A common mistake: a single .safetensors file instead of a diffusers folder. It exists, so the
-    # message must not say it does not; it should say a pipeline folder is needed.
+def test_damaged_single_file_checkpoint_is_not_reported_as_missing(data_dir, workdir, capsys):
+    # Single files are bases too (issue 16); one that exists but cannot be read is named as damaged.
     single = workdir / "v1-5-pruned-emaonly.safetensors"
     single.write_bytes(b"\0" * 16)
     err = parse_error([f"--pretrained_model_name_or_path={single}", f"--train_data_dir={data_dir}"], capsys)
     assert "--pretrained_model_name_or_path" in err and str(single) in err
     assert "does not exist" not in err
-    assert "folder" in err or "model_index.json" in err
+    assert "is not a readable .safetensors file" in err
 
 
 def test_model_folder_without_model_index(data_dir, workdir, capsys):
@@ -228,8 +227,8 @@ def test_parse_hands_the_checks_the_typed_flags_and_fills_in_absent_ones(base):
                      [lambda args, given: seen.append(given)])
     assert seen == [{"pretrained_model_name_or_path", "train_data_dir", "random_flip", "use_lora"}]
     assert args.rank == 4
-    # SD 1.x has no --train_text_encoder: the namespace says what its absence means.
-    assert args.train_text_encoder is False and not any(name.startswith("_") for name in vars(args))
+    # SD 1.x has no --learning_rate_te1 (SDXL's): the namespace says what its absence means.
+    assert args.learning_rate_te1 is None and not any(name.startswith("_") for name in vars(args))
 
 
 # --------------------------------------------------------------------------- SDXL
@@ -249,7 +248,8 @@ def sdxl_error(argv: list[str], capsys) -> str:
     (["--timestep_bias_strategy=earlier", "--timestep_bias_portion=0"], "--timestep_bias_portion"),
     (["--proportion_empty_prompts=1.5"], "--proportion_empty_prompts"),
     (["--output_kohya_format"], "--use_lora"),
-    (["--train_text_encoder"], "--use_lora"),
+    (["--learning_rate_te1=1e-4"], "--train_text_encoder"),
+    (["--train_text_encoder", "--learning_rate_te2=-1"], "--learning_rate_te2"),
     (["--enable_npu_flash_attention"], "--enable_npu_flash_attention"),
     (["--pretrained_vae_model_name_or_path=./no-such-vae"], "--pretrained_vae_model_name_or_path"),
 ])

@@ -250,3 +250,11 @@ def test_what_the_accelerate_config_decides_is_checked_before_loading(base, proc
         check_memory(args, StableDiffusion(), accelerator)
     for text in named:
         assert text in str(error.value)
+
+
+def test_parameter_count_is_printed_in_the_unit_that_fits():
+    from sdft.memory_estimate import parameter_count
+
+    # issue 16: a 2 M-parameter model's header said "0.00 B parameters"
+    assert [parameter_count(n) for n in (860_000_000, 2_567_000_000, 2_000_000, 930_000, 12)] == [
+        "0.86 B", "2.57 B", "2.00 M", "930 K", "12"]

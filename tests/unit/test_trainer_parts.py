@@ -48,6 +48,6 @@ def test_validation_samples_with_the_trained_prediction_type(accelerator, tmp_pa
     models = family.load(source)
     run_state = SimpleNamespace(family=family, source=source, models=models, weight_dtype=torch.float32,
                                 trained=SimpleNamespace(modules={"unet": models.unet}), accelerator=accelerator,
-                                objective=SimpleNamespace(prediction_type="v_prediction"))
+                                scheduler_settings={"prediction_type": "v_prediction"})
     assert models.noise_scheduler.config.prediction_type == "epsilon"
     assert validation_pipeline(run_state).scheduler.config.prediction_type == "v_prediction"
