@@ -23,6 +23,7 @@ from accelerate import Accelerator
 from accelerate.utils import ProjectConfiguration, broadcast_object_list, set_seed
 
 from sdft import hub, memory_estimate
+from sdft.adapter_files import KOHYA_WEIGHT_NAME
 from sdft.checkpointing import Checkpointer, Position, TrainedWeights, read_position, resolve_resume
 from sdft.data.archives import data_folder
 from sdft.data.buckets import BucketPlan, BucketSettings, captioned_image_sizes
@@ -46,7 +47,7 @@ from sdft.errors import CliError, MissingFileError
 from sdft.families.protocol import Family
 from sdft.families.source import ModelSource
 from sdft.guards import NonFiniteGuard, check_precision_device
-from sdft.lora import KOHYA_WEIGHT_NAME, WEIGHT_NAME, rank_and_alpha
+from sdft.lora import WEIGHT_NAME, rank_and_alpha
 from sdft.model_spec import describe_base, training_metadata
 from sdft.objectives import DDPMObjective, FlowMatchingObjective, flow_sigma_table, timestep_bias_weights
 from sdft.optim import (
@@ -192,7 +193,8 @@ def build_run(args: argparse.Namespace, family: Family, make_objective, accelera
     weights = TrainedWeights(family.pipeline_cls, trained, lora=args.use_lora, ema=ema,
                              lora_key_format=family.lora_key_format, extras=[new_tokens] if new_tokens else [],
                              lora_metadata=file_metadata(args, family, models, trained, max_train_steps)
-                             if args.use_lora else None)
+                             if args.use_lora else None,
+                             kohya_prefixes=family.kohya_text_encoder_prefixes if lycoris_only(args) else None)
     condition_cache, offloaded = precompute(family, models, dataset, accelerator,
                                             args.train_text_encoder or new_tokens is not None,
                                             caches=cache_settings(args), source=source)
@@ -263,7 +265,18 @@ def precompute(family: Family, models, dataset, accelerator: Accelerator, train_
 def lora_spec(args: argparse.Namespace, family: Family) -> LoraSpec | None:
     if not args.use_lora:
         return None
-    return LoraSpec(rank=args.rank, denoiser_targets=family.lora_target_modules, dropout=args.lora_dropout)
+    # LoCon is LoRA on the 3x3 convolutions too: kohya's conv_dim, reached here through the `full` preset.
+    preset = "full" if args.lora_type == "locon" else args.lora_targets
+    return LoraSpec(rank=args.rank, denoiser_targets=family.lora_target_modules, dropout=args.lora_dropout,
+                    alpha=args.lora_alpha, adapter=args.lora_type, use_dora=args.use_dora, preset=preset,
+                    regex=args.lora_target_regex, conv_rank=args.conv_rank, conv_alpha=args.conv_alpha,
+                    lokr_factor=args.lokr_factor, rank_dropout=args.rank_dropout, module_dropout=args.module_dropout)
+
+
+def lycoris_only(args: argparse.Namespace) -> bool:
+    """LoHa and LoKr: diffusers' LoRA files cannot hold them, so their files (checkpoints included)
+    are the kohya/LyCORIS layout."""
+    return args.use_lora and args.lora_type in ("loha", "lokr")
 
 
 def validation_prompts(args: argparse.Namespace) -> list[str]:
@@ -301,7 +314,8 @@ def export_plan(args: argparse.Namespace, run: Run, hub_repo: str | None) -> Exp
     """Decided now, so that `output.finish` reads no flag."""
     single_file = args.save_single_file and not args.use_lora
     return ExportPlan(
-        lora=args.use_lora, kohya_lora=args.use_lora and args.output_kohya_format,
+        lora=args.use_lora, kohya_lora=args.use_lora and (args.output_kohya_format or lycoris_only(args)),
+        diffusers_lora=not lycoris_only(args), adapter=lora_spec(args, run.family),
         lora_dtype=None if args.upcast_before_saving else run.weight_dtype,
         prediction_type=args.prediction_type,
         single_file_dtype=SAVE_PRECISIONS.get(args.save_precision, run.weight_dtype) if single_file else None,
@@ -319,7 +333,8 @@ def file_metadata(args: argparse.Namespace, family: Family, models, trained: dic
     base = describe_base(family.name, dict(denoiser.config), prediction)
     return training_metadata(base, base_model=args.pretrained_model_name_or_path, title=Path(args.output_dir).name,
                              resolution=args.resolution, steps=steps,
-                             lora=rank_and_alpha(trained) if args.use_lora else None)
+                             lora=rank_and_alpha(trained) if args.use_lora else None,
+                             network=lora_spec(args, family) if args.use_lora else None)
 
 
 def model_card(args: argparse.Namespace, run: Run) -> hub.CardInfo:
@@ -349,7 +364,7 @@ def model_card(args: argparse.Namespace, run: Run) -> hub.CardInfo:
 def ui_files(args: argparse.Namespace, run: Run) -> dict[str, str]:
     """The files of the output folder that ComfyUI, A1111 and Forge load, for the model card."""
     files = {}
-    if args.use_lora and args.output_kohya_format:
+    if args.use_lora and (args.output_kohya_format or lycoris_only(args)):
         files[KOHYA_WEIGHT_NAME] = "lora"
     elif args.use_lora and run.family.name == "sd3":
         files[WEIGHT_NAME] = "lora"

@@ -1,0 +1,190 @@
+"""Every adapter type, trained by the scripts and exported in the kohya/LyCORIS layout UIs load.
+
+The exported file is read back with a merge written here from the published layout formulas
+(kohya/LyCORIS, as ComfyUI, Forge and A1111 apply them), not with sdft's reader, and compared with
+the trained peft adapters folded into the weights by peft itself, captured when the run finishes.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+
+import pytest
+import torch
+from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
+from peft.tuners.tuners_utils import BaseTunerLayer
+from safetensors import safe_open
+from safetensors.torch import load_file
+
+import sdft.output
+import train_text_to_image as t2i
+import train_text_to_image_sdxl as sdxl_script
+from sdft.adapter_files import KOHYA_WEIGHT_NAME
+from sdft.cli import run
+from sdft.lora import WEIGHT_NAME
+from tests.integration.conftest import sd_args
+
+pytestmark = pytest.mark.integration
+STEPS = ["--max_train_steps", "2", "--checkpointing_steps", "100", "--report_to", "none", "--learning_rate", "1e-2"]
+ADAPTER_KEYS = ("lora_", "hada_", "lokr_")
+
+
+def peft_merged(module: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """The module's weights with its adapters folded in, by peft."""
+    merged = copy.deepcopy(module)
+    for layer in merged.modules():
+        if isinstance(layer, BaseTunerLayer):
+            layer.merge()
+    return {k.replace(".base_layer", ""): v.detach().float() for k, v in merged.state_dict().items()
+            if not any(part in k for part in ADAPTER_KEYS)}
+
+
+@pytest.fixture()
+def merged_at_finish(monkeypatch):
+    """Captures peft's merged weights of every trained module when the run reaches the export."""
+    captured = {}
+    finish = sdft.output.finish
+
+    def capture(run_):
+        captured.update({role: peft_merged(module) for role, module in run_.trained.modules.items()})
+        return finish(run_)
+
+    monkeypatch.setattr(sdft.output, "finish", capture)
+    return captured
+
+
+def kohya_names(prefix: str, module: torch.nn.Module, text_model_level: bool) -> dict[str, str]:
+    """UI key map: lora_<prefix>_<module path, dots as underscores> -> the module's weight key."""
+    level = "text_model." if text_model_level and not hasattr(module, "text_model") else ""
+    return {f"{prefix}_{(level + name).replace('.', '_')}": f"{name}.weight" for name, layer in module.named_modules()
+            if isinstance(layer, (torch.nn.Linear, torch.nn.Conv2d))}
+
+
+def delta_from_entry(entry: dict[str, torch.Tensor], shape: torch.Size) -> torch.Tensor:
+    """The weight update of one file entry, from the published kohya/LyCORIS formulas."""
+    alpha = float(entry["alpha"]) if "alpha" in entry else None
+    if "lora_down.weight" in entry:
+        down, up = entry["lora_down.weight"], entry["lora_up.weight"]
+        scale = alpha / down.shape[0] if alpha is not None else 1.0
+        return (up.flatten(1) @ down.flatten(1)).reshape(shape) * scale
+    if "hada_w1_a" in entry:
+        scale = alpha / entry["hada_w1_b"].shape[0]
+        w1 = entry["hada_w1_a"] @ entry["hada_w1_b"]
+        w2 = entry["hada_w2_a"] @ entry["hada_w2_b"]
+        return (w1 * w2).reshape(shape) * scale
+    dim = None
+    if "lokr_w1" in entry:
+        w1 = entry["lokr_w1"]
+    else:
+        w1, dim = entry["lokr_w1_a"] @ entry["lokr_w1_b"], entry["lokr_w1_b"].shape[0]
+    if "lokr_w2" in entry:
+        w2 = entry["lokr_w2"]
+    else:
+        w2, dim = entry["lokr_w2_a"] @ entry["lokr_w2_b"].flatten(1), entry["lokr_w2_b"].shape[0]
+    if w2.dim() == 4:
+        w1 = w1[:, :, None, None]
+    scale = alpha / dim if dim is not None and alpha is not None else 1.0
+    return torch.kron(w1, w2).reshape(shape) * scale
+
+
+def merge_file(path, components: dict[str, tuple[str, torch.nn.Module]]) -> dict[str, dict[str, torch.Tensor]]:
+    """Base weights plus every entry of the file; `components` maps role -> (kohya prefix, base module).
+    Fails on any key that names no module of the model."""
+    tensors = load_file(str(path))
+    entries: dict[str, dict[str, torch.Tensor]] = {}
+    for key, value in tensors.items():
+        name, suffix = key.split(".", 1)
+        entries.setdefault(name, {})[suffix] = value.float()
+    names = {}
+    for role, (prefix, module) in components.items():
+        names.update({n: (role, w) for n, w in kohya_names(prefix, module, prefix != "lora_unet").items()})
+    unmatched = [name for name in entries if name not in names]
+    assert not unmatched, f"{len(unmatched)} keys match no module, e.g. {unmatched[:3]}"
+    merged = {role: {k: v.detach().float().clone() for k, v in module.state_dict().items()}
+              for role, (_, module) in components.items()}
+    for name, entry in entries.items():
+        role, weight = names[name]
+        merged[role][weight] += delta_from_entry(entry, merged[role][weight].shape)
+    return merged
+
+
+def metadata(path) -> dict[str, str]:
+    with safe_open(str(path), framework="pt") as handle:
+        return handle.metadata()
+
+
+FAMILIES = {
+    "sd": (t2i, StableDiffusionPipeline, {"unet": "lora_unet"}, []),
+    "sdxl": (sdxl_script, StableDiffusionXLPipeline,
+             {"unet": "lora_unet", "text_encoder": "lora_te1", "text_encoder_2": "lora_te2"}, ["--train_text_encoder"]),
+}
+TYPES = {
+    "lora": ["--lora_type", "lora", "--lora_targets", "attn-mlp", "--output_kohya_format"],
+    "locon": ["--lora_type", "locon", "--conv_rank", "2", "--conv_alpha", "1", "--output_kohya_format"],
+    "loha": ["--lora_type", "loha", "--lora_targets", "full"],
+    "lokr": ["--lora_type", "lokr", "--lora_targets", "full", "--lokr_factor", "4"],
+}
+NETWORK = {"lora": ("networks.lora", None), "locon": ("networks.lora", None), "loha": ("lycoris.kohya", "loha"),
+           "lokr": ("lycoris.kohya", "lokr")}
+
+
+@pytest.mark.parametrize("family", ["sd", "sdxl"])
+@pytest.mark.parametrize("adapter", list(TYPES))
+def test_each_adapter_type_exports_a_file_that_merges_to_the_trained_weights(
+        adapter, family, tiny_sd, tiny_sdxl, image_folder, tmp_path, merged_at_finish):
+    script, pipeline_cls, prefixes, extra = FAMILIES[family]
+    model = tiny_sd if family == "sd" else tiny_sdxl
+    output = tmp_path / "out"
+    argv = sd_args(model, image_folder, output, *STEPS, "--use_lora", "--rank", "4", "--lora_alpha", "2",
+                   *TYPES[adapter], *extra)
+    assert run(script.main, script.parse_args([str(a) for a in argv])) == 0
+
+    base = pipeline_cls.from_pretrained(str(model))
+    components = {role: (prefix, getattr(base, role)) for role, prefix in prefixes.items()}
+    merged = merge_file(output / KOHYA_WEIGHT_NAME, components)
+    assert set(merged_at_finish) == set(prefixes)
+    for role in prefixes:
+        expected, found = merged_at_finish[role], merged[role]
+        moved = max((expected[k] - components[role][1].state_dict()[k].float()).abs().max().item() for k in expected)
+        assert moved > 1e-4, f"{role}: training did not move the weights"
+        worst = max((found[k] - expected[k]).abs().max().item() for k in expected)
+        assert worst < 1e-5, f"{adapter}/{family} {role}: file merges {worst} away from the trained weights"
+
+    header = metadata(output / KOHYA_WEIGHT_NAME)
+    module, algo = NETWORK[adapter]
+    args = json.loads(header["ss_network_args"])
+    assert header["ss_network_module"] == module and args.get("algo") == algo
+    assert header["ss_network_dim"] == "4" and header["ss_network_alpha"] == "2"
+    keys = load_file(str(output / KOHYA_WEIGHT_NAME)).keys()
+    if adapter in ("locon", "loha", "lokr"):   # the 3x3 convolutions are adapted
+        assert any("resnets_0_conv1." in k for k in keys)
+        assert args["conv_dim"] == ("2" if adapter == "locon" else "4")
+    # diffusers loads LoRA/LoCon from its own file; LoHa/LoKr exist only in the LyCORIS layout
+    assert (output / WEIGHT_NAME).exists() == (adapter in ("lora", "locon"))
+
+
+def test_lora_alpha_scales_the_update_and_reaches_the_files(tiny_sd, image_folder, tmp_path):
+    """--lora_alpha 1 --rank 8: diffusers' loader folds in (1/8) up @ down, and both files say alpha 1."""
+    output = tmp_path / "out"
+    argv = sd_args(tiny_sd, image_folder, output, *STEPS, "--use_lora", "--rank", "8", "--lora_alpha", "1",
+                   "--output_kohya_format")
+    assert run(t2i.main, t2i.parse_args([str(a) for a in argv])) == 0
+
+    kohya = load_file(str(output / KOHYA_WEIGHT_NAME))
+    assert {float(v) for k, v in kohya.items() if k.endswith(".alpha")} == {1.0}
+    for path in (output / WEIGHT_NAME, output / KOHYA_WEIGHT_NAME):
+        assert metadata(path)["ss_network_alpha"] == "1" and metadata(path)["ss_network_dim"] == "8"
+
+    base = StableDiffusionPipeline.from_pretrained(str(tiny_sd))
+    before = {k: v.clone() for k, v in base.unet.state_dict().items()}
+    base.load_lora_weights(str(output))
+    base.fuse_lora(components=["unet"])
+    base.unload_lora_weights()
+    after = base.unet.state_dict()
+    name = "down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_q"
+    up, down = kohya[f"lora_unet_{name}.lora_up.weight"], kohya[f"lora_unet_{name}.lora_down.weight"]
+    weight = "down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q.weight"
+    update = after[weight] - before[weight]
+    assert update.abs().max() > 1e-5
+    torch.testing.assert_close(update, (up @ down) / 8, atol=1e-6, rtol=1e-4)
