@@ -27,6 +27,7 @@ from peft.tuners.lora import LoraLayer
 from safetensors.torch import load_file, save_file
 
 from sdft.errors import UserError
+from sdft.lora import WEIGHT_NAME, apply_lora_state
 
 KOHYA_WEIGHT_NAME = "pytorch_lora_weights_kohya.safetensors"
 ADAPTER = "default"
@@ -151,3 +152,24 @@ def copy_layer(layer: torch.nn.Module, tensors: dict[str, torch.Tensor]) -> None
         if isinstance(layer, LoKrLayer) and suffix == "lokr_w1" and not is_decomposed_lokr(layer):
             value = value / layer.scaling[ADAPTER]
         getattr(layer, suffix)[ADAPTER].copy_(value)
+
+
+def load_adapter_file(path: str | Path, modules: dict[str, torch.nn.Module], pipeline_cls,
+                      text_encoder_prefixes: dict[str, str]) -> None:
+    """--init_lora: fill the run's fresh adapters from a kohya/LyCORIS file or a diffusers/PEFT LoRA
+    file (a file, or a folder holding pytorch_lora_weights.safetensors). Type, layers, shapes and
+    (kohya layout) alphas must match the run's adapter flags."""
+    path = Path(path)
+    if path.is_dir():
+        path = path / WEIGHT_NAME
+    state = load_file(str(path))
+    if is_kohya_layout(state):
+        load_kohya(path, modules, text_encoder_prefixes)
+        return
+    state = pipeline_cls.lora_state_dict(state)
+    if isinstance(state, tuple):  # some pipelines also return network alphas
+        state = state[0]
+    try:
+        apply_lora_state(state, modules, path)
+    except ValueError as err:
+        raise AdapterFileError(str(err)) from err

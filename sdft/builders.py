@@ -23,7 +23,7 @@ from accelerate import Accelerator
 from accelerate.utils import ProjectConfiguration, broadcast_object_list, set_seed
 
 from sdft import hub, memory_estimate
-from sdft.adapter_files import KOHYA_WEIGHT_NAME
+from sdft.adapter_files import KOHYA_WEIGHT_NAME, load_adapter_file
 from sdft.checkpointing import Checkpointer, Position, TrainedWeights, read_position, resolve_resume
 from sdft.data.archives import data_folder
 from sdft.data.buckets import BucketPlan, BucketSettings, captioned_image_sizes
@@ -64,7 +64,15 @@ from sdft.plots import Pictures
 from sdft.run_stats import RunStats
 from sdft.stepping import OptimizerStepper, ParamUpdater
 from sdft.textual_inversion import TokenEmbeddings, TokenPlan, build_token_embeddings, check_abstractions_used, stop_step
-from sdft.trainable import LoraSpec, Placement, enable_gradient_checkpointing, param_groups, prepare_models, trainable_params
+from sdft.trainable import (
+    LoraSpec,
+    Placement,
+    enable_gradient_checkpointing,
+    loraplus_groups,
+    param_groups,
+    prepare_models,
+    trainable_params,
+)
 from sdft.training_run import ExportPlan, Run
 from sdft.validation import ValidationPlan, plan_prompts
 from sdft.validation_loss import ValidationLoss
@@ -173,9 +181,10 @@ def build_run(args: argparse.Namespace, family: Family, make_objective, accelera
                   accelerator.device, foreach=args.foreach_ema, offload=args.offload_ema)
     objective = make_objective(args, models.noise_scheduler, accelerator.device)
     params = trainable_params(trained) + (new_tokens.params() if new_tokens else [])
-    optimizer = build_optimizer(args, param_groups(trained, family.denoiser_role, args.text_encoder_lr,
-                                                   args.adam_weight_decay_text_encoder)
-                                + ([{"params": new_tokens.params()}] if new_tokens else []),
+    groups = param_groups(trained, family.denoiser_role, args.text_encoder_lr, args.adam_weight_decay_text_encoder)
+    if args.loraplus_lr_ratio is not None:
+        groups = loraplus_groups(groups, trained, args.loraplus_lr_ratio)
+    optimizer = build_optimizer(args, groups + ([{"params": new_tokens.params()}] if new_tokens else []),
                                 accelerator.num_processes)
     sampler, order = loader_order(dataset, args.train_batch_size, seed)
     dataloader = accelerator.prepare(torch.utils.data.DataLoader(
@@ -231,6 +240,8 @@ def build_trained(args: argparse.Namespace, family: Family, models, placement: P
                              gradient_checkpointing=args.gradient_checkpointing,
                              xformers=args.enable_xformers_memory_efficient_attention,
                              npu_flash_attention=args.enable_npu_flash_attention)
+    if args.use_lora and args.init_lora is not None:
+        load_adapter_file(args.init_lora, trained, family.pipeline_cls, family.kohya_text_encoder_prefixes)
     new_tokens = token_embeddings(args, family, models, seed)
     if not args.train_unet and args.gradient_checkpointing:
         # Frozen, but the embeddings' gradient still flows back through it.
@@ -562,6 +573,9 @@ def build_optimizer(args: argparse.Namespace, groups: list[dict], num_processes:
     if args.scale_lr:
         lr = scaled_lr(lr, args.gradient_accumulation_steps, args.train_batch_size, num_processes)
     betas = (args.adam_beta1, args.adam_beta2)
+    for group in groups:   # LoRA+: a multiple of the group's own rate (sdft.trainable.loraplus_groups)
+        if "lr_scale" in group:
+            group["lr"] = group.get("lr", lr) * group.pop("lr_scale")
     if args.optimizer.lower() == "prodigy":
         if lr <= 0.1:
             logger.warning("Prodigy usually wants --learning_rate around 1.0, got %g.", lr)

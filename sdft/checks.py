@@ -196,7 +196,8 @@ def check_prediction_type(args: argparse.Namespace, given: Given, *, allowed: Se
 # Flags that only mean something with --use_lora (a script that lacks one is never given it).
 LORA_ONLY = ("rank", "output_kohya_format", "lora_dropout", "lora_layers", "lora_blocks", "upcast_before_saving",
              "lora_alpha", "lora_type", "use_dora", "conv_rank", "conv_alpha", "lokr_factor", "rank_dropout",
-             "module_dropout", "lora_targets", "lora_target_regex")
+             "module_dropout", "lora_targets", "lora_target_regex", "init_lora",
+             "loraplus_lr_ratio")
 
 
 def check_lora(args: argparse.Namespace, given: Given) -> None:
@@ -244,6 +245,11 @@ def check_adapter(args: argparse.Namespace, given: Given) -> None:
     if args.lora_type == "locon" and "lora_targets" in given and args.lora_targets != "full":
         raise CliError(f"--lora_type locon adapts the 3x3 convolutions, which --lora_targets {args.lora_targets} "
                        "leaves out; use --lora_targets full (the default for locon) or --lora_type lora.")
+    if args.loraplus_lr_ratio is not None and (args.loraplus_lr_ratio <= 0 or args.lora_type in ("loha", "lokr")):
+        raise CliError(f"--loraplus_lr_ratio must be positive and applies to --lora_type lora or locon (its up "
+                       f"matrices), got {args.loraplus_lr_ratio} with --lora_type {args.lora_type}.")
+    if args.init_lora is not None and not Path(args.init_lora).exists():
+        raise CliError(f"--init_lora '{args.init_lora}' does not exist.")
     if args.lora_target_regex is not None:
         try:
             re.compile(args.lora_target_regex)

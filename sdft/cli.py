@@ -363,6 +363,14 @@ def add_adapter_args(g, *, targets: bool) -> None:
                    help="LoHa/LoKr: probability of dropping each rank channel during training (default 0).")
     g.add_argument("--module_dropout", type=float, default=0.0,
                    help="LoHa/LoKr: probability of skipping a whole adapter during a step (default 0).")
+    g.add_argument("--loraplus_lr_ratio", type=float, default=None,
+                   help="LoRA+: train the up (B) matrices at this multiple of their group's learning rate, text "
+                        "encoders included (the LoRA+ paper suggests 16; kohya's loraplus_lr_ratio). Default: off.")
+    g.add_argument("--init_lora", type=str, default=None,
+                   help="Start the adapters from this file instead of fresh: a kohya/LyCORIS file or a diffusers/PEFT "
+                        "pytorch_lora_weights.safetensors (or its folder). Its type, layers, rank and alpha must match "
+                        "this run's adapter flags. The optimizer starts fresh (--resume_from_checkpoint restores it "
+                        "too). Default: none.")
     if targets:
         g.add_argument("--lora_targets", type=str, default="attn", choices=["attn", "attn-mlp", "full"],
                        help="Layers adapted: attn (attention q/k/v/out, the default), attn-mlp (kohya's LoRA: every "

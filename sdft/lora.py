@@ -63,17 +63,33 @@ def load_lora(pipeline_cls, directory: str | Path, modules: dict[str, torch.nn.M
     state = pipeline_cls.lora_state_dict(str(directory))
     if isinstance(state, tuple):  # some pipelines also return network alphas
         state = state[0]
+    apply_lora_state(state, modules, Path(directory) / WEIGHT_NAME)
+
+
+def apply_lora_state(state: dict[str, torch.Tensor], modules: dict[str, torch.nn.Module], source: Path) -> None:
+    """Copy a diffusers/PEFT-layout state dict (`<role>.<module>.lora_A...`) into the adapters of
+    `modules`; a role, key or shape the model's adapters lack is an error naming the first one."""
     for role, module in modules.items():
         prefix = f"{role}."
         part = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
         if not part:
-            raise ValueError(f"{Path(directory) / WEIGHT_NAME} has no LoRA weights for the {role}.")
+            raise ValueError(f"{source} has no LoRA weights for the {role}.")
         if role in DENOISER_ROLES:
             part = convert_unet_state_dict_to_peft(part)
         else:
             part = convert_state_dict_to_peft(convert_state_dict_to_diffusers(part))
-        result = set_peft_model_state_dict(module, part, adapter_name="default")
-        unexpected = getattr(result, "unexpected_keys", None)
-        if unexpected:
-            raise ValueError(f"LoRA weights for the {role} in {directory} do not match the model: "
-                             f"unexpected keys {unexpected[:3]}...")
+        check_same_keys(part, get_peft_model_state_dict(module), f"{source} ({role})")
+        set_peft_model_state_dict(module, part, adapter_name="default")
+
+
+def check_same_keys(found: dict[str, torch.Tensor], expected: dict[str, torch.Tensor], source: str) -> None:
+    for key in found:
+        if key not in expected:
+            raise ValueError(f"{source}: '{key}' matches no adapter layer of the model (--lora_type, "
+                             "--lora_targets, --use_dora or the base model differ).")
+    for key, value in expected.items():
+        if key not in found:
+            raise ValueError(f"{source} has no '{key}': the file adapts other layers (--lora_targets).")
+        if found[key].shape != value.shape:
+            raise ValueError(f"{source}: '{key}' has shape {tuple(found[key].shape)}, the model's adapter "
+                             f"{tuple(value.shape)} (--rank or --conv_rank differ).")

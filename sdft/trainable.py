@@ -91,3 +91,17 @@ def param_groups(trained: dict[str, torch.nn.Module], denoiser_role: str, text_e
             group["weight_decay"] = text_encoder_weight_decay
         groups.append(group)
     return groups
+
+
+def loraplus_groups(groups: list[dict], trained: dict[str, torch.nn.Module], ratio: float) -> list[dict]:
+    """LoRA+ (Hayou et al. 2024, arXiv:2402.12354): the B ("up") matrices learn `ratio` times faster
+    than the A ("down") matrices. Each group is split in two; the B half carries `lr_scale`, which
+    the optimizer builder turns into a learning rate once the base rate is known."""
+    up = {id(p) for module in trained.values() for name, p in module.named_parameters() if ".lora_B." in name}
+    split = []
+    for group in groups:
+        rest = [p for p in group["params"] if id(p) not in up]
+        faster = [p for p in group["params"] if id(p) in up]
+        split += [{**group, "params": rest}] if rest else []
+        split += [{**group, "params": faster, "lr_scale": ratio}] if faster else []
+    return split

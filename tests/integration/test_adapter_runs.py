@@ -18,6 +18,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 
 import sdft.output
+import sdft.trainer
 import train_text_to_image as t2i
 import train_text_to_image_sdxl as sdxl_script
 from sdft.adapter_files import KOHYA_WEIGHT_NAME
@@ -188,3 +189,91 @@ def test_lora_alpha_scales_the_update_and_reaches_the_files(tiny_sd, image_folde
     update = after[weight] - before[weight]
     assert update.abs().max() > 1e-5
     torch.testing.assert_close(update, (up @ down) / 8, atol=1e-6, rtol=1e-4)
+
+
+@pytest.fixture()
+def merged_at_start(monkeypatch):
+    """peft's merged weights of every trained module when the loop starts (after --init_lora)."""
+    captured = {}
+    train = sdft.trainer.train
+
+    def capture(run_):
+        captured.update({role: peft_merged(module) for role, module in run_.trained.modules.items()})
+        return train(run_)
+
+    monkeypatch.setattr(sdft.trainer, "train", capture)
+    return captured
+
+
+@pytest.mark.parametrize("adapter, source", [
+    (["--lora_type", "loha", "--lora_targets", "attn-mlp"], KOHYA_WEIGHT_NAME),      # kohya/LyCORIS layout
+    (["--lora_targets", "attn-mlp", "--lora_alpha", "2"], WEIGHT_NAME),             # diffusers/PEFT layout
+])
+def test_init_lora_starts_from_the_file_of_a_previous_run(adapter, source, tiny_sd, image_folder, tmp_path,
+                                                          merged_at_finish, merged_at_start):
+    first, second = tmp_path / "first", tmp_path / "second"
+    argv = sd_args(tiny_sd, image_folder, first, *STEPS, "--use_lora", *adapter)
+    assert run(t2i.main, t2i.parse_args([str(a) for a in argv])) == 0
+    finished = {role: dict(state) for role, state in merged_at_finish.items()}
+
+    argv = sd_args(tiny_sd, image_folder, second, *STEPS, "--use_lora", *adapter, "--init_lora", first / source)
+    assert run(t2i.main, t2i.parse_args([str(a) for a in argv])) == 0
+    started = merged_at_start["unet"]
+    worst = max((started[k] - finished["unet"][k]).abs().max().item() for k in started)
+    assert worst < 1e-6, f"the second run starts {worst} away from where the first ended"
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--rank", "8"], "'lora_unet_down_blocks_0_attentions_0_proj_in.hada_w1_a' has shape (32, 4), "
+                      "the model's adapter (32, 8)"),
+    (["--lora_type", "lokr"], "has no 'lora_unet_down_blocks_0_attentions_0_proj_in.lokr_w1'"),   # LoHa file, LoKr run
+    (["--lora_alpha", "3"], "is 2, the run's alpha 3"),
+    (["--lora_targets", "attn"], "matches no adapted layer"),
+])
+def test_init_lora_names_the_first_key_that_does_not_match(flags, message, tiny_sd, image_folder, tmp_path, capsys):
+    first = tmp_path / "first"
+    argv = sd_args(tiny_sd, image_folder, first, *STEPS, "--use_lora", "--lora_type", "loha", "--lora_alpha", "2",
+                   "--lora_targets", "attn-mlp")
+    assert run(t2i.main, t2i.parse_args([str(a) for a in argv])) == 0
+    base = {"--rank": "4", "--lora_type": "loha", "--lora_alpha": "2", "--lora_targets": "attn-mlp"}
+    base.update(dict(zip(flags[::2], flags[1::2])))
+    argv = sd_args(tiny_sd, image_folder, tmp_path / "second", *STEPS, "--use_lora",
+                   *[item for pair in base.items() for item in pair], "--init_lora", first / KOHYA_WEIGHT_NAME)
+    capsys.readouterr()
+    assert run(t2i.main, t2i.parse_args([str(a) for a in argv])) == 1
+    err = capsys.readouterr().err
+    assert message in err and "lora_unet_" in err, err
+
+
+def test_dora_trains_and_diffusers_loads_it(tiny_sd, image_folder, tmp_path, merged_at_finish):
+    output = tmp_path / "out"
+    argv = sd_args(tiny_sd, image_folder, output, *STEPS, "--use_lora", "--use_dora", "--lora_alpha", "2")
+    assert run(t2i.main, t2i.parse_args([str(a) for a in argv])) == 0
+    assert json.loads(metadata(output / WEIGHT_NAME)["ss_network_args"])["dora_wd"] == "True"
+    pipe = StableDiffusionPipeline.from_pretrained(str(tiny_sd))
+    pipe.load_lora_weights(str(output))
+    pipe.fuse_lora(components=["unet"])
+    pipe.unload_lora_weights()
+    fused, expected = pipe.unet.state_dict(), merged_at_finish["unet"]
+    worst = max((fused[k] - expected[k]).abs().max().item() for k in expected)
+    assert worst < 1e-5, f"diffusers' DoRA fuse is {worst} away from the trained weights"
+
+
+def test_loraplus_trains_up_matrices_at_the_ratio_per_group(tiny_sdxl, image_folder, tmp_path, monkeypatch):
+    """--loraplus_lr_ratio 16: the U-Net's and the text encoders' lora_B weights each get 16 x their
+    group's rate; the lora_A weights keep it."""
+    seen = {}
+    train = sdft.trainer.train
+
+    def capture(run_):
+        names = {id(p): name for module in run_.trained.modules.values() for name, p in module.named_parameters()}
+        seen["groups"] = [(group["lr"], {names[id(p)].split(".lora_")[1][0] for p in group["params"]},
+                           len(group["params"])) for group in run_.optimizer.optimizer.param_groups]
+        return train(run_)
+
+    monkeypatch.setattr(sdft.trainer, "train", capture)
+    argv = sd_args(tiny_sdxl, image_folder, tmp_path / "out", *STEPS, "--use_lora", "--train_text_encoder",
+                   "--loraplus_lr_ratio", "16")
+    assert run(sdxl_script.main, sdxl_script.parse_args([str(a) for a in argv])) == 0
+    lrs = [(lr, kinds) for lr, kinds, _ in seen["groups"]]
+    assert lrs == [(pytest.approx(1e-2), {"A"}), (pytest.approx(0.16), {"B"})] * 2   # U-Net, then text encoders

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import pytest
+import torch
 from accelerate import init_empty_weights
 from diffusers import UNet2DConditionModel
+from peft import LoraConfig, get_peft_model
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
 import train_dreambooth_sd3 as sd3_script
@@ -12,6 +14,7 @@ import train_text_to_image as t2i
 import train_text_to_image_sdxl as sdxl_script
 from sdft.adapters import LoraSpec, adaptable_layers, targets_for
 from sdft.families.sd import StableDiffusion
+from sdft.trainable import loraplus_groups, param_groups
 
 
 def sd15_unet():
@@ -98,3 +101,17 @@ def test_sd3_offers_lora_and_dora_only(tmp_path, capsys):
     with pytest.raises(SystemExit):   # SD3 picks its layers with --lora_layers/--lora_blocks
         sd3_script.parse_args([*argv, "--lora_targets", "full"])
     assert "unrecognized arguments: --lora_targets" in capsys.readouterr().err
+
+
+def test_loraplus_splits_each_group_and_keeps_its_own_rate():
+    """A text-encoder group with its own --text_encoder_lr keeps it; its B half is scaled from it."""
+    unet = torch.nn.Sequential(torch.nn.Linear(4, 4))
+    encoder = torch.nn.Sequential(torch.nn.Linear(4, 4))
+    trained = {}
+    for role, module in (("unet", unet), ("text_encoder", encoder)):
+        trained[role] = get_peft_model(module, LoraConfig(r=2, target_modules=["0"]))
+    groups = loraplus_groups(param_groups(trained, "unet", text_encoder_lr=5e-4), trained, 16.0)
+    assert [(g.get("lr"), g.get("lr_scale"), len(g["params"])) for g in groups] == [
+        (None, None, 1), (None, 16.0, 1), (5e-4, None, 1), (5e-4, 16.0, 1)]
+    b_params = {id(p) for m in trained.values() for n, p in m.named_parameters() if "lora_B" in n}
+    assert {id(p) for g in groups if g.get("lr_scale") for p in g["params"]} == b_params
