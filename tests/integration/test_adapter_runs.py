@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import copy
 import json
+import shutil
 
 import pytest
 import torch
@@ -277,3 +278,24 @@ def test_loraplus_trains_up_matrices_at_the_ratio_per_group(tiny_sdxl, image_fol
     assert run(sdxl_script.main, sdxl_script.parse_args([str(a) for a in argv])) == 0
     lrs = [(lr, kinds) for lr, kinds, _ in seen["groups"]]
     assert lrs == [(pytest.approx(1e-2), {"A"}), (pytest.approx(0.16), {"B"})] * 2   # U-Net, then text encoders
+
+
+def test_lokr_run_resumes_exactly_and_validates_with_the_file_it_writes(tiny_sd, image_folder, tmp_path):
+    """LoKr checkpoints are the LyCORIS file: a run resumed from step 2 ends with the same file as a
+    straight 4-step run, and the final images come from that file."""
+    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
+    common = ["--max_train_steps", "4", "--checkpointing_steps", "2", "--report_to", "none", "--learning_rate", "1e-2",
+              "--use_lora", "--lora_type", "lokr", "--lora_targets", "full", "--lokr_factor", "4", "--lora_alpha", "2"]
+    argv = sd_args(tiny_sd, image_folder, straight, *common, "--validation_prompt", "a red circle",
+                   "--num_validation_images", "1")
+    assert run(t2i.main, t2i.parse_args([str(a) for a in argv])) == 0
+    assert (straight / "checkpoint-2" / KOHYA_WEIGHT_NAME).exists()
+    assert list((straight / "validation" / "final").glob("*.png"))
+    resumed.mkdir()
+    shutil.copytree(straight / "checkpoint-2", resumed / "checkpoint-2")
+    argv = sd_args(tiny_sd, image_folder, resumed, *common, "--resume_from_checkpoint", "latest")
+    assert run(t2i.main, t2i.parse_args([str(a) for a in argv])) == 0
+    a, b = load_file(str(straight / KOHYA_WEIGHT_NAME)), load_file(str(resumed / KOHYA_WEIGHT_NAME))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert any("lokr_w1_a" in k or "lokr_w2_a" in k for k in a) and any(
+        k.endswith(".lokr_w1") for k in a)   # both LoKr forms, decomposed and full, were written and resumed
