@@ -23,6 +23,7 @@ from accelerate import Accelerator
 from accelerate.utils import ProjectConfiguration, broadcast_object_list, set_seed
 
 from sdft import hub, memory_estimate
+from sdft.adapter_files import KOHYA_WEIGHT_NAME, load_adapter_file
 from sdft.checkpointing import Checkpointer, Position, TrainedWeights, read_position, resolve_resume
 from sdft.data.archives import data_folder
 from sdft.data.buckets import BucketPlan, BucketSettings, captioned_image_sizes
@@ -52,7 +53,7 @@ from sdft.families.base_file import inspect as inspect_base_file
 from sdft.families.protocol import Family
 from sdft.families.source import ModelSource
 from sdft.guards import NonFiniteGuard, check_precision_device
-from sdft.lora import KOHYA_WEIGHT_NAME, WEIGHT_NAME, rank_and_alpha
+from sdft.lora import WEIGHT_NAME, rank_and_alpha
 from sdft.model_spec import describe_base, training_metadata
 from sdft.noise_schedule import ZTSNR, check_zero_terminal_snr, markers_of, scheduler_with, settings_for
 from sdft.objectives import (
@@ -76,7 +77,15 @@ from sdft.plots import Pictures
 from sdft.run_stats import RunStats
 from sdft.stepping import OptimizerStepper, ParamUpdater
 from sdft.textual_inversion import TokenEmbeddings, TokenPlan, build_token_embeddings, check_abstractions_used, stop_step
-from sdft.trainable import LoraSpec, Placement, enable_gradient_checkpointing, param_groups, prepare_models, trainable_params
+from sdft.trainable import (
+    LoraSpec,
+    Placement,
+    enable_gradient_checkpointing,
+    loraplus_groups,
+    param_groups,
+    prepare_models,
+    trainable_params,
+)
 from sdft.training_run import ExportPlan, Run
 from sdft.validation import ValidationPlan, plan_prompts
 from sdft.validation_loss import ValidationLoss
@@ -214,9 +223,11 @@ def build_run(args: argparse.Namespace, family: Family, make_objective, accelera
                   accelerator.device, foreach=args.foreach_ema, offload=args.offload_ema, decay=args.ema_decay)
     objective = make_objective(args, models.noise_scheduler, accelerator.device)
     params = trainable_params(trained) + (new_tokens.params() if new_tokens else [])
-    optimizer = build_optimizer(args, param_groups(trained, family.denoiser_role, args.text_encoder_lr,
-                                                   args.adam_weight_decay_text_encoder, encoder_lrs(args, family))
-                                + ([{"params": new_tokens.params()}] if new_tokens else []),
+    groups = param_groups(trained, family.denoiser_role, args.text_encoder_lr, args.adam_weight_decay_text_encoder,
+                          encoder_lrs(args, family))
+    if args.loraplus_lr_ratio is not None:
+        groups = loraplus_groups(groups, trained, args.loraplus_lr_ratio)
+    optimizer = build_optimizer(args, groups + ([{"params": new_tokens.params()}] if new_tokens else []),
                                 accelerator.num_processes)
     sampler, order = loader_order(dataset, args.train_batch_size, seed)
     dataloader = accelerator.prepare(torch.utils.data.DataLoader(
@@ -235,7 +246,8 @@ def build_run(args: argparse.Namespace, family: Family, make_objective, accelera
     weights = TrainedWeights(family.pipeline_cls, trained, lora=args.use_lora, ema=ema,
                              lora_key_format=family.lora_key_format, extras=[new_tokens] if new_tokens else [],
                              lora_metadata=file_metadata(args, family, models, trained, max_train_steps)
-                             if args.use_lora else None)
+                             if args.use_lora else None,
+                             kohya_prefixes=family.kohya_text_encoder_prefixes if lycoris_only(args) else None)
     condition_cache, offloaded = precompute(family, models, dataset, accelerator,
                                             args.train_text_encoder or new_tokens is not None,
                                             caches=cache_settings(args), source=source,
@@ -278,6 +290,8 @@ def build_trained(args: argparse.Namespace, family: Family, models, placement: P
                              gradient_checkpointing=args.gradient_checkpointing,
                              xformers=args.enable_xformers_memory_efficient_attention,
                              npu_flash_attention=args.enable_npu_flash_attention)
+    if args.use_lora and args.init_lora is not None:
+        load_adapter_file(args.init_lora, trained, family.pipeline_cls, family.kohya_text_encoder_prefixes)
     new_tokens = token_embeddings(args, family, models, seed)
     if not args.train_unet and args.gradient_checkpointing:
         # Frozen, but the embeddings' gradient still flows back through it.
@@ -319,7 +333,18 @@ def precompute(family: Family, models, dataset, accelerator: Accelerator, train_
 def lora_spec(args: argparse.Namespace, family: Family) -> LoraSpec | None:
     if not args.use_lora:
         return None
-    return LoraSpec(rank=args.rank, denoiser_targets=family.lora_target_modules, dropout=args.lora_dropout)
+    # LoCon is LoRA on the 3x3 convolutions too: kohya's conv_dim, reached here through the `full` preset.
+    preset = "full" if args.lora_type == "locon" else args.lora_targets
+    return LoraSpec(rank=args.rank, denoiser_targets=family.lora_target_modules, dropout=args.lora_dropout,
+                    alpha=args.lora_alpha, adapter=args.lora_type, use_dora=args.use_dora, preset=preset,
+                    regex=args.lora_target_regex, conv_rank=args.conv_rank, conv_alpha=args.conv_alpha,
+                    lokr_factor=args.lokr_factor, rank_dropout=args.rank_dropout, module_dropout=args.module_dropout)
+
+
+def lycoris_only(args: argparse.Namespace) -> bool:
+    """LoHa and LoKr: diffusers' LoRA files cannot hold them, so their files (checkpoints included)
+    are the kohya/LyCORIS layout."""
+    return args.use_lora and args.lora_type in ("loha", "lokr")
 
 
 def validation_prompts(args: argparse.Namespace) -> list[str]:
@@ -357,7 +382,8 @@ def export_plan(args: argparse.Namespace, run: Run, hub_repo: str | None) -> Exp
     """Decided now, so that `output.finish` reads no flag."""
     single_file = args.save_single_file and not args.use_lora
     return ExportPlan(
-        lora=args.use_lora, kohya_lora=args.use_lora and args.output_kohya_format,
+        lora=args.use_lora, kohya_lora=args.use_lora and (args.output_kohya_format or lycoris_only(args)),
+        diffusers_lora=not lycoris_only(args), adapter=lora_spec(args, run.family),
         lora_dtype=None if args.upcast_before_saving else run.weight_dtype,
         scheduler_settings=settings_for(args.prediction_type, args.zero_terminal_snr),
         markers=markers_of({**run.models.noise_scheduler.config, **settings_for(args.prediction_type, False)})
@@ -379,7 +405,8 @@ def file_metadata(args: argparse.Namespace, family: Family, models, trained: dic
                              title=Path(args.output_dir).name, resolution=args.resolution, steps=steps,
                              clip_skip=args.clip_skip,
                              zero_terminal_snr=bool(models.noise_scheduler.config.get("rescale_betas_zero_snr")),
-                             lora=rank_and_alpha(trained) if args.use_lora else None)
+                             lora=rank_and_alpha(trained) if args.use_lora else None,
+                             network=lora_spec(args, family) if args.use_lora else None)
 
 
 def model_card(args: argparse.Namespace, run: Run) -> hub.CardInfo:
@@ -409,7 +436,7 @@ def model_card(args: argparse.Namespace, run: Run) -> hub.CardInfo:
 def ui_files(args: argparse.Namespace, run: Run) -> dict[str, str]:
     """The files of the output folder that ComfyUI, A1111 and Forge load, for the model card."""
     files = {}
-    if args.use_lora and args.output_kohya_format:
+    if args.use_lora and (args.output_kohya_format or lycoris_only(args)):
         files[KOHYA_WEIGHT_NAME] = "lora"
     elif args.use_lora and run.family.name == "sd3":
         files[WEIGHT_NAME] = "lora"
@@ -780,6 +807,9 @@ def build_optimizer(args: argparse.Namespace, groups: list[dict], num_processes:
     name = chosen_name(args.optimizer_type, args.optimizer, args.use_8bit_adam)
     kwargs = flag_arguments(name, {"betas": (args.adam_beta1, args.adam_beta2), "eps": args.adam_epsilon,
                                    "weight_decay": args.adam_weight_decay})
+    for group in groups:   # LoRA+: a multiple of the group's own rate (sdft.trainable.loraplus_groups)
+        if "lr_scale" in group:
+            group["lr"] = group.get("lr", lr) * group.pop("lr_scale")
     if name == "prodigy":
         if lr <= 0.1:
             logger.warning("Prodigy usually wants --learning_rate around 1.0, got %g.", lr)

@@ -29,6 +29,7 @@ from pathlib import Path
 import torch
 from accelerate import Accelerator
 
+from sdft.adapter_files import KOHYA_WEIGHT_NAME, load_kohya, save_kohya
 from sdft.ema import EMA
 from sdft.errors import MissingFileError
 from sdft.guards import require_finite_weights
@@ -184,13 +185,20 @@ class TrainedWeights:
     lora_key_format: str = "diffusers"
     extras: list = field(default_factory=list)  # more state with save(dir)/load(dir), e.g. learned token embeddings
     lora_metadata: dict[str, str] | None = None    # sdft.model_spec keys, written into every LoRA file
+    # LoHa/LoKr, which diffusers' LoRA files cannot hold: checkpoints in the kohya/LyCORIS layout,
+    # with these text-encoder prefixes (sdft.adapter_files).
+    kohya_prefixes: dict[str, str] | None = None
 
     def save(self, directory: Path, step: int | None = None) -> None:
         if self.lora:
             metadata = self.lora_metadata
             if metadata and step is not None:
                 metadata = stamped(metadata, step)
-            save_lora(self.pipeline_cls, directory, self.modules, key_format=self.lora_key_format, metadata=metadata)
+            if self.kohya_prefixes is not None:
+                save_kohya(directory, self.modules, self.kohya_prefixes, metadata=metadata)
+            else:
+                save_lora(self.pipeline_cls, directory, self.modules, key_format=self.lora_key_format,
+                          metadata=metadata)
         else:
             for role, module in self.modules.items():
                 module.save_pretrained(directory / role)
@@ -200,7 +208,9 @@ class TrainedWeights:
             extra.save(directory)
 
     def load(self, directory: Path) -> None:
-        if self.lora:
+        if self.lora and self.kohya_prefixes is not None:
+            load_kohya(directory / KOHYA_WEIGHT_NAME, self.modules, self.kohya_prefixes)
+        elif self.lora:
             load_lora(self.pipeline_cls, directory, self.modules)
         else:
             for role, module in self.modules.items():

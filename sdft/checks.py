@@ -10,6 +10,7 @@ import importlib.util
 import json
 import math
 import os
+import re
 import sys
 from contextlib import contextmanager
 from pathlib import Path
@@ -275,7 +276,10 @@ def check_prediction_type(args: argparse.Namespace, given: Given, *, allowed: Se
 
 
 # Flags that only mean something with --use_lora (a script that lacks one is never given it).
-LORA_ONLY = ("rank", "output_kohya_format", "lora_dropout", "lora_layers", "lora_blocks", "upcast_before_saving")
+LORA_ONLY = ("rank", "output_kohya_format", "lora_dropout", "lora_layers", "lora_blocks", "upcast_before_saving",
+             "lora_alpha", "lora_type", "use_dora", "conv_rank", "conv_alpha", "lokr_factor", "rank_dropout",
+             "module_dropout", "lora_targets", "lora_target_regex", "init_lora",
+             "loraplus_lr_ratio")
 
 
 def check_lora(args: argparse.Namespace, given: Given) -> None:
@@ -289,6 +293,50 @@ def check_lora(args: argparse.Namespace, given: Given) -> None:
         raise CliError(f"--rank must be at least 1, got {args.rank}.")
     if getattr(args, "use_ema", False):
         raise CliError("--use_ema is for full fine-tuning; it cannot be combined with --use_lora.")
+    check_adapter(args, given)
+
+
+def check_adapter_numbers(args: argparse.Namespace) -> None:
+    for name in ("lora_alpha", "conv_alpha"):
+        if getattr(args, name) is not None and getattr(args, name) <= 0:
+            raise CliError(f"--{name} must be positive, got {getattr(args, name)}.")
+    if args.conv_rank is not None and args.conv_rank < 1:
+        raise CliError(f"--conv_rank must be at least 1, got {args.conv_rank}.")
+    for name in ("lora_dropout", "rank_dropout", "module_dropout"):
+        if not 0 <= getattr(args, name) < 1:
+            raise CliError(f"--{name} must be at least 0 and below 1, got {getattr(args, name)}.")
+
+
+def check_adapter(args: argparse.Namespace, given: Given) -> None:
+    """The adapter options of sdft.adapters: each only with the types that have it."""
+    check_adapter_numbers(args)
+    lycoris = args.lora_type in ("loha", "lokr")
+    if args.use_dora and lycoris:
+        raise CliError(f"--use_dora applies to --lora_type lora or locon, not {args.lora_type}.")
+    if args.use_dora and args.output_kohya_format:
+        raise CliError("--use_dora with --output_kohya_format: DoRA is not written in the kohya layout yet "
+                       "(pytorch_lora_weights.safetensors, which diffusers loads, is).")
+    wrong = [f"--{name}" for name, ok in (("rank_dropout", lycoris), ("module_dropout", lycoris),
+                                          ("lora_dropout", not lycoris), ("lokr_factor", args.lora_type == "lokr"))
+             if name in given and not ok]
+    if wrong:
+        raise CliError(f"{', '.join(wrong)} does not apply to --lora_type {args.lora_type} (rank and module dropout: "
+                       "loha/lokr; --lora_dropout: lora/locon; --lokr_factor: lokr).")
+    if args.lokr_factor == 0 or args.lokr_factor < -1:
+        raise CliError(f"--lokr_factor must be -1 or a positive number, got {args.lokr_factor}.")
+    if args.lora_type == "locon" and "lora_targets" in given and args.lora_targets != "full":
+        raise CliError(f"--lora_type locon adapts the 3x3 convolutions, which --lora_targets {args.lora_targets} "
+                       "leaves out; use --lora_targets full (the default for locon) or --lora_type lora.")
+    if args.loraplus_lr_ratio is not None and (args.loraplus_lr_ratio <= 0 or args.lora_type in ("loha", "lokr")):
+        raise CliError(f"--loraplus_lr_ratio must be positive and applies to --lora_type lora or locon (its up "
+                       f"matrices), got {args.loraplus_lr_ratio} with --lora_type {args.lora_type}.")
+    if args.init_lora is not None and not Path(args.init_lora).exists():
+        raise CliError(f"--init_lora '{args.init_lora}' does not exist.")
+    if args.lora_target_regex is not None:
+        try:
+            re.compile(args.lora_target_regex)
+        except re.error as err:
+            raise CliError(f"--lora_target_regex '{args.lora_target_regex}' is not a regular expression: {err}.") from err
 
 
 def check_single_file(args: argparse.Namespace, given: Given) -> None:
@@ -443,6 +491,9 @@ def check_sd3(args: argparse.Namespace, given: Given) -> None:
         raise CliError(f"--precondition_outputs must be 0 or 1, got {args.precondition_outputs}.")
     if args.text_encoder_lr <= 0:
         raise CliError(f"--text_encoder_lr must be positive, got {args.text_encoder_lr}.")
+    if args.lora_type != "lora":
+        raise CliError(f"--lora_type {args.lora_type} is not available for SD3 yet (its kohya layout is not "
+                       "written); use --lora_type lora, with --use_dora if wanted.")
     if args.lora_blocks:
         try:
             [int(block) for block in args.lora_blocks.split(",")]

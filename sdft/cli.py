@@ -37,9 +37,11 @@ WHEN_ABSENT = {
     "input_perturbation": 0.0,
     "train_unet": True,
     "use_ema": False, "offload_ema": False, "foreach_ema": False, "non_ema_revision": None,
-    "train_text_encoder_ti": False, "lora_dropout": 0.0, "output_kohya_format": False, "debug_loss": False,
+    "train_text_encoder_ti": False, "output_kohya_format": False, "debug_loss": False,
     # SD 1.x and SDXL have no flag: their LoRA files are written in fp32.
     "upcast_before_saving": True,
+    # SD3 chooses its layers with --lora_layers/--lora_blocks.
+    "lora_targets": "attn", "lora_target_regex": None,
     "enable_xformers_memory_efficient_attention": False, "enable_npu_flash_attention": False,
     "validation_prompts": None, "instance_data_dir": None, "with_prior_preservation": False,
     # DDPM recipes (issue 21): not in the SD3 script.
@@ -512,31 +514,71 @@ def add_ema_args(parser: argparse.ArgumentParser, *, offload: bool, non_ema_revi
 
 
 def add_lora_args(parser: argparse.ArgumentParser, *, text_encoder: bool = False, kohya: bool = False,
-                  debug_loss: bool = False) -> None:
+                  debug_loss: bool = False, targets: bool = True) -> None:
     g = parser.add_argument_group("LoRA")
     g.add_argument("--use_lora", action="store_true",
                    help="Train LoRA adapters instead of the full model; writes pytorch_lora_weights.safetensors.")
-    g.add_argument("--rank", type=int, default=4, help="LoRA rank (lora_alpha equals the rank).")
+    g.add_argument("--rank", type=int, default=4, help="Adapter rank (kohya's network_dim).")
     if text_encoder:
         g.add_argument("--train_text_encoder", action="store_true",
-                       help="Also train the CLIP text encoder(s): fully, or LoRA adapters on their q/k/v/out "
-                            "projections with --use_lora. Trained encoders are saved in every output; the "
-                            "text-encoder cache cannot be used with them.")
+                       help="Also train the CLIP text encoder(s): fully, or adapters with --use_lora (q/k/v/out "
+                            "projections; with --lora_targets attn-mlp or full also the MLPs). Trained encoders "
+                            "are saved in every output; the text-encoder cache cannot be used with them.")
         add_text_encoder_frac_arg(g)
     if kohya:
         g.add_argument("--output_kohya_format", action="store_true",
-                       help="Also write pytorch_lora_weights_kohya.safetensors: the same LoRA with kohya key names "
-                            "(lora_unet_*, lora_te_* or lora_te1_*/lora_te2_*), the file ComfyUI, A1111 and Forge "
-                            "load from models/loras.")
+                       help="Also write pytorch_lora_weights_kohya.safetensors: the adapter in the kohya/LyCORIS "
+                            "layout (lora_unet_*, lora_te_* or lora_te1_*/lora_te2_*), the file ComfyUI, A1111 and "
+                            "Forge load from models/loras. Always written for --lora_type loha/lokr.")
     if debug_loss:
         g.add_argument("--debug_loss", action="store_true",
                        help="Also log each image's own loss, keyed by its file name.")
+    add_adapter_args(g, targets=targets)
+
+
+def add_adapter_args(g, *, targets: bool) -> None:
+    """Adapter type, scale, targets and regularisers (sdft.adapters), in every script."""
+    g.add_argument("--lora_alpha", type=float, default=None,
+                   help="Adapter alpha: updates are scaled by alpha/rank (default: the rank, scale 1; "
+                        "kohya recipes often use 1 or rank/2).")
+    g.add_argument("--lora_dropout", type=float, default=0.0, help="Dropout on the LoRA path (default 0).")
+    g.add_argument("--lora_type", type=str, default="lora", choices=["lora", "locon", "loha", "lokr"],
+                   help="Adapter type: lora; locon (LoRA on the 3x3 convolutions too, implies --lora_targets full); "
+                        "loha (LoHa, Hadamard product); lokr (LoKr, Kronecker product). Default: lora.")
+    g.add_argument("--use_dora", action="store_true",
+                   help="DoRA: learn a magnitude per output row beside the LoRA direction (--lora_type lora/locon).")
+    g.add_argument("--conv_rank", type=int, default=None,
+                   help="Rank of the 3x3 convolution adapters (kohya's conv_dim; default: --rank).")
+    g.add_argument("--conv_alpha", type=float, default=None,
+                   help="Alpha of the 3x3 convolution adapters (default: --lora_alpha, or --conv_rank when given).")
+    g.add_argument("--lokr_factor", type=int, default=-1,
+                   help="LoKr: the factor splitting each dimension into the two Kronecker factors "
+                        "(default -1: the most square split).")
+    g.add_argument("--rank_dropout", type=float, default=0.0,
+                   help="LoHa/LoKr: probability of dropping each rank channel during training (default 0).")
+    g.add_argument("--module_dropout", type=float, default=0.0,
+                   help="LoHa/LoKr: probability of skipping a whole adapter during a step (default 0).")
+    g.add_argument("--loraplus_lr_ratio", type=float, default=None,
+                   help="LoRA+: train the up (B) matrices at this multiple of their group's learning rate, text "
+                        "encoders included (the LoRA+ paper suggests 16; kohya's loraplus_lr_ratio). Default: off.")
+    g.add_argument("--init_lora", type=str, default=None,
+                   help="Start the adapters from this file instead of fresh: a kohya/LyCORIS file or a diffusers/PEFT "
+                        "pytorch_lora_weights.safetensors (or its folder). Its type, layers, rank and alpha must match "
+                        "this run's adapter flags. The optimizer starts fresh (--resume_from_checkpoint restores it "
+                        "too). Default: none.")
+    if targets:
+        g.add_argument("--lora_targets", type=str, default="attn", choices=["attn", "attn-mlp", "full"],
+                       help="Layers adapted: attn (attention q/k/v/out, the default), attn-mlp (kohya's LoRA: every "
+                            "linear and 1x1 layer of the transformer blocks, and the text encoders' MLPs), full "
+                            "(attn-mlp plus the ResNet blocks and up/downsamplers, 3x3 convolutions included).")
+        g.add_argument("--lora_target_regex", type=str, default=None,
+                       help="Adapt exactly the Linear/Conv2d layers whose module name matches this Python regex "
+                            "(re.search, e.g. 'attn2|ff'); replaces --lora_targets. Default: none.")
 
 
 def add_sd3_lora_args(parser: argparse.ArgumentParser) -> None:
-    add_lora_args(parser)
+    add_lora_args(parser, targets=False)
     g = parser.add_argument_group("SD3 LoRA")
-    g.add_argument("--lora_dropout", type=float, default=0.0, help="Dropout on the LoRA path.")
     g.add_argument("--lora_layers", type=str, default=None,
                    help="Comma-separated module names to adapt, e.g. 'attn.to_k,attn.to_q,attn.to_v,attn.to_out.0' "
                         "(default: all attention projections, context ones included).")

@@ -11,8 +11,11 @@ model as given on the command line, the output folder's name as the title, never
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from datetime import datetime, timezone
+
+from sdft.adapters import LoraSpec, network_args, network_module
 
 SPEC_VERSION = "1.0.0"
 STABILITY_IMPLEMENTATION = "https://github.com/Stability-AI/generative-models"
@@ -52,9 +55,10 @@ def describe_base(family_name: str, denoiser_config: dict, prediction_type: str 
 
 def training_metadata(base: BaseModel, *, base_model: str, title: str, resolution: int, steps: int,
                       lora: tuple[int, float] | None = None, date: datetime | None = None,
-                      zero_terminal_snr: bool = False, clip_skip: int | None = None) -> dict[str, str]:
+                      zero_terminal_snr: bool = False, clip_skip: int | None = None,
+                      network: LoraSpec | None = None) -> dict[str, str]:
     """String-valued metadata for a safetensors header. `lora` is (rank, alpha) for a LoRA file,
-    None for a full checkpoint."""
+    None for a full checkpoint; `network` (the run's adapter) adds kohya's module and network args."""
     when = timestamp(date)
     metadata = {
         "modelspec.sai_model_spec": SPEC_VERSION,
@@ -79,6 +83,9 @@ def training_metadata(base: BaseModel, *, base_model: str, title: str, resolutio
         rank, alpha = lora
         metadata.update({"ss_network_module": "networks.lora", "ss_network_dim": str(rank),
                          "ss_network_alpha": format_number(alpha)})
+    if lora is not None and network is not None:
+        metadata.update({"ss_network_module": network_module(network),
+                         "ss_network_args": json.dumps(network_args(network))})
     return metadata
 
 

@@ -18,9 +18,11 @@ from accelerate.utils import gather_object
 from huggingface_hub import snapshot_download
 
 from sdft import hub
+from sdft.adapter_files import KOHYA_WEIGHT_NAME, load_kohya, save_kohya
+from sdft.adapters import LoraSpec, add_adapter
 from sdft.errors import HubError
 from sdft.guards import require_finite_weights
-from sdft.lora import save_kohya, save_lora
+from sdft.lora import save_lora
 from sdft.model_spec import stamped
 from sdft.noise_schedule import scheduler_with
 from sdft.single_file import save_single_file
@@ -115,14 +117,19 @@ def write_scheduler(output_dir: Path, settings: dict) -> None:
 
 
 def export_lora(family, trained: dict[str, torch.nn.Module], output_dir: Path, *, kohya: bool,
-                dtype: torch.dtype | None = None, metadata: dict[str, str] | None = None) -> Path:
-    """The diffusers/PEFT LoRA file, and with `kohya` the kohya-layout one beside it; both carry
-    `metadata` (sdft.model_spec.training_metadata)."""
-    path = save_lora(family.pipeline_cls, output_dir, trained, dtype=dtype, key_format=family.lora_key_format,
-                     metadata=metadata)
+                dtype: torch.dtype | None = None, metadata: dict[str, str] | None = None,
+                diffusers: bool = True) -> Path:
+    """The diffusers/PEFT LoRA file (unless `diffusers` is false: LoHa/LoKr), and with `kohya` the
+    kohya/LyCORIS-layout one beside it; both carry `metadata` (sdft.model_spec.training_metadata).
+    Returns the first file written."""
+    paths = []
+    if diffusers:
+        paths.append(save_lora(family.pipeline_cls, output_dir, trained, dtype=dtype,
+                               key_format=family.lora_key_format, metadata=metadata))
     if kohya:
-        save_kohya(output_dir, trained, family.kohya_text_encoder_prefixes, dtype=dtype, metadata=metadata)
-    return path
+        paths.append(save_kohya(output_dir, trained, family.kohya_text_encoder_prefixes, dtype=dtype,
+                                metadata=metadata))
+    return paths[0]
 
 
 def export_single_file(components: dict[str, torch.nn.Module], output_dir: Path, version: str, dtype: torch.dtype,
@@ -136,11 +143,21 @@ def export_single_file(components: dict[str, torch.nn.Module], output_dir: Path,
     return path
 
 
-def load_saved_lora(family, source, output_dir: Path, dtype: torch.dtype, extra_modules: dict | None = None):
-    """Final images come from the file users get: the base pipeline plus load_lora_weights."""
+def load_saved_lora(family, source, output_dir: Path, dtype: torch.dtype, extra_modules: dict | None = None,
+                    lycoris: tuple[LoraSpec, list[str]] | None = None):
+    """Final images come from the file users get: the base pipeline plus load_lora_weights, or for
+    LoHa/LoKr (`lycoris` = the adapter and the trained roles) the same adapters rebuilt on the
+    pipeline and filled from the kohya/LyCORIS file."""
     pipeline = family.pipeline_cls.from_pretrained(source.path, **(extra_modules or {}), revision=source.revision,
                                                    variant=source.variant, dtype=dtype)
-    pipeline.load_lora_weights(str(output_dir))
+    if lycoris is None:
+        pipeline.load_lora_weights(str(output_dir))
+        return pipeline
+    spec, roles = lycoris
+    modules = {role: getattr(pipeline, role) for role in roles}
+    for role, module in modules.items():
+        add_adapter(module, spec, is_denoiser=role == family.denoiser_role)
+    load_kohya(output_dir / KOHYA_WEIGHT_NAME, modules, family.kohya_text_encoder_prefixes)
     return pipeline
 
 
@@ -186,8 +203,9 @@ def save_outputs(run: Run) -> None:
         extra.update(new_tokens.export_modules(run.source))   # from_pretrained alone knows the tokens
     if plan.lora:
         export_lora(family, trained.modules, output_dir, kohya=plan.kohya_lora, dtype=plan.lora_dtype,
-                    metadata=stamped(trained.lora_metadata, run.max_train_steps))
-        pipeline = (load_saved_lora(family, run.source, output_dir, run.weight_dtype, extra)
+                    metadata=stamped(trained.lora_metadata, run.max_train_steps), diffusers=plan.diffusers_lora)
+        lycoris = None if plan.diffusers_lora else (plan.adapter, list(trained.modules))
+        pipeline = (load_saved_lora(family, run.source, output_dir, run.weight_dtype, extra, lycoris)
                     if run.validation.enabled else None)
         if pipeline is not None and new_tokens is not None:
             new_tokens.load_into(pipeline, embeddings_file)

@@ -3,21 +3,11 @@ trained fully or through LoRA, and the optimizer parameter groups they form."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 
-from sdft.lora import add_lora
-
-CLIP_LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "out_proj"]
-
-
-@dataclass(frozen=True)
-class LoraSpec:
-    rank: int
-    denoiser_targets: list[str]
-    text_encoder_targets: list[str] = field(default_factory=lambda: list(CLIP_LORA_TARGETS))
-    dropout: float = 0.0
+from sdft.adapters import LoraSpec, add_adapter
 
 
 @dataclass(frozen=True)
@@ -43,8 +33,7 @@ def prepare_models(family, models, trained_roles: list[str], placement: Placemen
         module = getattr(models, role)
         is_denoiser = role == family.denoiser_role
         if lora is not None:
-            make_lora_trainable(module, lora.denoiser_targets if is_denoiser else lora.text_encoder_targets,
-                                lora, placement)
+            make_lora_trainable(module, lora, placement, is_denoiser)
         else:
             module.requires_grad_(True)
             module.to(placement.device, dtype=placement.trained_dtype)
@@ -60,11 +49,11 @@ def prepare_models(family, models, trained_roles: list[str], placement: Placemen
     return trained
 
 
-def make_lora_trainable(module: torch.nn.Module, targets: list[str], lora: LoraSpec, placement: Placement) -> None:
+def make_lora_trainable(module: torch.nn.Module, lora: LoraSpec, placement: Placement, is_denoiser: bool) -> None:
     module.requires_grad_(False)
     module.to(placement.device, dtype=placement.weight_dtype)
-    add_lora(module, lora.rank, targets, lora.dropout)
-    # LoRA weights stay fp32 under fp16/bf16: the grad scaler refuses fp16 gradients (diffusers #6363),
+    add_adapter(module, lora, is_denoiser)
+    # Adapter weights stay fp32 under fp16/bf16: the grad scaler refuses fp16 gradients (diffusers #6363),
     # and bf16 updates of small LoRA weights lose most of their precision.
     for param in module.parameters():
         if param.requires_grad:
@@ -110,3 +99,17 @@ def param_groups(trained: dict[str, torch.nn.Module], denoiser_role: str, text_e
             group["weight_decay"] = text_encoder_weight_decay
         groups.append(group)
     return groups
+
+
+def loraplus_groups(groups: list[dict], trained: dict[str, torch.nn.Module], ratio: float) -> list[dict]:
+    """LoRA+ (Hayou et al. 2024, arXiv:2402.12354): the B ("up") matrices learn `ratio` times faster
+    than the A ("down") matrices. Each group is split in two; the B half carries `lr_scale`, which
+    the optimizer builder turns into a learning rate once the base rate is known."""
+    up = {id(p) for module in trained.values() for name, p in module.named_parameters() if ".lora_B." in name}
+    split = []
+    for group in groups:
+        rest = [p for p in group["params"] if id(p) not in up]
+        faster = [p for p in group["params"] if id(p) in up]
+        split += [{**group, "params": rest}] if rest else []
+        split += [{**group, "params": faster, "lr_scale": ratio}] if faster else []
+    return split

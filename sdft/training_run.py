@@ -9,6 +9,7 @@ from pathlib import Path
 import torch
 from accelerate import Accelerator
 
+from sdft.adapters import LoraSpec
 from sdft.checkpointing import Checkpointer, Position, TrainedWeights
 from sdft.data.text_cache import TextCache
 from sdft.families.protocol import Family
@@ -31,6 +32,8 @@ class ExportPlan:
 
     lora: bool                               # the LoRA file(s), else the diffusers folder
     kohya_lora: bool = False                 # --output_kohya_format: the kohya-layout LoRA file too
+    diffusers_lora: bool = True              # the diffusers file (not for LoHa/LoKr, which diffusers cannot load)
+    adapter: LoraSpec | None = None          # the adapter, to rebuild it on the saved pipeline for final images
     lora_dtype: torch.dtype | None = None    # None: the LoRA file in fp32
     # --prediction_type / --zero_terminal_snr, written into the exported scheduler (sdft.noise_schedule)
     scheduler_settings: dict = field(default_factory=dict)

@@ -37,8 +37,8 @@ DEVIATIONS = {
     ("sd3", "--weighting_scheme"): {"choices"},
 }
 # Single flags taken from another diffusers script: (script, reference file, flag).
-BORROWED = [("sdxl", "train_dreambooth_lora_sdxl.json", "--output_kohya_format"),
-            ("t2i", "train_dreambooth_lora_sdxl.json", "--output_kohya_format")]
+BORROWED = [(script, "train_dreambooth_lora_sdxl.json", flag) for script in ("t2i", "sdxl")
+            for flag in ("--output_kohya_format", "--use_dora", "--lora_dropout")]
 # DreamBooth data and pivotal tuning in the SD 1.x and SDXL scripts, as diffusers' advanced SDXL
 # DreamBooth script declares them (--instance_prompt too, except that it is optional here: the
 # scripts also train on captioned images without it).

@@ -17,8 +17,9 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[2]
 PACKAGE = REPO / "sdft"
-# The only modules below the scripts that see the argparse namespace (tiny.py is its own command).
-FLAG_READERS = {"sdft.cli", "sdft.checks", "sdft.builders", "sdft.tiny"}
+# The only modules below the scripts that see the argparse namespace (tiny.py and lora_tools.py are
+# their own commands).
+FLAG_READERS = {"sdft.cli", "sdft.checks", "sdft.builders", "sdft.tiny", "sdft.lora_tools"}
 
 
 def module_name(path: Path) -> str:

@@ -14,11 +14,12 @@ from peft import LoraConfig
 from peft.tuners.lora import LoraLayer
 from safetensors import safe_open
 
+from sdft.adapter_files import KOHYA_WEIGHT_NAME
 from sdft.families.sd import StableDiffusion
 from sdft.families.sd3 import StableDiffusion3
 from sdft.families.sdxl import StableDiffusionXL
 from sdft.families.source import ModelSource
-from sdft.lora import KOHYA_WEIGHT_NAME, WEIGHT_NAME, rank_and_alpha
+from sdft.lora import WEIGHT_NAME, rank_and_alpha
 from sdft.model_spec import describe_base, training_metadata
 from sdft.output import export_lora
 from sdft.tiny import build_sd, build_sd3, build_sdxl
