@@ -53,6 +53,7 @@ def build_parser() -> argparse.ArgumentParser:
     cli.add_checkpoint_args(parser)
     cli.add_divergence_args(parser)
     cli.add_validation_args(parser, prompt_list=False)
+    cli.add_sd3_sample_args(parser)
     cli.add_logging_args(parser, project_flag=False)
     cli.add_hub_args(parser)
     parser.set_defaults(output_dir="sd3-dreambooth", resolution=512, train_batch_size=4, num_train_epochs=1,

@@ -15,12 +15,13 @@ import logging
 import math
 import random
 import sys
+from datetime import timedelta
 from functools import partial
 from pathlib import Path
 
 import torch
 from accelerate import Accelerator
-from accelerate.utils import ProjectConfiguration, broadcast_object_list, set_seed
+from accelerate.utils import InitProcessGroupKwargs, ProjectConfiguration, broadcast_object_list, set_seed
 
 from sdft import hub, memory_estimate
 from sdft.adapter_files import KOHYA_WEIGHT_NAME, load_adapter_file
@@ -75,6 +76,8 @@ from sdft.optim import (
 )
 from sdft.plots import Pictures
 from sdft.run_stats import RunStats
+from sdft.sample_prompts import SamplePrompt
+from sdft.sample_prompts import load as load_sample_prompts
 from sdft.stepping import OptimizerStepper, ParamUpdater
 from sdft.textual_inversion import TokenEmbeddings, TokenPlan, build_token_embeddings, check_abstractions_used, stop_step
 from sdft.trainable import (
@@ -87,7 +90,7 @@ from sdft.trainable import (
     trainable_params,
 )
 from sdft.training_run import ExportPlan, Run
-from sdft.validation import ValidationPlan, plan_prompts
+from sdft.validation import SampleCadence, ValidationPlan, plan_prompts
 from sdft.validation_loss import ValidationLoss
 
 logger = logging.getLogger("sdft")
@@ -115,7 +118,8 @@ def build(args: argparse.Namespace, family: Family, make_objective, make_data, t
         dry_run(args, dataset, seed)
     plan = token_plan(args)
     if plan is not None:
-        check_abstractions_used(plan, [*(dataset.distinct_captions(sys.maxsize) or ()), *validation_prompts(args)])
+        check_abstractions_used(plan, [*(dataset.distinct_captions(sys.maxsize) or ()),
+                                       *(p.prompt for p in sample_prompts(args, family))])
     hub_repo = None
     if args.push_to_hub and accelerator.is_main_process:
         hub_repo = hub.prepare_repo(args.hub_model_id or output_dir.name, args.hub_token)
@@ -161,6 +165,7 @@ def make_accelerator(args: argparse.Namespace) -> Accelerator:
         mixed_precision=args.mixed_precision,
         log_with=trackers,
         project_config=ProjectConfiguration(project_dir=str(output_dir), logging_dir=str(output_dir / args.logging_dir)),
+        kwargs_handlers=process_group_settings(args.ddp_timeout),
     )
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S",
                         level=logging.INFO if accelerator.is_local_main_process else logging.WARNING)
@@ -184,6 +189,25 @@ def with_base_folder(args: argparse.Namespace, family: Family, accelerator: Acce
                                   local_files_only=offline())
     return argparse.Namespace(**{**vars(args), "pretrained_model_name_or_path": str(folder),
                                  "base_file": args.pretrained_model_name_or_path})
+
+
+def process_group_settings(timeout_minutes: int | None) -> list:
+    """--ddp_timeout: a long single-process phase (a cache fill, a slow sample set on a big model) must
+    not trip the collective timeout of the others (kohya #971; NCCL's watchdog)."""
+    if timeout_minutes is None:
+        return []
+    return [InitProcessGroupKwargs(timeout=timedelta(minutes=timeout_minutes))]
+
+
+def process_group_timeout(device: torch.device) -> timedelta | None:
+    """The timeout the process group was created with (None: a single process, or a torch that does
+    not say). Read back from torch, so the log shows what --ddp_timeout really set."""
+    if not torch.distributed.is_available() or not torch.distributed.is_initialized():
+        return None
+    try:
+        return torch.distributed.group.WORLD._get_backend(device).options._timeout
+    except (AttributeError, RuntimeError):  # a private API: a torch without it logs nothing
+        return None
 
 
 def resolve_seed(requested: int | None, resumed: Position | None) -> int:
@@ -252,7 +276,6 @@ def build_run(args: argparse.Namespace, family: Family, make_objective, accelera
                                             args.train_text_encoder or new_tokens is not None,
                                             caches=cache_settings(args), source=source,
                                             epochs=math.ceil(max_train_steps / updates_per_epoch))
-    prompts = validation_prompts(args)
     return Run(
         accelerator=accelerator, family=family, models=models,
         train_models=dataclasses.replace(models, **prepared), prepared=list(prepared.values()),
@@ -264,9 +287,10 @@ def build_run(args: argparse.Namespace, family: Family, make_objective, accelera
         trained=weights, seed=seed, max_train_steps=max_train_steps, updates_per_epoch=updates_per_epoch,
         num_epochs=math.ceil(max_train_steps / updates_per_epoch), checkpointing_steps=args.checkpointing_steps,
         max_grad_norm=0.0 if stepper.fused else args.max_grad_norm, weight_dtype=weight_dtype,
-        validation=ValidationPlan(new_tokens.plan.apply_all(prompts) if new_tokens else prompts, seed=seed,
-                                  resolution=args.resolution, prompt_inputs=family.prompt_inputs),
-        validation_epochs=args.validation_epochs, output_dir=Path(args.output_dir), source=source,
+        validation=validation_plan(args, family, seed, getattr(objective, "prediction_type", None),
+                                   sample_pipeline_kwargs(args, family, models),
+                                   new_tokens.plan.apply_all if new_tokens else None),
+        cadence=sample_cadence(args), output_dir=Path(args.output_dir), source=source,
         dream_detail_preservation=args.dream_detail_preservation if args.dream_training else None,
         params_to_clip=params, train_text_encoders=args.train_text_encoder,
         text_encoder_stop_step=stop_step(args.train_text_encoder_frac, max_train_steps, True)
@@ -351,6 +375,51 @@ def validation_prompts(args: argparse.Namespace) -> list[str]:
     return plan_prompts(args.validation_prompts, args.validation_prompt, args.num_validation_images)
 
 
+def sample_prompts(args: argparse.Namespace, family: Family) -> list[SamplePrompt]:
+    """--validation_prompt(s), then the prompts of --sample_prompts."""
+    prompts = [SamplePrompt(text) for text in validation_prompts(args)]
+    if args.sample_prompts:
+        prompts += load_sample_prompts(args.sample_prompts, **sample_file_rules(family.name))
+    return prompts
+
+
+def sample_file_rules(family_name: str) -> dict:
+    """What a prompt file's sizes must divide into, and whether it takes SD3's flow samplers."""
+    return {"multiple": 16, "flow": True} if family_name == "sd3" else {"multiple": 8, "flow": False}
+
+
+def sample_pipeline_kwargs(args: argparse.Namespace, family: Family, models) -> dict:
+    """What every sample's pipeline call gets besides its prompt (Family.prompt_inputs encodes that
+    as training does): --sample_slg."""
+    kwargs = {}
+    if args.sample_slg:
+        layers = [int(layer) for layer in args.sample_slg.split(",")]
+        blocks = getattr(models, family.denoiser_role).config.num_layers
+        if max(layers) >= blocks:
+            raise CliError(f"--sample_slg {args.sample_slg}: this transformer has blocks 0 to {blocks - 1}.")
+        kwargs["skip_guidance_layers"] = layers
+    return kwargs
+
+
+def validation_plan(args: argparse.Namespace, family: Family, seed: int, prediction_type: str | None,
+                    pipeline_kwargs: dict, caption_map=None) -> ValidationPlan:
+    """The prompts of every sample set; `caption_map` writes new tokens into them (pivotal tuning)."""
+    prompts = sample_prompts(args, family)
+    if caption_map is not None:
+        prompts = [dataclasses.replace(p, prompt=caption_map([p.prompt])[0]) for p in prompts]
+    return ValidationPlan(prompts, seed=seed, resolution=args.resolution, sampler=args.sample_sampler,
+                          prediction_type=prediction_type, pipeline_kwargs=pipeline_kwargs,
+                          prompt_inputs=family.prompt_inputs)
+
+
+def sample_cadence(args: argparse.Namespace) -> SampleCadence:
+    """kohya's --sample_every_n_steps (or --validation_steps) and --sample_every_n_epochs; with a step
+    cadence, --validation_epochs (whose default is always set) no longer applies."""
+    every_n_steps = args.sample_every_n_steps or args.validation_steps
+    every_n_epochs = args.sample_every_n_epochs or (None if every_n_steps else args.validation_epochs)
+    return SampleCadence(every_n_steps, every_n_epochs, at_first=args.sample_at_first)
+
+
 def load_models(family: Family, source: ModelSource):
     try:
         return family.load(source)
@@ -373,6 +442,9 @@ def log_run(run: Run, num_examples: int, batch_size: int, accumulation: int) -> 
                 num_examples, run.num_epochs, batch_size, total_batch, accumulation)
     logger.info("  optimizer steps = %d, seed = %d, optimizer = %s", run.max_train_steps, run.seed,
                 type(run.optimizer.optimizer).__name__)
+    timeout = process_group_timeout(run.accelerator.device)
+    if timeout is not None:
+        logger.info("  processes = %d, process-group timeout = %s", run.accelerator.num_processes, timeout)
 
 
 # --------------------------------------------------------------------------- what the export writes

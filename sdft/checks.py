@@ -18,6 +18,7 @@ from typing import AbstractSet, Sequence
 
 import torch
 
+from sdft import sample_prompts, samplers
 from sdft.builders import dataset_config_defaults, subset_conflicts
 from sdft.checkpointing import resolve_resume
 from sdft.cli import TRACKERS
@@ -367,9 +368,30 @@ def check_resume(args: argparse.Namespace, given: Given) -> None:
         raise CliError(str(err)) from err
 
 
-def check_validation(args: argparse.Namespace, given: Given) -> None:
+def check_validation(args: argparse.Namespace, given: Given, *, flow: bool = False) -> None:
+    """Sample sets: cadence flags, the sampler, and every line of --sample_prompts (SD3: `flow`,
+    sizes in multiples of 16), before any model loads."""
     if args.num_validation_images < 0:
         raise CliError("--num_validation_images cannot be negative.")
+    for name in ("validation_steps", "sample_every_n_steps", "sample_every_n_epochs", "ddp_timeout"):
+        value = getattr(args, name)
+        if value is not None and value < 1:
+            raise CliError(f"--{name} must be at least 1, got {value}.")
+    if args.validation_steps and args.sample_every_n_steps and args.validation_steps != args.sample_every_n_steps:
+        raise CliError("--validation_steps and --sample_every_n_steps are one setting; give one of them.")
+    if "validation_epochs" in given and (args.validation_steps or args.sample_every_n_steps) \
+            and args.sample_every_n_epochs is None:
+        raise CliError("--validation_epochs does not apply with a step cadence (--sample_every_n_steps/"
+                       "--validation_steps); use --sample_every_n_epochs to sample by epochs as well.")
+    if args.sample_sampler is not None:
+        try:
+            package = samplers.missing_package(args.sample_sampler, flow)
+        except ValueError as err:
+            raise CliError(f"--sample_sampler: {err}.") from None
+        if package:
+            raise CliError(f"--sample_sampler {args.sample_sampler} needs {package}: pip install {package}.")
+    if args.sample_prompts is not None:
+        sample_prompts.load(args.sample_prompts, multiple=SD3_LATENT_MULTIPLE if flow else LATENT_MULTIPLE, flow=flow)
 
 
 def check_tracking_and_hub(args: argparse.Namespace, given: Given) -> None:
@@ -499,6 +521,14 @@ def check_sd3(args: argparse.Namespace, given: Given) -> None:
             [int(block) for block in args.lora_blocks.split(",")]
         except ValueError as err:
             raise CliError(f"--lora_blocks must be comma-separated block numbers, got '{args.lora_blocks}'.") from err
+    check_validation(args, given, flow=True)   # flow-matching samplers, sizes in multiples of 16
+    if args.sample_slg is not None:
+        try:
+            layers = [int(layer) for layer in args.sample_slg.split(",")]
+        except ValueError:
+            raise CliError(f"--sample_slg must be comma-separated block numbers, got '{args.sample_slg}'.") from None
+        if min(layers) < 0:
+            raise CliError(f"--sample_slg block numbers cannot be negative, got '{args.sample_slg}'.")
 
 
 @contextmanager

@@ -43,7 +43,7 @@ WHEN_ABSENT = {
     # SD3 chooses its layers with --lora_layers/--lora_blocks.
     "lora_targets": "attn", "lora_target_regex": None,
     "enable_xformers_memory_efficient_attention": False, "enable_npu_flash_attention": False,
-    "validation_prompts": None, "instance_data_dir": None, "with_prior_preservation": False,
+    "validation_prompts": None, "instance_data_dir": None, "with_prior_preservation": False, "sample_slg": None,
     # DDPM recipes (issue 21): not in the SD3 script.
     "debiased_estimation_loss": False, "min_timestep": None, "max_timestep": None,
     "multires_noise_iterations": None, "multires_noise_discount": 0.3, "ip_noise_gamma": None,
@@ -199,6 +199,10 @@ def add_training_args(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--max_grad_norm", type=float, default=1.0, help="Clip the gradient norm to this value.")
     g.add_argument("--local_rank", type=int, default=-1,
                    help="Set by launchers; the LOCAL_RANK environment variable wins.")
+    g.add_argument("--ddp_timeout", type=int, default=None,
+                   help="Timeout of the multi-process group in minutes (kohya's name): how long a process waits "
+                        "for the others at a collective before the run fails. Default: torch's (10 minutes for "
+                        "NCCL, 30 for gloo).")
 
 
 def add_optimizer_args(parser: argparse.ArgumentParser, *, choice: bool = False) -> None:
@@ -707,7 +711,34 @@ def add_validation_args(parser: argparse.ArgumentParser, *, prompt_list: bool) -
                    help="A prompt rendered --num_validation_images times at every validation.")
     g.add_argument("--num_validation_images", type=int, default=4,
                    help="Images generated for --validation_prompt.")
-    g.add_argument("--validation_epochs", type=int, default=5, help="Validate every N epochs.")
+    g.add_argument("--validation_epochs", type=int, default=5,
+                   help="Make a sample set every N epochs (the first epoch included). Ignored with a step cadence "
+                        "(--sample_every_n_steps/--validation_steps) unless --sample_every_n_epochs is given.")
+    g.add_argument("--validation_steps", type=int, default=None,
+                   help="Make a sample set every N optimizer steps; the same as --sample_every_n_steps.")
+    g.add_argument("--sample_every_n_steps", type=int, default=None,
+                   help="Make a sample set every N optimizer steps (kohya's name). Default: by epochs only.")
+    g.add_argument("--sample_every_n_epochs", type=int, default=None,
+                   help="Make a sample set every N epochs (kohya's name); overrides --validation_epochs and "
+                        "combines with a step cadence. Default: --validation_epochs.")
+    g.add_argument("--sample_at_first", action="store_true",
+                   help="Also make a sample set before the first step (step 0, the base weights). Default: off.")
+    g.add_argument("--sample_prompts", type=str, default=None,
+                   help="A prompt file for the sample sets (README, Samples): .txt, one prompt a line with kohya's "
+                        "options --n negative, --w/--h size, --d seed, --l guidance scale, --s steps, --ss sampler; "
+                        "or .toml/.json with the same fields. Added to --validation_prompt(s).")
+    g.add_argument("--sample_sampler", type=str, default=None,
+                   help="Sampler of the sample sets unless a prompt says --ss: ddim, euler, euler_a, heun, lms, "
+                        "dpm2, dpm2_a, 'dpm++ 2m' (dpmsolver++), 'dpm++ 2m sde', 'dpm++ sde', unipc, deis, most "
+                        "with a ' karras' variant; SD3: euler or heun (flow matching). Default: the model's own "
+                        "scheduler.")
+
+
+def add_sd3_sample_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--sample_slg", type=str, default=None,
+                        help="Skip-layer guidance in the sample sets: comma-separated transformer block indices, "
+                             "e.g. '7,8,9' for SD3.5 Medium (the pipeline's scale 2.8, from 1%% to 20%% of the "
+                             "steps). Default: off.")
 
 
 def add_logging_args(parser: argparse.ArgumentParser, *, project_flag: bool) -> None:

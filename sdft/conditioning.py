@@ -15,3 +15,8 @@ def stack_conditions(items: list[dict]) -> dict:
     first = items[0]
     return {key: stack_conditions([item[key] for item in items]) if isinstance(first[key], dict)
             else torch.cat([item[key] for item in items]) for key in first}
+
+
+def prompt_texts(prompt: str, negative_prompt: str | None) -> dict:
+    """A pipeline call's prompt arguments as texts, for a family whose pipeline encodes them as training does."""
+    return {"prompt": prompt, **({"negative_prompt": negative_prompt} if negative_prompt is not None else {})}

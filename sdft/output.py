@@ -164,9 +164,9 @@ def load_saved_lora(family, source, output_dir: Path, dtype: torch.dtype, extra_
 def final_images(accelerator: Accelerator, pipeline, plan, output_dir: Path, step: int) -> list[tuple[str, str]]:
     """Generate the validation prompts with the saved model; returns (relative path, prompt) pairs."""
     images = generate(pipeline.to(accelerator.device), plan, accelerator.device, accelerator.autocast)
-    paths = save_images(images, plan.prompts, output_dir / "validation" / "final")
-    log_images(accelerator.trackers, images, plan.prompts, "test", step)
-    return [(str(p.relative_to(output_dir)), prompt) for p, prompt in zip(paths, plan.prompts)]
+    paths = save_images(images, plan.texts, output_dir / "validation" / "final")
+    log_images(accelerator.trackers, images, plan.texts, "test", step)
+    return [(str(p.relative_to(output_dir)), prompt) for p, prompt in zip(paths, plan.texts)]
 
 
 # --------------------------------------------------------------------------- the export seam

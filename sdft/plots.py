@@ -148,10 +148,10 @@ def round_order(item: tuple[str, int | None]) -> tuple:
 
 
 def draw_grid(plt, path: Path, validation_dir: Path, rounds: dict[str, int | None]) -> Path:
-    """Rows are the validation prompts (prompts.txt of the newest round), columns the rounds."""
+    """Rows are the images of a set (prompts.txt: the newest round's, then rows only earlier rounds
+    have, such as the raw-weights rows of in-run sets beside an EMA-only final set), columns the rounds."""
     ordered = shown_rounds(sorted(rounds.items(), key=round_order))
-    prompt_file = validation_dir / ordered[-1][0] / "prompts.txt"
-    entries = [line.split("\t", 1) for line in prompt_file.read_text().splitlines() if line][:GRID_MAX_ROWS]
+    entries = grid_rows(validation_dir, [folder for folder, _ in ordered])[:GRID_MAX_ROWS]
     width, height = grid_size_px(len(entries), len(ordered))
     figure = plt.figure(figsize=(width / DPI, height / DPI), dpi=DPI)
     for column, (folder, step) in enumerate(ordered):
@@ -173,6 +173,22 @@ def draw_grid(plt, path: Path, validation_dir: Path, rounds: dict[str, int | Non
     figure.savefig(path, dpi=DPI)
     plt.close(figure)
     return path
+
+
+def grid_rows(validation_dir: Path, folders: list[str]) -> list[list[str]]:
+    """(file name, label) rows of the rounds in `folders` (oldest first): the round with the most
+    rows sets the order and labels (the newest among equals), other rows follow, each file once."""
+    tables = []
+    for age, folder in enumerate(folders):
+        prompt_file = validation_dir / folder / "prompts.txt"
+        if prompt_file.is_file():
+            lines = [line.split("\t", 1) for line in prompt_file.read_text().splitlines() if line]
+            tables.append((len(lines), age, lines))
+    rows: dict[str, str] = {}
+    for _, _, lines in sorted(tables, reverse=True):
+        for name, label in lines:
+            rows.setdefault(name, label)
+    return [[name, label] for name, label in rows.items()]
 
 
 def _wrap(text: str, width: int = 28, lines: int = 4) -> str:

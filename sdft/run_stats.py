@@ -62,6 +62,7 @@ class RunStats:
     step_s: list[float] = field(default_factory=list)    # per optimizer step, the sum of its phases
     step_phase_s: dict[str, array] = field(default_factory=lambda: {p: array("d") for p in PHASES})  # per step
     images: int = 0
+    sample_set_s: list[float] = field(default_factory=list)   # wall time of each in-run sample set
     first_step_at: float | None = None
     last_step_at: float | None = None    # time.time() at the end of the latest optimizer step
     _lap_start: float = 0.0
@@ -116,6 +117,11 @@ class RunStats:
         if self.first_step_at is None:
             self.first_step_at = self.last_step_at
 
+    def sampled(self, seconds: float) -> None:
+        """A sample set took `seconds` (wall time, not part of any step)."""
+        if self.enabled:
+            self.sample_set_s.append(seconds)
+
     def summary(self) -> dict[str, str]:
         """Headline numbers, formatted; steady rates leave out the first step (compilation, warm-up)."""
         steps = len(self.step_s)
@@ -128,6 +134,9 @@ class RunStats:
             per_step = self.images / steps
             out["steady steps/s"] = f"{(steps - 1) / steady:.2f}"
             out["steady images/s"] = f"{(steps - 1) * per_step / steady:.1f}"
+        if self.sample_set_s:
+            count, total_s = len(self.sample_set_s), sum(self.sample_set_s)
+            out["sample sets"] = f"{count}, {total_s / count:.1f} s each, {total_s:.1f} s in all"
         out["peak memory"] = peak_memory(self.device)
         total = sum(self.phase_s.values())
         if total > 0:

@@ -15,6 +15,7 @@ data order from (seed, epoch), so a resumed run repeats an uninterrupted one exa
 from __future__ import annotations
 
 import logging
+import time
 from contextlib import nullcontext
 from pathlib import Path
 
@@ -27,7 +28,7 @@ from sdft.noise_schedule import scheduler_with
 from sdft.objectives import latent_mask, split_prior
 from sdft.preemption import stop_if_requested
 from sdft.training_run import Run
-from sdft.validation import generate, log_images, save_images
+from sdft.validation import generate_shared, log_images, sample_rows, save_rows
 
 logger = logging.getLogger("sdft")
 
@@ -45,6 +46,8 @@ def run_epochs(run_state: Run, position: Position) -> Position:
         logger.info("The checkpoint is at step %d, which already reaches --max_train_steps %d.",
                     position.global_step, run_state.max_train_steps)
     epoch = position.epoch
+    if run_state.cadence.at_start(position.global_step):
+        sample_set(run_state, phase="validation", step=0, folder="step-000000")
     while position.global_step < run_state.max_train_steps and epoch < run_state.num_epochs:
         skip = position.batches_in_epoch if epoch == position.epoch else 0
         if skip >= len(run_state.dataloader):
@@ -53,8 +56,8 @@ def run_epochs(run_state: Run, position: Position) -> Position:
         run_epoch(run_state, position, epoch, skip, progress)
         if run_state.val_loss is not None and run_state.val_loss.due(position.global_step, end_of_epoch=True):
             evaluate_held_out(run_state, position.global_step)
-        if run_state.validation.enabled and epoch % run_state.validation_epochs == 0:
-            validate(run_state, phase="validation", step=position.global_step, folder=f"epoch-{epoch:04d}")
+        if run_state.cadence.after_epoch(epoch):
+            sample_set(run_state, phase="validation", step=position.global_step, folder=f"epoch-{epoch:04d}")
         epoch += 1
     progress.close()
     return position
@@ -91,6 +94,9 @@ def run_epoch(run_state: Run, position: Position, epoch: int, skip: int, progres
         progress.set_postfix(loss=f"{mean_loss:.4f}", lr=f"{lr:.2e}")
         if run_state.val_loss is not None and run_state.val_loss.due(position.global_step, end_of_epoch=False):
             evaluate_held_out(run_state, position.global_step)
+        if run_state.cadence.after_step(position.global_step):
+            sample_set(run_state, phase="validation", step=position.global_step,
+                       folder=f"step-{position.global_step:06d}")
         saved = position.global_step % run_state.checkpointing_steps == 0
         if saved:
             run_state.checkpointer.save(position)
@@ -201,28 +207,47 @@ def validation_pipeline(run_state: Run):
     return pipeline.to(run_state.accelerator.device)
 
 
-def validate(run_state: Run, phase: str, step: int, folder: str) -> list[Path]:
-    """Images from the evaluation weights (schedule-free) or the EMA; main process only, the others
-    wait at the barrier (every process swaps, so replicas stay identical)."""
+def sample_set(run_state: Run, phase: str, step: int, folder: str) -> list[Path]:
+    """A sample set from the evaluation weights (schedule-free; every process swaps, so replicas stay
+    identical). One set per step: a step that ends an epoch and meets the step cadence samples once."""
+    plan = run_state.validation
+    if not plan.enabled or step in run_state.sampled_steps:
+        return []
+    run_state.sampled_steps.add(step)
     with run_state.eval_weights.swapped_in():
-        return validate_images(run_state, phase, step, folder)
+        return sample_set_images(run_state, phase, step, folder)
 
 
-def validate_images(run_state: Run, phase: str, step: int, folder: str) -> list[Path]:
+def sample_set_images(run_state: Run, phase: str, step: int, folder: str) -> list[Path]:
+    """Every process generates its share of the prompts (sdft.validation.generate_shared): with the
+    EMA weights and the raw ones when EMA is on. The main process writes the set and redraws the grid."""
+    plan = run_state.validation
+    started = time.perf_counter()
     accelerator = run_state.accelerator
+    logger.info("Generating %d sample image(s) at step %d on %d process(es)", len(plan.prompts), step,
+                accelerator.num_processes)
+    variants = {}
+    ema = run_state.trained.ema
+    if ema is not None:
+        with ema.swapped_in(run_state.trained.modules[run_state.family.denoiser_role]):
+            variants["ema"], _ = sample_with(run_state)
+    variants["raw"], makers = sample_with(run_state)
     paths = []
     if accelerator.is_main_process:
-        logger.info("Generating %d validation image(s)", len(run_state.validation.prompts))
-        ema = run_state.trained.ema
-        with ema.swapped_in(run_state.trained.modules[run_state.family.denoiser_role]) if ema is not None \
-                else nullcontext():
-            pipeline = validation_pipeline(run_state)
-            images = generate(pipeline, run_state.validation, accelerator.device, accelerator.autocast)
-        del pipeline
-        for role in run_state.offloaded:
-            getattr(run_state.models, role).to("cpu")
-        paths = save_images(images, run_state.validation.prompts, run_state.output_dir / "validation" / folder)
+        rows = sample_rows(plan.texts, variants)
+        paths = save_rows(rows, run_state.output_dir / "validation" / folder, makers)
         run_state.pictures.redraw(folder, step)
-        log_images(accelerator.trackers, images, run_state.validation.prompts, phase, step)
-    accelerator.wait_for_everyone()
+        for position, (name, images) in enumerate(variants.items()):
+            log_images(accelerator.trackers, images, plan.texts, phase if position == 0 else f"{phase}_{name}", step)
+    run_state.stats.sampled(time.perf_counter() - started)
     return paths
+
+
+def sample_with(run_state: Run) -> tuple[list, list[int]]:
+    """The set's images with the denoiser's current weights, shared across processes."""
+    pipeline = validation_pipeline(run_state)
+    images, makers = generate_shared(pipeline, run_state.validation, run_state.accelerator)
+    del pipeline
+    for role in run_state.offloaded:
+        getattr(run_state.models, role).to("cpu")
+    return images, makers

@@ -22,7 +22,7 @@ from sdft.preemption import StopRequest
 from sdft.run_stats import RunStats
 from sdft.stepping import OptimizerStepper
 from sdft.textual_inversion import TokenEmbeddings
-from sdft.validation import ValidationPlan
+from sdft.validation import SampleCadence, ValidationPlan
 from sdft.validation_loss import ValidationLoss
 
 
@@ -72,7 +72,7 @@ class Run:
     max_grad_norm: float
     weight_dtype: torch.dtype
     validation: ValidationPlan
-    validation_epochs: int
+    cadence: SampleCadence                 # when in-run sample sets are made
     output_dir: Path
     source: ModelSource
     export: ExportPlan | None = None       # set by build, read by output.finish
@@ -95,6 +95,7 @@ class Run:
     val_loss: ValidationLoss | None = None                # held-out images (--validation_split/_data_dir)
     eval_weights: EvalWeights = field(default_factory=EvalWeights.none)   # schedule-free: x for eval and export
     scheduler_settings: dict = field(default_factory=dict)  # what validation samples with (sdft.noise_schedule)
+    sampled_steps: set[int] = field(default_factory=set)   # steps with a sample set, so none is made twice
 
     def __enter__(self) -> "Run":
         self.stop.install()

@@ -8,9 +8,11 @@ evaluations are therefore differences in the weights alone, and two runs with th
 the same values.
 
 It is computed with the weights being trained, not the EMA: it measures what the optimizer is
-doing; the EMA is swapped in only to generate validation images. It runs on the main process with
-the unwrapped models and no gradient (the other processes wait), touches no global RNG and no
-state of the training data loader, so a run with it trains exactly like a run without it.
+doing; the EMA is swapped in only to generate validation images. Every process computes batch k
+when k % N is its index (with the unwrapped models and no gradient) and the sums are added across
+processes, so no process waits while another works (finetrainers #114) and the value is the one
+process's up to the order of a float64 sum. It touches no global RNG and no state of the training
+data loader, so a run with it trains exactly like a run without it.
 """
 
 from __future__ import annotations
@@ -98,14 +100,20 @@ class ValidationLoss:
         return not end_of_epoch and step % self.every_n_steps == 0
 
     @torch.no_grad()
-    def compute(self, models, denoiser: torch.nn.Module, device: torch.device, autocast) -> float:
-        """Mean per-image denoising loss over the held-out set."""
+    def compute(self, models, denoiser: torch.nn.Module, device: torch.device, autocast,
+                share: tuple[int, int] = (0, 1)) -> tuple[torch.Tensor, torch.Tensor]:
+        """The summed per-image denoising loss and the image count of this process's `share`
+        (process index, process count) of the held-out batches."""
+        rank, processes = share
         was_training = denoiser.training
         denoiser.eval()
-        total, count = torch.zeros((), dtype=torch.float64, device=device), 0
+        total = torch.zeros((), dtype=torch.float64, device=device)
+        count = torch.zeros((), dtype=torch.float64, device=device)
         try:
             with on_device(models, self.offloaded, device):
                 for index, batch in enumerate(self.loader):
+                    if index % processes != rank:
+                        continue
                     if self.caption_map is not None:
                         batch = {**batch, "captions": self.caption_map(batch["captions"])}
                     generator = batch_generator(self.seed, index, device)
@@ -119,16 +127,17 @@ class ValidationLoss:
                     count += len(batch["captions"])
         finally:
             denoiser.train(was_training)
-        return (total / count).item()
+        return total, count
 
-    def evaluate(self, accelerator, models, denoiser: torch.nn.Module, step: int) -> float | None:
-        """Compute, log as `val_loss` and print on the main process; None on the others."""
-        value = None
-        if accelerator.is_main_process:
-            value = self.compute(models, denoiser, accelerator.device, accelerator.autocast)
-            if self.best is None or value < self.best[0]:
-                self.best = (value, step)
-            accelerator.log({"val_loss": value}, step=step)
-            logger.info("val_loss = %.6f at step %d (%d held-out images)", value, step, self.num_images)
-        accelerator.wait_for_everyone()
+    def evaluate(self, accelerator, models, denoiser: torch.nn.Module, step: int) -> float:
+        """Compute on every process (its share of the batches), log as `val_loss` and print."""
+        total, count = self.compute(models, denoiser, accelerator.device, accelerator.autocast,
+                                    share=(accelerator.process_index, accelerator.num_processes))
+        if accelerator.num_processes > 1:
+            total, count = accelerator.reduce(torch.stack([total, count]), reduction="sum")
+        value = (total / count).item()
+        if self.best is None or value < self.best[0]:
+            self.best = (value, step)
+        accelerator.log({"val_loss": value}, step=step)
+        logger.info("val_loss = %.6f at step %d (%d held-out images)", value, step, self.num_images)
         return value

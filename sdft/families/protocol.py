@@ -58,7 +58,7 @@ class Family(Protocol):
     def predict(self, denoiser: torch.nn.Module, noisy: torch.Tensor, timesteps: torch.Tensor,
                 cond: dict) -> torch.Tensor: ...
 
-    def prompt_inputs(self, pipeline, prompt: str, device: torch.device) -> dict:
+    def prompt_inputs(self, pipeline, prompt: str, negative_prompt: str | None, device: torch.device) -> dict:
         """The validation pipeline's prompt arguments: {"prompt": prompt} (SDXL: with diffusers' clip_skip),
         or embeddings where training encodes text differently from the pipeline (--clip_skip in SD 1.x,
         --max_token_length, SD3 with --apply_t5_attn_mask)."""

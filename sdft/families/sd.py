@@ -9,6 +9,7 @@ import torch
 from diffusers import AutoencoderKL, DDPMScheduler, StableDiffusionPipeline, UNet2DConditionModel
 from transformers import CLIPTextModel, CLIPTokenizer
 
+from sdft.conditioning import prompt_texts
 from sdft.families import streamed_load
 from sdft.families.long_prompts import CHUNK, chunked_ids, join_chunks
 from sdft.families.source import ModelSource
@@ -95,17 +96,18 @@ class StableDiffusion:
         return {**({"clip_skip": self.clip_skip} if self.clip_skip not in (None, 1) else {}),
                 **({"max_token_length": self.max_token_length} if self.max_token_length else {})}
 
-    def prompt_inputs(self, pipeline, prompt: str, device: torch.device) -> dict:
+    def prompt_inputs(self, pipeline, prompt: str, negative_prompt: str | None, device: torch.device) -> dict:
         """The pipeline's prompt arguments, conditioning the way training does. With --clip_skip or
         --max_token_length the embeddings are computed here: diffusers 0.42's SD
         encode_prompt(clip_skip=...) reaches for `text_encoder.text_model`, which transformers 5
         removed (issue 16), and the pipeline cuts prompts at 77 tokens."""
         if self.clip_skip in (None, 1) and not self.max_token_length:
-            return {"prompt": prompt}
+            return prompt_texts(prompt, negative_prompt)
         models = SimpleNamespace(tokenizer=pipeline.tokenizer, text_encoder=pipeline.text_encoder)
         with torch.no_grad():
-            return {"prompt_embeds": self.encode_text(models, [prompt], device)["encoder_hidden_states"],
-                    "negative_prompt_embeds": self.encode_text(models, [""], device)["encoder_hidden_states"]}
+            positive, negative = (self.encode_text(models, [text], device)["encoder_hidden_states"]
+                                  for text in (prompt, negative_prompt or ""))
+        return {"prompt_embeds": positive, "negative_prompt_embeds": negative}
 
     def batch_condition(self, text: dict, batch: dict, device: torch.device) -> dict:
         """Conditioning that depends on the images too: none for SD."""

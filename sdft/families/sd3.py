@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel, StableDiffusion3Pipeline
 from transformers import CLIPTextModelWithProjection, CLIPTokenizer, T5EncoderModel, T5TokenizerFast
 
+from sdft.conditioning import prompt_texts
 from sdft.families import streamed_load
 from sdft.families.source import ModelSource
 from sdft.objectives import pos_embed_crop_offset
@@ -184,14 +185,15 @@ class StableDiffusion3:
                             encoder_hidden_states=cond["encoder_hidden_states"],
                             pooled_projections=cond["pooled_projections"], return_dict=False)[0]
 
-    def prompt_inputs(self, pipeline, prompt: str, device: torch.device) -> dict:
+    def prompt_inputs(self, pipeline, prompt: str, negative_prompt: str | None, device: torch.device) -> dict:
         """With the T5 mask, validation must condition the way training does: the pipeline's own
-        encode_prompt never masks T5, so the prompt and the empty negative prompt (classifier-free
-        guidance) are encoded here, with the pipeline's encoders."""
-        if not self.apply_t5_attn_mask:
-            return {"prompt": prompt}
+        encode_prompt never masks T5, so the prompt and the negative prompt (classifier-free
+        guidance; empty by default) are encoded here, with the pipeline's encoders."""
+        if not self.apply_t5_attn_mask:   # the pipeline encodes as training did, with this many T5 tokens
+            return {**prompt_texts(prompt, negative_prompt), "max_sequence_length": self.max_sequence_length}
         with torch.no_grad():
-            embeds, pooled = encode_prompts(pipeline, [prompt, ""], self.max_sequence_length, device, True)
+            embeds, pooled = encode_prompts(pipeline, [prompt, negative_prompt or ""], self.max_sequence_length,
+                                            device, True)
         dtype = pipeline.transformer.dtype
         return {"prompt_embeds": embeds[:1].to(dtype), "pooled_prompt_embeds": pooled[:1].to(dtype),
                 "negative_prompt_embeds": embeds[1:].to(dtype), "negative_pooled_prompt_embeds": pooled[1:].to(dtype)}

@@ -14,6 +14,7 @@ import torch
 from diffusers import AutoencoderKL, DDPMScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
 from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
+from sdft.conditioning import prompt_texts
 from sdft.families import streamed_load
 from sdft.families.base_file import is_single_file
 from sdft.families.long_prompts import CHUNK, chunked_ids, join_chunks
@@ -165,15 +166,16 @@ class StableDiffusionXL:
         return {**({"clip_skip": self.clip_skip} if self.clip_skip not in (None, 1) else {}),
                 **({"max_token_length": self.max_token_length} if self.max_token_length else {})}
 
-    def prompt_inputs(self, pipeline, prompt: str, device: torch.device) -> dict:
+    def prompt_inputs(self, pipeline, prompt: str, negative_prompt: str | None, device: torch.device) -> dict:
         """The pipeline's prompt arguments. diffusers' SDXL pipeline counts clip skip one lower than
         kohya/A1111; chunked long prompts are given to it as embeddings (it cuts prompts at 77 tokens)."""
         if self.max_token_length:
             models = SimpleNamespace(tokenizer=pipeline.tokenizer, tokenizer_2=pipeline.tokenizer_2,
                                      text_encoder=pipeline.text_encoder, text_encoder_2=pipeline.text_encoder_2)
             with torch.no_grad():
-                positive, negative = (self.encode_text(models, [text], device) for text in (prompt, ""))
+                positive, negative = (self.encode_text(models, [text], device) for text in (prompt, negative_prompt or ""))
             return {"prompt_embeds": positive["encoder_hidden_states"], "pooled_prompt_embeds": positive["text_embeds"],
                     "negative_prompt_embeds": negative["encoder_hidden_states"],
                     "negative_pooled_prompt_embeds": negative["text_embeds"]}
-        return {"prompt": prompt, **({"clip_skip": self.clip_skip - 1} if self.clip_skip not in (None, 1) else {})}
+        clip_skip = {"clip_skip": self.clip_skip - 1} if self.clip_skip not in (None, 1) else {}
+        return {**prompt_texts(prompt, negative_prompt), **clip_skip}

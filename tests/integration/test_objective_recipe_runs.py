@@ -153,8 +153,8 @@ def test_sd3_lora_with_t5_mask_caches_and_validates(tiny_sd3, instance_dir, tmp_
     encoded = []
     original = StableDiffusion3.prompt_inputs
 
-    def prompt_inputs(self, pipeline, prompt, device):
-        inputs = original(self, pipeline, prompt, device)
+    def prompt_inputs(self, pipeline, prompt, negative_prompt, device):
+        inputs = original(self, pipeline, prompt, negative_prompt, device)
         encoded.append(sorted(inputs))
         return inputs
 

@@ -345,3 +345,43 @@ def test_ema_decay_reaches_the_average():
     model = torch.nn.Linear(2, 2)
     model.config = {}
     assert EMA(model, "unet", torch.device("cpu"), decay=0.995).ema.decay == 0.995
+
+
+# --------------------------------------------------------------------------- sample sets (README, Samples)
+
+
+def test_a_bad_prompt_file_line_stops_the_parse_naming_file_and_line(base, workdir, capsys):
+    prompts = workdir / "prompts.txt"
+    prompts.write_text("a red circle --w 64\na blue square --h 48 --cfg 7\n")
+    err = parse_error(base + ["--sample_prompts", str(prompts)], capsys)
+    assert f"--sample_prompts {prompts}: line 2: unknown option --cfg" in err
+
+
+def test_sample_flags_parse_and_bad_values_name_the_flag(base, workdir, capsys):
+    prompts = workdir / "prompts.txt"
+    prompts.write_text("a red circle --ss dpm++ 2m karras\n")
+    args = t2i.parse_args(base + ["--sample_prompts", str(prompts), "--sample_every_n_steps", "2", "--sample_at_first",
+                                  "--sample_sampler", "Euler_A", "--ddp_timeout", "90"])
+    assert (args.sample_every_n_steps, args.sample_at_first, args.sample_sampler, args.ddp_timeout) == \
+        (2, True, "Euler_A", 90)
+    assert "--sample_sampler: unknown sampler 'dpm++ 9m'" in parse_error(base + ["--sample_sampler", "dpm++ 9m"], capsys)
+    assert "--ddp_timeout must be at least 1" in parse_error(base + ["--ddp_timeout", "0"], capsys)
+    assert "use --sample_every_n_epochs" in parse_error(base + ["--validation_epochs", "2", "--validation_steps", "4"],
+                                                         capsys)
+
+
+def test_sd3_prompt_files_take_flow_samplers_only(workdir, capsys):
+    import train_dreambooth_sd3 as sd3
+    from sdft.tiny import make_images
+
+    model = workdir / "sd3"
+    model.mkdir()
+    (model / "model_index.json").write_text(json.dumps({"_class_name": "StableDiffusion3Pipeline"}))
+    prompts = workdir / "prompts.txt"
+    prompts.write_text("a photo of sks dog --ss dpm++ 2m\n")
+    argv = [f"--pretrained_model_name_or_path={model}", f"--instance_data_dir={make_images(workdir / 'dog', 2)}",
+            "--instance_prompt=a photo of sks dog", "--sample_prompts", str(prompts)]
+    assert "line 1: unknown flow-matching (SD3) sampler 'dpm++ 2m'" in parse_error(argv, capsys, sd3)
+    prompts.write_text("a photo of sks dog --ss heun --w 48\n")
+    assert sd3.parse_args(argv + ["--sample_slg", "7,8,9"]).sample_slg == "7,8,9"
+    assert "--sample_slg must be comma-separated" in parse_error(argv + ["--sample_slg", "7;8"], capsys, sd3)

@@ -110,3 +110,27 @@ def test_run_stats_keeps_each_steps_phases():
     assert all(len(seconds) == 2 for seconds in stats.step_phase_s.values())
     assert stats.phase_s["denoiser"] == pytest.approx(sum(stats.step_phase_s["denoiser"]))
     assert stats.first_step_at <= stats.last_step_at
+
+
+def test_grid_keeps_the_raw_rows_of_in_run_sets_beside_an_ema_only_final_set(tmp_path):
+    """With EMA, in-run sets have [EMA] and [raw] rows; the final set (the saved EMA model) has one
+    row per prompt. The grid keeps the in-run order and labels, the final column fills the EMA rows."""
+    validation = tmp_path / "validation"
+    step = validation / "step-000002"
+    step.mkdir(parents=True)
+    rows = [("00.png", "[EMA] a cat", "red"), ("00-raw.png", "[raw] a cat", "green"),
+            ("01.png", "[EMA] a dog", "blue"), ("01-raw.png", "[raw] a dog", "white")]
+    for name, _, colour in rows:
+        Image.new("RGB", (32, 32), colour).save(step / name)
+    (step / "prompts.txt").write_text("".join(f"{name}\t{label}\n" for name, label, _ in rows))
+    write_round(validation, "final", ["red", "blue"])
+    assert plots.grid_rows(validation, ["step-000002", "final"]) == [[name, label] for name, label, _ in rows]
+    pictures = plots.Pictures(tmp_path)
+    pictures.redraw("step-000002", 2)
+    pictures.redraw("final", 4)
+    grid = Image.open(validation / "grid.png").convert("RGB")
+    assert grid.size == plots.grid_size_px(rows=4, columns=2)
+    cell, (left, top) = plots.GRID_CELL_PX, plots.GRID_LABEL_PX
+    final_column = [grid.getpixel((left + cell + cell // 2, top + row * cell + cell // 2)) for row in range(4)]
+    assert final_column[0] == (255, 0, 0) and final_column[2] == (0, 0, 255)   # the EMA rows
+    assert final_column[1] == final_column[3] == (255, 255, 255)               # no raw image: blank

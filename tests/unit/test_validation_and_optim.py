@@ -123,3 +123,23 @@ def test_adamw_is_fused_for_cpu_and_cuda_parameters():
     """The fused kernel made full fine-tuning steps 2-3x faster on the CPU (benchmarks/README.md)."""
     optimizer = build_adamw([{"params": [torch.nn.Parameter(torch.zeros(3))]}], AdamSettings(lr=1e-3))
     assert optimizer.defaults["fused"] is True
+
+
+def test_tensorboard_gets_one_stack_or_one_entry_per_image_when_sizes_differ():
+    from sdft.validation import log_tensorboard
+
+    class Writer:
+        def __init__(self):
+            self.calls = []
+
+        def add_images(self, tag, array, step, dataformats):
+            self.calls.append((tag, array.shape))
+
+        def add_image(self, tag, array, step, dataformats):
+            self.calls.append((tag, array.shape))
+
+    same, mixed = Writer(), Writer()
+    log_tensorboard(same, [Image.new("RGB", (32, 16)), Image.new("RGB", (32, 16))], "validation", 2)
+    log_tensorboard(mixed, [Image.new("RGB", (32, 16)), Image.new("RGB", (16, 48))], "validation_raw", 2)
+    assert same.calls == [("validation", (2, 16, 32, 3))]
+    assert mixed.calls == [("validation_raw/00", (16, 32, 3)), ("validation_raw/01", (48, 16, 3))]

@@ -116,14 +116,21 @@ def test_val_loss_uses_fixed_draws_and_leaves_every_rng_alone(model, images, acc
     models.text_encoder.to("cpu")
     models.unet.train()   # as prepare_models leaves it
     state = torch.get_rng_state()
-    first = val.compute(models, models.unet, accelerator.device, accelerator.autocast)
-    second = val.compute(models, models.unet, accelerator.device, accelerator.autocast)
+    def mean(share=(0, 1)):
+        total, count = val.compute(models, models.unet, accelerator.device, accelerator.autocast, share)
+        return (total / count).item()
+
+    first, second = mean(), mean()
     assert first == second and torch.isfinite(torch.tensor(first))
+    # Two processes' shares of the batches add up to one process's sums (sdft.validation_loss.evaluate).
+    halves = [val.compute(models, models.unet, accelerator.device, accelerator.autocast, (rank, 2)) for rank in (0, 1)]
+    assert all(count > 0 for _, count in halves)
+    assert (sum(t for t, _ in halves) / sum(c for _, c in halves)).item() == pytest.approx(first, rel=1e-12)
     assert torch.equal(torch.get_rng_state(), state), "val_loss consumed the global RNG"
     assert models.unet.training, "the denoiser must be back in training mode"
     with torch.no_grad():
         next(models.unet.parameters()).add_(0.5)
-    assert val.compute(models, models.unet, accelerator.device, accelerator.autocast) != first
+    assert mean() != first
     assert val.evaluate(accelerator, models, models.unet, step=4) is not None and val.best[1] == 4
     assert [val.due(s, False) for s in (1, 2, 3, 4)] == [False, True, False, True] and not val.due(2, True)
     val.save_best(None, None, str(tmp_path))
