@@ -595,6 +595,7 @@ def memory_setup(args: argparse.Namespace, mixed_precision: str) -> memory_estim
     return memory_estimate.TrainingSetup(
         lora=args.use_lora, optimizer=chosen_name(args.optimizer_type, args.optimizer, args.use_8bit_adam),
         full_bf16=args.full_bf16, fused_backward_pass=args.fused_backward_pass,
+        gradient_accumulation_steps=args.gradient_accumulation_steps,
         mixed_precision=mixed_precision, ema=args.use_ema,
         offload_ema=args.offload_ema)
 
