@@ -171,10 +171,9 @@ def build_run(args: argparse.Namespace, family: Family, make_objective, accelera
                   accelerator.device, foreach=args.foreach_ema, offload=args.offload_ema)
     objective = make_objective(args, models.noise_scheduler, accelerator.device)
     params = trainable_params(trained) + (new_tokens.params() if new_tokens else [])
-    optimizer = build_optimizer(args, param_groups(trained, family.denoiser_role, args.text_encoder_lr,
-                                                   args.adam_weight_decay_text_encoder)
-                                + ([{"params": new_tokens.params()}] if new_tokens else []),
-                                accelerator.num_processes)
+    groups = param_groups(trained, family.denoiser_role, args.text_encoder_lr, args.adam_weight_decay_text_encoder,
+                          new_token_params=new_tokens.params() if new_tokens else None)
+    optimizer = build_optimizer(args, groups, accelerator.num_processes)
     sampler, order = loader_order(dataset, args.train_batch_size, seed)
     dataloader = accelerator.prepare(torch.utils.data.DataLoader(
         dataset, **order, collate_fn=dataset.collate, num_workers=args.dataloader_num_workers))
@@ -555,9 +554,11 @@ def build_optimizer(args: argparse.Namespace, groups: list[dict], num_processes:
     if name == "prodigy":
         if lr <= 0.1:
             logger.warning("Prodigy usually wants --learning_rate around 1.0, got %g.", lr)
-        for group in groups:
-            # Prodigy estimates one step size; separate text-encoder rates would fight it.
-            group.pop("lr", None)
+        own = [group.get("name", "a group") for group in groups if group.pop("lr", None) is not None]
+        if own:
+            # Prodigy estimates one step size; prodigyopt refuses other rates per group.
+            logger.warning("Prodigy uses --learning_rate for every parameter group; the own rate of %s is "
+                           "ignored.", ", ".join(own))
         kwargs.update(beta3=args.prodigy_beta3, decouple=args.prodigy_decouple,
                       use_bias_correction=args.prodigy_use_bias_correction,
                       safeguard_warmup=args.prodigy_safeguard_warmup)
