@@ -54,6 +54,7 @@ from sdft.optim import (
     build_lr_scheduler,
     build_named,
     chosen_name,
+    display_name,
     flag_arguments,
     parse_optimizer_args,
     scaled_lr,
@@ -338,12 +339,19 @@ def model_card(args: argparse.Namespace, run: Run) -> hub.CardInfo:
         tags=family.tags, lora=args.use_lora, pipeline_class=family.pipeline_cls.__name__,
         dataset=args.dataset_name, instance_prompt=instance_prompt, embeddings=embeddings,
         training={"steps": run.max_train_steps, "learning rate": args.learning_rate,
+                  "optimizer": optimizer_description(args),
                   "batch size per device": args.train_batch_size, "resolution": args.resolution,
                   "mixed precision": run.accelerator.mixed_precision,
                   **({"LoRA rank": args.rank} if args.use_lora else {}),
                   **({"EMA": "yes"} if run.trained.ema is not None else {})},
         ui_files=ui_files(args, run),
     )
+
+
+def optimizer_description(args: argparse.Namespace) -> str:
+    """For the model card: the optimizer and the arguments typed for it."""
+    name = display_name(chosen_name(args.optimizer_type, args.optimizer, args.use_8bit_adam))
+    return " ".join([name, *(args.optimizer_args or [])])
 
 
 def ui_files(args: argparse.Namespace, run: Run) -> dict[str, str]:
