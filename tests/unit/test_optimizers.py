@@ -202,6 +202,8 @@ def test_every_script_takes_the_optimizer_flags(base, script, tmp_path):
     (["--optimizer_type", "Lion", "--use_8bit_adam"], ["--use_8bit_adam", "--optimizer_type Lion"]),
     (["--optimizer_type", "Lion", "--adam_beta1", "0.8"], ["--adam_beta1", "--optimizer_type Lion",
                                                            "--optimizer_args"]),
+    (["--optimizer_type", "ProdigyScheduleFree", "--prodigy_decouple", "False"],
+     ["--prodigy_decouple", "--optimizer_type ProdigyScheduleFree", "decouple=..."]),
     (["--optimizer_type", "AdamWScheduleFree", "--lr_scheduler", "cosine"],
      ["--lr_scheduler cosine", "AdamWScheduleFree", "constant_with_warmup"]),
     (["--optimizer_type", "AdamWScheduleFree", "--fused_backward_pass"], ["--fused_backward_pass",
