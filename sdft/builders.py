@@ -70,6 +70,7 @@ from sdft.optim import (
     build_lr_scheduler,
     build_named,
     chosen_name,
+    display_name,
     flag_arguments,
     parse_optimizer_args,
     scaled_lr,
@@ -248,11 +249,10 @@ def build_run(args: argparse.Namespace, family: Family, make_objective, accelera
     objective = make_objective(args, models.noise_scheduler, accelerator.device)
     params = trainable_params(trained) + (new_tokens.params() if new_tokens else [])
     groups = param_groups(trained, family.denoiser_role, args.text_encoder_lr, args.adam_weight_decay_text_encoder,
-                          encoder_lrs(args, family))
+                          encoder_lrs(args, family), new_token_params=new_tokens.params() if new_tokens else None)
     if args.loraplus_lr_ratio is not None:
         groups = loraplus_groups(groups, trained, args.loraplus_lr_ratio)
-    optimizer = build_optimizer(args, groups + ([{"params": new_tokens.params()}] if new_tokens else []),
-                                accelerator.num_processes)
+    optimizer = build_optimizer(args, groups, accelerator.num_processes)
     sampler, order = loader_order(dataset, args.train_batch_size, seed)
     dataloader = accelerator.prepare(torch.utils.data.DataLoader(
         dataset, **order, collate_fn=dataset.collate, num_workers=args.dataloader_num_workers))
@@ -497,12 +497,19 @@ def model_card(args: argparse.Namespace, run: Run) -> hub.CardInfo:
         tags=family.tags, lora=args.use_lora, pipeline_class=family.pipeline_cls.__name__,
         dataset=args.dataset_name, instance_prompt=instance_prompt, embeddings=embeddings,
         training={"steps": run.max_train_steps, "learning rate": args.learning_rate,
+                  "optimizer": optimizer_description(args),
                   "batch size per device": args.train_batch_size, "resolution": args.resolution,
                   "mixed precision": run.accelerator.mixed_precision,
                   **({"LoRA rank": args.rank} if args.use_lora else {}),
                   **({"EMA": "yes"} if run.trained.ema is not None else {})},
         ui_files=ui_files(args, run),
     )
+
+
+def optimizer_description(args: argparse.Namespace) -> str:
+    """For the model card: the optimizer and the arguments typed for it."""
+    name = display_name(chosen_name(args.optimizer_type, args.optimizer, args.use_8bit_adam))
+    return " ".join([name, *(args.optimizer_args or [])])
 
 
 def ui_files(args: argparse.Namespace, run: Run) -> dict[str, str]:
@@ -885,9 +892,11 @@ def build_optimizer(args: argparse.Namespace, groups: list[dict], num_processes:
     if name == "prodigy":
         if lr <= 0.1:
             logger.warning("Prodigy usually wants --learning_rate around 1.0, got %g.", lr)
-        for group in groups:
-            # Prodigy estimates one step size; separate text-encoder rates would fight it.
-            group.pop("lr", None)
+        own = [group.get("name", "a group") for group in groups if group.pop("lr", None) is not None]
+        if own:
+            # Prodigy estimates one step size; prodigyopt refuses other rates per group.
+            logger.warning("Prodigy uses --learning_rate for every parameter group; the own rate of %s is "
+                           "ignored.", ", ".join(own))
         kwargs.update(beta3=args.prodigy_beta3, decouple=args.prodigy_decouple,
                       use_bias_correction=args.prodigy_use_bias_correction,
                       safeguard_warmup=args.prodigy_safeguard_warmup)
@@ -925,6 +934,7 @@ def memory_setup(args: argparse.Namespace, mixed_precision: str) -> memory_estim
     return memory_estimate.TrainingSetup(
         lora=args.use_lora, optimizer=chosen_name(args.optimizer_type, args.optimizer, args.use_8bit_adam),
         full_bf16=args.full_bf16, fused_backward_pass=args.fused_backward_pass,
+        gradient_accumulation_steps=args.gradient_accumulation_steps,
         mixed_precision=mixed_precision, ema=args.use_ema,
         offload_ema=args.offload_ema)
 

@@ -614,10 +614,14 @@ def check_optimizer(args: argparse.Namespace, given: Given) -> None:
         check_schedule(cls, name, args.lr_scheduler)
     except OptimizerError as err:
         raise CliError(str(err)) from err
-    unused = unused_adam_flags(name, set(given))
+    unused = unused_adam_flags(name, set(given)) + [flag for flag in PRODIGY_FLAGS if flag in given and name != "prodigy"]
     if unused:
+        example = ADAM_FLAGS.get(unused[0], unused[0].removeprefix("prodigy_"))
         raise CliError(f"--{unused[0]} does not configure {optimizer_flag(args)}; pass its arguments with "
-                       f"--optimizer_args (e.g. {ADAM_FLAGS[unused[0]]}=...).")
+                       f"--optimizer_args (e.g. {example}=...).")
+
+
+PRODIGY_FLAGS = ("prodigy_beta3", "prodigy_decouple", "prodigy_use_bias_correction", "prodigy_safeguard_warmup")
 
 
 def optimizer_flag(args: argparse.Namespace) -> str:

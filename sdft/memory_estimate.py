@@ -58,6 +58,7 @@ class TrainingSetup:
     use_8bit_adam: bool = False
     full_bf16: bool = False
     fused_backward_pass: bool = False
+    gradient_accumulation_steps: int = 1   # >1 with the fused pass: gradients add up in full between micro-batches
     mixed_precision: str = "no"       # no | fp16 | bf16
     ema: bool = False
     offload_ema: bool = False
@@ -82,7 +83,7 @@ def estimate(stats: ParamStats, setup: TrainingSetup) -> list[Line]:
     width = 2 if setup.full_bf16 else 4
     kind = "bf16" if setup.full_bf16 else "fp32"
     lines = [_line("weights", stats.count, width, kind)]
-    if setup.fused_backward_pass:
+    if setup.fused_backward_pass and setup.gradient_accumulation_steps == 1:
         lines.append(_line("gradients", stats.largest, width, "fused backward pass: about one tensor at a time"))
     else:
         lines.append(_line("gradients", stats.count, width, kind))

@@ -1,4 +1,12 @@
-"""Optimizers and learning-rate schedules."""
+"""Optimizers and learning-rate schedules.
+
+`--optimizer_type NAME --optimizer_args k=v ...` (kohya sd-scripts' names and value syntax): NAME
+is a curated short name (`CURATED`, each with the package to install) or any importable
+`module.Class`. `chosen_name` settles which flag wins, `optimizer_class` imports it (a missing
+package is an error naming the `pip install`), `check_optimizer_args` holds the arguments to the
+class's signature: all at parse time (sdft.checks), before any model loads. `build_named` builds
+it. `EvalWeights` gives schedule-free optimizers' evaluation weights to validation, checkpoints and
+the export."""
 
 from __future__ import annotations
 

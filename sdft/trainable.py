@@ -78,26 +78,33 @@ def trainable_params(trained: dict[str, torch.nn.Module]) -> list[torch.nn.Param
 
 
 def param_groups(trained: dict[str, torch.nn.Module], denoiser_role: str, text_encoder_lr: float | None = None,
-                 text_encoder_weight_decay: float | None = None, role_lrs: dict[str, float] | None = None) -> list[dict]:
-    """One group for the denoiser, one for the text encoders when they have their own lr/decay, and
-    one for each encoder with a learning rate of its own in `role_lrs` (SDXL's --learning_rate_te1/2)."""
+                 text_encoder_weight_decay: float | None = None, role_lrs: dict[str, float] | None = None,
+                 new_token_params: list[torch.nn.Parameter] | None = None) -> list[dict]:
+    """The optimizer's parameter groups, built once per run and handed to whichever optimizer is
+    chosen: the denoiser, each encoder with a learning rate of its own in `role_lrs` (SDXL's
+    --learning_rate_te1/2), the other text encoders (with their own lr/decay when given), the new
+    token embeddings (--train_text_encoder_ti). Every torch-style optimizer reads `lr` and
+    `weight_decay` per group, and the LR schedule scales each group's own rate; `name` labels a
+    group's rate in the log."""
     role_lrs = role_lrs or {}
     denoiser = [p for p in trained[denoiser_role].parameters() if p.requires_grad] if denoiser_role in trained else []
     encoders = [p for role, m in trained.items() if role != denoiser_role and role not in role_lrs
                 for p in m.parameters() if p.requires_grad]
-    groups = [{"params": denoiser}] if denoiser else []   # none with a frozen denoiser (textual inversion)
+    groups = [{"params": denoiser, "name": denoiser_role}] if denoiser else []   # none with a frozen denoiser (TI)
     for role, lr in role_lrs.items():
         own = [p for p in trained[role].parameters() if p.requires_grad] if role in trained else []
         if own:
-            groups.append({"params": own, "lr": lr, **({"weight_decay": text_encoder_weight_decay}
-                                                         if text_encoder_weight_decay is not None else {})})
+            groups.append({"params": own, "lr": lr, "name": role, **({"weight_decay": text_encoder_weight_decay}
+                                                                      if text_encoder_weight_decay is not None else {})})
     if encoders:
-        group = {"params": encoders}
+        group = {"params": encoders, "name": "text_encoders"}
         if text_encoder_lr is not None:
             group["lr"] = text_encoder_lr
         if text_encoder_weight_decay is not None:
             group["weight_decay"] = text_encoder_weight_decay
         groups.append(group)
+    if new_token_params:
+        groups.append({"params": list(new_token_params), "name": "new_tokens"})
     return groups
 
 
@@ -111,5 +118,6 @@ def loraplus_groups(groups: list[dict], trained: dict[str, torch.nn.Module], rat
         rest = [p for p in group["params"] if id(p) not in up]
         faster = [p for p in group["params"] if id(p) in up]
         split += [{**group, "params": rest}] if rest else []
-        split += [{**group, "params": faster, "lr_scale": ratio}] if faster else []
+        split += [{**group, "params": faster, "lr_scale": ratio,
+                   **({"name": group["name"] + "_lora_up"} if "name" in group else {})}] if faster else []
     return split

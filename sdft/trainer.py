@@ -89,7 +89,8 @@ def run_epoch(run_state: Run, position: Position, epoch: int, skip: int, progres
         mean_loss = accelerator.reduce(loss_sum / micro_steps, reduction="mean").item()
         loss_sum, micro_steps = torch.zeros((), device=accelerator.device), 0
         lr = run_state.lr_scheduler.get_last_lr()[0]
-        accelerator.log({"train_loss": mean_loss, "lr": lr, "epoch": epoch}, step=position.global_step)
+        rates = group_rates(run_state.optimizer, run_state.lr_scheduler)
+        accelerator.log({"train_loss": mean_loss, "lr": lr, "epoch": epoch, **rates}, step=position.global_step)
         progress.update(1)
         progress.set_postfix(loss=f"{mean_loss:.4f}", lr=f"{lr:.2e}")
         if run_state.val_loss is not None and run_state.val_loss.due(position.global_step, end_of_epoch=False):
@@ -177,6 +178,15 @@ def text_encoders_learn(run_state: Run, micro_step: int) -> bool:
     stop = run_state.text_encoder_stop_step
     step = micro_step // run_state.accelerator.gradient_accumulation_steps
     return run_state.train_text_encoders and (stop is None or step < stop)
+
+
+def group_rates(optimizer, lr_scheduler) -> dict[str, float]:
+    """`lr/<group name>` for each parameter group when there are several (sdft.trainable.param_groups)."""
+    groups = optimizer.param_groups
+    if len(groups) < 2:
+        return {}
+    return {f"lr/{group.get('name', index)}": rate for index, (group, rate) in
+            enumerate(zip(groups, lr_scheduler.get_last_lr()))}
 
 
 def step_generator(seed: int, micro_step: int, process_index: int, device: torch.device) -> torch.Generator:

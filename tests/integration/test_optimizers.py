@@ -86,6 +86,7 @@ def test_resume_three_plus_three_equals_six_straight(tiny_sd, image_folder, tmp_
         assert all(torch.equal(a[k], b[k]) for k in a), f"{folder}: resumed weights differ"
     step3 = unet_weights(straight / "checkpoint-3")
     assert any(not torch.equal(a[k], step3[k]) for k in a), "steps 4-6 moved the weights"
+    assert f"- optimizer: {name} {extra[1]}" in (straight / "README.md").read_text()
 
 
 @pytest.mark.skipif(importlib.util.find_spec("schedulefree") is None, reason="schedulefree is not installed")

@@ -3,6 +3,7 @@ weights with stochastic rounding, and the memory estimate made before any weight
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import json
 
@@ -169,6 +170,16 @@ def test_estimate_with_adafactor_fused_backward_and_bf16_weights(sd15_stats):
     # convolutions of a UNet keep 2/3 of a value per weight: a quarter of AdamW's state here.
     assert lines["optimizer"] == 4 * sd15_stats.adafactor_values < 0.3 * 8 * SD15_UNET_PARAMS
     assert me.total(me.estimate(sd15_stats, setup)) < 0.3 * 16 * SD15_UNET_PARAMS
+    # With accumulation the gradients of every micro-batch add up in full between backward passes.
+    accumulating = dataclasses.replace(setup, gradient_accumulation_steps=2)
+    assert by_name(me.estimate(sd15_stats, accumulating))["gradients"] == 2 * SD15_UNET_PARAMS
+
+
+@pytest.mark.parametrize("name, width", [("AdamW8bit", 2), ("Lion", 4), ("Lion8bit", 1), ("AdamWScheduleFree", 8),
+                                         ("AdEMAMix", 12), ("SGDNesterov", 4), ("torch.optim.RMSprop", 8)])
+def test_estimate_counts_each_optimizers_state(sd15_stats, name, width):
+    lines = by_name(me.estimate(sd15_stats, me.TrainingSetup(optimizer=name)))
+    assert lines["optimizer"] == width * SD15_UNET_PARAMS
 
 
 def test_adafactor_state_counts_rows_and_columns_of_matrices():

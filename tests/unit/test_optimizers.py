@@ -202,6 +202,8 @@ def test_every_script_takes_the_optimizer_flags(base, script, tmp_path):
     (["--optimizer_type", "Lion", "--use_8bit_adam"], ["--use_8bit_adam", "--optimizer_type Lion"]),
     (["--optimizer_type", "Lion", "--adam_beta1", "0.8"], ["--adam_beta1", "--optimizer_type Lion",
                                                            "--optimizer_args"]),
+    (["--optimizer_type", "ProdigyScheduleFree", "--prodigy_decouple", "False"],
+     ["--prodigy_decouple", "--optimizer_type ProdigyScheduleFree", "decouple=..."]),
     (["--optimizer_type", "AdamWScheduleFree", "--lr_scheduler", "cosine"],
      ["--lr_scheduler cosine", "AdamWScheduleFree", "constant_with_warmup"]),
     (["--optimizer_type", "AdamWScheduleFree", "--fused_backward_pass"], ["--fused_backward_pass",
@@ -220,3 +222,43 @@ def test_a_missing_package_is_an_error_with_the_pip_install_at_parse_time(base, 
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "schedulefree" else real(name, *a))
     err = parse_error(t2i, base + ["--optimizer_type", "adamwschedulefree"], capsys)
     assert "pip install schedulefree" in err
+
+
+# --------------------------------------------------------------------------- per-group learning rates
+
+
+@pytest.mark.parametrize("name", [name for name in CURATED if name != "prodigy"])
+def test_every_optimizer_keeps_each_groups_learning_rate_through_the_schedule(name):
+    """The groups of sdft.trainable.param_groups (denoiser, text encoders, new tokens), built once,
+    keep their own rates in any optimizer, and the LR schedule scales each one (Prodigy, which
+    takes one rate, aside: the builder drops the others with a warning)."""
+    if not installed(name):
+        pytest.skip(f"{CURATED[name].pip} is not installed")
+    from sdft.trainable import param_groups
+
+    trained = {"unet": torch.nn.Linear(64, 80), "text_encoder": torch.nn.Linear(64, 80)}
+    groups = param_groups(trained, "unet", text_encoder_lr=5e-5, text_encoder_weight_decay=1e-3,
+                          new_token_params=[torch.nn.Parameter(torch.zeros(2, 64))])
+    assert [group["name"] for group in groups] == ["unet", "text_encoders", "new_tokens"]
+    optimizer = build_named(name, groups, 1e-3, {})
+    EvalWeights(optimizer)   # schedule-free ones: into train mode, as the builder does
+    schedule = optim.build_lr_scheduler("constant_with_warmup", optimizer, warmup_steps=2, total_steps=4,
+                                        num_processes=1)
+    assert [group["lr"] for group in optimizer.param_groups] == [0.0, 0.0, 0.0]
+    for module in trained.values():
+        module.weight.grad = torch.ones_like(module.weight)
+    optimizer.step()
+    schedule.step()
+    assert [group["lr"] for group in optimizer.param_groups] == pytest.approx([5e-4, 2.5e-5, 5e-4])
+    assert [group["name"] for group in optimizer.param_groups] == ["unet", "text_encoders", "new_tokens"]
+
+
+def test_the_log_shows_each_groups_rate_by_name():
+    from sdft.trainer import group_rates
+
+    unet, encoder = torch.nn.Parameter(torch.zeros(2)), torch.nn.Parameter(torch.zeros(2))
+    optimizer = torch.optim.SGD([{"params": [unet], "name": "unet"}, {"params": [encoder], "name": "text_encoders",
+                                                                     "lr": 5e-5}], lr=1e-3)
+    schedule = optim.build_lr_scheduler("constant", optimizer, warmup_steps=0, total_steps=4, num_processes=1)
+    assert group_rates(optimizer, schedule) == {"lr/unet": 1e-3, "lr/text_encoders": 5e-5}
+    assert group_rates(torch.optim.SGD([unet], lr=1e-3), schedule) == {}
