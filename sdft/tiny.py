@@ -145,12 +145,13 @@ def _merge_pair(symbols: list[str], pair: tuple[str, str]) -> list[str]:
     return merged
 
 
-def _clip_tokenizer(folder: Path, pad_token: str = _CLIP_EOS) -> CLIPTokenizer:
+def _clip_tokenizer(folder: Path, pad_token: str = _CLIP_EOS, max_length: int = 77) -> CLIPTokenizer:
     """Write a CLIP-style vocab.json/merges.txt into `folder` and load it back.
 
     The vocabulary order mirrors openai/clip-vit-large-patch14: bytes, bytes + </w>, merges,
     then the two special tokens. `pad_token="!"` mirrors the OpenCLIP tokenizers that SDXL
     and SD3 ship as tokenizer_2 (they pad with id 0, not with the end-of-text token).
+    `max_length` is what prompts are padded to (77 in every real checkpoint).
     """
     alphabet = list(_bytes_to_unicode().values())
     merges = _learn_merges(_VOCAB_WORDS, _MAX_MERGES)
@@ -163,7 +164,7 @@ def _clip_tokenizer(folder: Path, pad_token: str = _CLIP_EOS) -> CLIPTokenizer:
     (folder / "merges.txt").write_text("#version: 0.2\n" + merge_lines, encoding="utf-8")
     # Load from files: in transformers 5 `CLIPTokenizer(vocab_file=...)` ignores the files and
     # silently builds a two-token vocabulary, so only from_pretrained is trustworthy.
-    tokenizer = CLIPTokenizer.from_pretrained(folder, model_max_length=77, pad_token=pad_token)
+    tokenizer = CLIPTokenizer.from_pretrained(folder, model_max_length=max_length, pad_token=pad_token)
     if len(tokenizer) != len(vocab):
         raise RuntimeError(f"CLIP tokenizer has {len(tokenizer)} tokens, wrote {len(vocab)}")
     return tokenizer
@@ -252,13 +253,18 @@ def _sd_unet() -> UNet2DConditionModel:
     )
 
 
-def build_sd(output_dir: str | Path, seed: int = 0, fit_vae: bool = False) -> Path:
+def build_sd(output_dir: str | Path, seed: int = 0, fit_vae: bool = False, max_length: int = 77) -> Path:
     """Write a tiny Stable Diffusion 1.x pipeline folder and return its path.
 
     fit_vae=True trains the VAE on generated shape images first (see `_fitted`), so decoded
-    images show shapes instead of noise; the default keeps random weights, which is faster."""
+    images show shapes instead of noise; the default keeps random weights, which is faster.
+    max_length: the tokens a prompt is padded to (the tokenizer's model_max_length, which the
+    pipeline and the trainer pad to). The text encoder is random and frozen, so its padding
+    positions carry almost nothing of the prompt, and cross-attention starts out spread evenly
+    over all of them: with 77 the colour words are 2 keys of 77 and the demo's UNet takes far
+    longer to start using them than with 16 (measured in scripts/demo.sh's comment)."""
     output = Path(output_dir)
-    tokenizer = _clip_tokenizer(output / "tokenizer")
+    tokenizer = _clip_tokenizer(output / "tokenizer", max_length=max_length)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         unet = _sd_unet()
@@ -490,11 +496,16 @@ def build_clipseg(output_dir: str | Path, seed: int = 0) -> Path:
 
 
 def _draw_image(rng: random.Random, size: tuple[int, int], colours: Sequence[str] = tuple(_COLOURS),
-                shapes: Sequence[str] = _SHAPES) -> tuple[Image.Image, str]:
-    """One shape on a two-tone gradient, plus the caption that describes it."""
+                shapes: Sequence[str] = _SHAPES, subject: tuple[str, str, str] | None = None
+                ) -> tuple[Image.Image, str]:
+    """One shape on a two-tone gradient, plus the caption that describes it. `subject` (shape,
+    colour, background) fixes what is drawn; by default it is drawn at random from `rng`."""
     width, height = size
-    shape = rng.choice(shapes)
-    colour, background = rng.sample(sorted(colours), 2)
+    if subject is None:
+        shape = rng.choice(shapes)
+        colour, background = rng.sample(sorted(colours), 2)
+    else:
+        shape, colour, background = subject
     start = np.array(_COLOURS[background], dtype=np.float32)
     # Fade 40% towards white for dark colours and towards black for light ones, so even grey
     # gets a visible gradient while the colour named in the caption stays dominant.
@@ -547,7 +558,7 @@ def _draw_shape(
 def make_images(
     output_dir: str | Path, num_images: int = 8, layout: str = "metadata", seed: int = 0,
     colours: Sequence[str] | None = None, shapes: Sequence[str] | None = None, size: int | None = None,
-    sizes: Sequence[tuple[int, int]] | None = None,
+    sizes: Sequence[tuple[int, int]] | None = None, balanced: bool = False,
 ) -> Path:
     """Write `num_images` small captioned images and return the folder.
 
@@ -557,6 +568,9 @@ def make_images(
     square `size` (default: mixed sizes) make an easier set, as the demo uses.
     `sizes`, (width, height) pairs used in turn, replaces the default mix of sizes, e.g.
     ((40, 24), (24, 40), (32, 32)) for aspect buckets.
+    `balanced=True` draws every (shape, colour, background) combination equally often (in a
+    shuffled order; as evenly as `num_images` allows) instead of at random, so that no caption a
+    demo asks for is missing or rare in the set.
     """
     if layout not in LAYOUTS:
         raise ValueError(f"layout must be one of {LAYOUTS}, got {layout!r}")
@@ -574,10 +588,11 @@ def make_images(
     offset = rng.randrange(len(_IMAGE_SIZES))
     chosen = [_IMAGE_SIZES[(offset + i) % len(_IMAGE_SIZES)] if sizes is None else tuple(sizes[i % len(sizes)])
               for i in range(num_images)]
+    subjects = _balanced_subjects(num_images, colours, shapes, seed) if balanced else [None] * num_images
     records = []
     for i in range(num_images):
         dims = (size, size) if size else chosen[i]
-        image, caption = _draw_image(rng, dims, colours, shapes)
+        image, caption = _draw_image(rng, dims, colours, shapes, subjects[i])
         # Alternate formats so loaders are exercised on both (JPEG also drops any alpha).
         if i % 2 == 0:
             name = f"image_{i:03d}.png"
@@ -594,6 +609,19 @@ def make_images(
     return output
 
 
+def _balanced_subjects(count: int, colours: Sequence[str], shapes: Sequence[str],
+                       seed: int) -> list[tuple[str, str, str]]:
+    """`count` (shape, colour, background) triples: every combination once per round, each round
+    shuffled. A generator of its own leaves the drawing's random stream as in unbalanced sets."""
+    combinations = [(shape, colour, background) for shape in shapes for colour in colours
+                    for background in colours if colour != background]
+    rng = random.Random(f"balanced-{seed}")
+    subjects: list[tuple[str, str, str]] = []
+    while len(subjects) < count:
+        subjects += rng.sample(combinations, len(combinations))
+    return subjects[:count]
+
+
 _BUILDERS = {"sd": build_sd, "sdxl": build_sdxl, "sd3": build_sd3}
 _HELPERS = {"blip": build_blip, "swin2sr": build_swin2sr, "clipseg": build_clipseg}
 
@@ -608,6 +636,8 @@ def _parser() -> argparse.ArgumentParser:
     model.add_argument("--family", choices=FAMILIES, required=True)
     model.add_argument("--output", type=Path, required=True)
     model.add_argument("--seed", type=int, default=0)
+    model.add_argument("--max-length", type=int, default=77,
+                       help="tokens a prompt is padded to (default 77, as in Stable Diffusion; --family sd only)")
     model.add_argument("--random-vae", action="store_true",
                        help="keep the VAE's random weights (faster; decoded images are noise). By default "
                             f"the VAE is fitted to shape images for {VAE_FIT_STEPS} steps first.")
@@ -626,6 +656,9 @@ def _parser() -> argparse.ArgumentParser:
                       help=f"comma-separated shapes to draw from (default: all of {','.join(_SHAPES)})")
     data.add_argument("--size", type=int, default=None, help="square images of this many pixels "
                                                                "(default: mixed sizes and aspect ratios)")
+    data.add_argument("--balanced", action="store_true",
+                      help="draw every (shape, colour, background) combination equally often "
+                           "(default: each image's at random)")
     return parser
 
 
@@ -634,14 +667,18 @@ def _names(text: str) -> list[str]:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
+    parser = _parser()
+    args = parser.parse_args(argv)
+    if args.command == "model" and args.max_length != 77 and args.family != "sd":
+        parser.error("--max-length is only for --family sd")
     if args.command == "model":
-        folder = _BUILDERS[args.family](args.output, seed=args.seed, fit_vae=not args.random_vae)
+        options = {"max_length": args.max_length} if args.family == "sd" else {}
+        folder = _BUILDERS[args.family](args.output, seed=args.seed, fit_vae=not args.random_vae, **options)
     elif args.command == "helper":
         folder = _HELPERS[args.kind](args.output, seed=args.seed)
     else:
         folder = make_images(args.output, args.num_images, args.layout, args.seed, args.colours, args.shapes,
-                             args.size)
+                             args.size, balanced=args.balanced)
     print(folder)
     return 0
 
