@@ -261,8 +261,9 @@ def build_sd(output_dir: str | Path, seed: int = 0, fit_vae: bool = False, max_l
     max_length: the tokens a prompt is padded to (the tokenizer's model_max_length, which the
     pipeline and the trainer pad to). The text encoder is random and frozen, so its padding
     positions carry almost nothing of the prompt, and cross-attention starts out spread evenly
-    over all of them: with 77 the colour words are 2 keys of 77 and the demo's UNet takes far
-    longer to start using them than with 16 (measured in scripts/demo.sh's comment)."""
+    over all of them: with 77 the colour words are 2 keys of 77. In the demo's recipe (see
+    scripts/demo.sh), after 240 steps the two validation prompts already gave different pictures
+    with 16 and still the same orange one with 77 (one run each, so a hint rather than a proof)."""
     output = Path(output_dir)
     tokenizer = _clip_tokenizer(output / "tokenizer", max_length=max_length)
     with torch.random.fork_rng(devices=[]):
@@ -558,7 +559,7 @@ def _draw_shape(
 def make_images(
     output_dir: str | Path, num_images: int = 8, layout: str = "metadata", seed: int = 0,
     colours: Sequence[str] | None = None, shapes: Sequence[str] | None = None, size: int | None = None,
-    sizes: Sequence[tuple[int, int]] | None = None, balanced: bool = False,
+    sizes: Sequence[tuple[int, int]] | None = None, balanced: bool = False, uncaptioned: int = 0,
 ) -> Path:
     """Write `num_images` small captioned images and return the folder.
 
@@ -571,6 +572,9 @@ def make_images(
     `balanced=True` draws every (shape, colour, background) combination equally often (in a
     shuffled order; as evenly as `num_images` allows) instead of at random, so that no caption a
     demo asks for is missing or rare in the set.
+    `uncaptioned` more images (drawn the same way) get the empty caption "": the examples of the
+    unconditional prediction that classifier-free guidance subtracts (what --proportion_empty_prompts
+    draws at random in the SDXL script, which the SD 1.x script, like diffusers', lacks).
     """
     if layout not in LAYOUTS:
         raise ValueError(f"layout must be one of {LAYOUTS}, got {layout!r}")
@@ -586,11 +590,12 @@ def make_images(
     rng = random.Random(seed)
     # Rotating the size list (instead of sampling it) guarantees varied sizes in small sets.
     offset = rng.randrange(len(_IMAGE_SIZES))
+    total = num_images + uncaptioned
     chosen = [_IMAGE_SIZES[(offset + i) % len(_IMAGE_SIZES)] if sizes is None else tuple(sizes[i % len(sizes)])
-              for i in range(num_images)]
-    subjects = _balanced_subjects(num_images, colours, shapes, seed) if balanced else [None] * num_images
+              for i in range(total)]
+    subjects = _balanced_subjects(total, colours, shapes, seed) if balanced else [None] * total
     records = []
-    for i in range(num_images):
+    for i in range(total):
         dims = (size, size) if size else chosen[i]
         image, caption = _draw_image(rng, dims, colours, shapes, subjects[i])
         # Alternate formats so loaders are exercised on both (JPEG also drops any alpha).
@@ -600,6 +605,7 @@ def make_images(
         else:
             name = f"image_{i:03d}.jpg"
             image.save(output / name, format="JPEG", quality=90)
+        caption = caption if i < num_images else ""
         records.append({"file_name": name, "text": caption})
         if layout == "captions":
             (output / name).with_suffix(".txt").write_text(caption + "\n", encoding="utf-8")
@@ -656,6 +662,8 @@ def _parser() -> argparse.ArgumentParser:
                       help=f"comma-separated shapes to draw from (default: all of {','.join(_SHAPES)})")
     data.add_argument("--size", type=int, default=None, help="square images of this many pixels "
                                                                "(default: mixed sizes and aspect ratios)")
+    data.add_argument("--uncaptioned", type=int, default=0,
+                      help="this many more images with the empty caption, for classifier-free guidance")
     data.add_argument("--balanced", action="store_true",
                       help="draw every (shape, colour, background) combination equally often "
                            "(default: each image's at random)")
@@ -678,7 +686,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         folder = _HELPERS[args.kind](args.output, seed=args.seed)
     else:
         folder = make_images(args.output, args.num_images, args.layout, args.seed, args.colours, args.shapes,
-                             args.size, balanced=args.balanced)
+                             args.size, balanced=args.balanced, uncaptioned=args.uncaptioned)
     print(folder)
     return 0
 

@@ -359,6 +359,15 @@ def test_balanced_set_draws_every_combination_equally(tmp_path: Path) -> None:
     assert captions[:24] != sorted(captions[:24])   # shuffled, so an epoch's first batches are mixed
 
 
+def test_uncaptioned_images_come_after_the_captioned_ones(tmp_path: Path) -> None:
+    folder = tiny.make_images(tmp_path / "data", num_images=6, uncaptioned=3, colours=["red", "blue"],
+                              shapes=["circle"], size=32, balanced=True)
+    records = [json.loads(line) for line in (folder / "metadata.jsonl").read_text().splitlines()]
+    assert [r["text"] for r in records[6:]] == ["", "", ""]
+    assert all(r["text"].endswith("background") for r in records[:6])
+    assert all((folder / r["file_name"]).is_file() for r in records)
+
+
 def test_sd_prompt_length_option_pads_prompts_to_it(tmp_path: Path) -> None:
     folder = tiny.build_sd(tmp_path / "sd16", max_length=16)
     pipeline = StableDiffusionPipeline.from_pretrained(folder)
