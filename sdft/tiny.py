@@ -222,19 +222,25 @@ def _vae(latent_channels: int, scaling_factor: float, sd3: bool = False) -> Auto
 VAE_FIT_STEPS = 400
 
 
-def _fitted(vae: AutoencoderKL, seed: int, steps: int | None = None) -> None:
+def _fitted(vae: AutoencoderKL, seed: int, steps: int | None = None, colours: Sequence[str] | None = None,
+            shapes: Sequence[str] | None = None) -> None:
     """Fit the VAE to shape images in place (SD3's, with its 16 channels, also gets a shift).
     400 steps take 30-60 s on two CPU cores. The weights are the same for the same seed, torch
     version, machine type and thread count (a parallel reduction's order depends on the threads)."""
     with torch.random.fork_rng(devices=[]):
-        fit_vae(vae, shape_images(seed, count=256), seed=seed, steps=steps or VAE_FIT_STEPS,
+        fit_vae(vae, shape_images(seed, count=256, colours=colours, shapes=shapes), seed=seed,
+                steps=steps or VAE_FIT_STEPS,
                 with_shift=vae.config.shift_factor is not None)
 
 
-def shape_images(seed: int, count: int, size: int = 32) -> torch.Tensor:
-    """`count` square shape images as a (count, 3, size, size) tensor in [-1, 1], the VAE's range."""
+def shape_images(seed: int, count: int, size: int = 32, colours: Sequence[str] | None = None,
+                 shapes: Sequence[str] | None = None) -> torch.Tensor:
+    """`count` square shape images as a (count, 3, size, size) tensor in [-1, 1], the VAE's range,
+    drawn from `colours` and `shapes` (default: all)."""
     rng = random.Random(seed)
-    pixels = np.stack([np.asarray(_draw_image(rng, (size, size))[0]) for _ in range(count)])
+    drawn = (_draw_image(rng, (size, size), tuple(colours or _COLOURS), tuple(shapes or _SHAPES))
+             for _ in range(count))
+    pixels = np.stack([np.asarray(image) for image, _ in drawn])
     return torch.from_numpy(pixels).permute(0, 3, 1, 2).float() / 127.5 - 1.0
 
 
@@ -253,11 +259,16 @@ def _sd_unet() -> UNet2DConditionModel:
     )
 
 
-def build_sd(output_dir: str | Path, seed: int = 0, fit_vae: bool = False, max_length: int = 77) -> Path:
+def build_sd(output_dir: str | Path, seed: int = 0, fit_vae: bool = False, max_length: int = 77,
+             vae_colours: Sequence[str] | None = None, vae_shapes: Sequence[str] | None = None) -> Path:
     """Write a tiny Stable Diffusion 1.x pipeline folder and return its path.
 
     fit_vae=True trains the VAE on generated shape images first (see `_fitted`), so decoded
     images show shapes instead of noise; the default keeps random weights, which is faster.
+    vae_colours, vae_shapes: fit on images of only these (default: all). Fitted on all ten colours
+    for 400 steps, the VAE loses most of the green channel (a yellow background decodes nearest to
+    red, green to dark green); fitted on the demo's four colours and two shapes, it keeps the
+    nearest colour of centre and border in 128 of 128 test pictures, mean error 6.5 instead of ~17.
     max_length: the tokens a prompt is padded to (the tokenizer's model_max_length, which the
     pipeline and the trainer pad to). The text encoder is random and frozen, so its padding
     positions carry almost nothing of the prompt, and cross-attention starts out spread evenly
@@ -272,7 +283,7 @@ def build_sd(output_dir: str | Path, seed: int = 0, fit_vae: bool = False, max_l
         vae = _vae(latent_channels=4, scaling_factor=0.18215)
         text_encoder = CLIPTextModel(_clip_text_config(tokenizer, hidden_size=32))
     if fit_vae:
-        _fitted(vae, seed)
+        _fitted(vae, seed, colours=vae_colours, shapes=vae_shapes)
     # The SD 1.4/1.5 repositories ship this PNDM config; training code reads the same file
     # as a DDPMScheduler, which shares every noise-schedule key.
     scheduler = PNDMScheduler(
@@ -644,6 +655,10 @@ def _parser() -> argparse.ArgumentParser:
     model.add_argument("--seed", type=int, default=0)
     model.add_argument("--max-length", type=int, default=77,
                        help="tokens a prompt is padded to (default 77, as in Stable Diffusion; --family sd only)")
+    model.add_argument("--vae-colours", type=_names, default=None,
+                       help="fit the VAE on images of these colours only (default: all; --family sd only)")
+    model.add_argument("--vae-shapes", type=_names, default=None,
+                       help="fit the VAE on images of these shapes only (default: all; --family sd only)")
     model.add_argument("--random-vae", action="store_true",
                        help="keep the VAE's random weights (faster; decoded images are noise). By default "
                             f"the VAE is fitted to shape images for {VAE_FIT_STEPS} steps first.")
@@ -677,10 +692,12 @@ def _names(text: str) -> list[str]:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = _parser()
     args = parser.parse_args(argv)
-    if args.command == "model" and args.max_length != 77 and args.family != "sd":
-        parser.error("--max-length is only for --family sd")
+    if args.command == "model" and args.family != "sd" and (args.max_length != 77 or args.vae_colours
+                                                            or args.vae_shapes):
+        parser.error("--max-length, --vae-colours and --vae-shapes are only for --family sd")
     if args.command == "model":
-        options = {"max_length": args.max_length} if args.family == "sd" else {}
+        options = dict(max_length=args.max_length, vae_colours=args.vae_colours,
+                       vae_shapes=args.vae_shapes) if args.family == "sd" else {}
         folder = _BUILDERS[args.family](args.output, seed=args.seed, fit_vae=not args.random_vae, **options)
     elif args.command == "helper":
         folder = _HELPERS[args.kind](args.output, seed=args.seed)
