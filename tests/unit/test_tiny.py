@@ -346,3 +346,31 @@ def test_cli_data_runs_as_module(tmp_path: Path) -> None:
                             check=True)
     assert result.stdout.strip() == str(out)
     assert len(list(out.glob("*.txt"))) == 4
+
+
+def test_balanced_set_draws_every_combination_equally(tmp_path: Path) -> None:
+    folder = tiny.make_images(tmp_path / "data", num_images=48, colours=["red", "blue", "green", "yellow"],
+                              shapes=["circle", "square"], size=32, balanced=True)
+    captions = [json.loads(line)["text"] for line in (folder / "metadata.jsonl").read_text().splitlines()]
+    counts = {caption: captions.count(caption) for caption in captions}
+    # 2 shapes x 4 colours x 3 other background colours, each twice.
+    assert len(counts) == 24 and set(counts.values()) == {2}
+    assert "a green square on a yellow background" in counts
+    assert captions[:24] != sorted(captions[:24])   # shuffled, so an epoch's first batches are mixed
+
+
+def test_uncaptioned_images_come_after_the_captioned_ones(tmp_path: Path) -> None:
+    folder = tiny.make_images(tmp_path / "data", num_images=6, uncaptioned=3, colours=["red", "blue"],
+                              shapes=["circle"], size=32, balanced=True)
+    records = [json.loads(line) for line in (folder / "metadata.jsonl").read_text().splitlines()]
+    assert [r["text"] for r in records[6:]] == ["", "", ""]
+    assert all(r["text"].endswith("background") for r in records[:6])
+    assert all((folder / r["file_name"]).is_file() for r in records)
+
+
+def test_sd_prompt_length_option_pads_prompts_to_it(tmp_path: Path) -> None:
+    folder = tiny.build_sd(tmp_path / "sd16", max_length=16)
+    pipeline = StableDiffusionPipeline.from_pretrained(folder)
+    assert pipeline.tokenizer.model_max_length == 16
+    embeddings = pipeline.encode_prompt("a green square on a yellow background", "cpu", 1, False)[0]
+    assert embeddings.shape == (1, 16, 32)
