@@ -101,7 +101,7 @@ def test_schedule_free_validates_and_exports_its_evaluation_weights(tiny_sd, ima
             return original(*args, **kwargs)
         return wrapper
 
-    monkeypatch.setattr(trainer, "generate", recording(trainer.generate))
+    monkeypatch.setattr(trainer, "generate_shared", recording(trainer.generate_shared))
     monkeypatch.setattr(ValidationLoss, "compute", recording(ValidationLoss.compute))
     out = tmp_path / "out"
     args = t2i.parse_args([str(a) for a in sd_args(
