@@ -59,8 +59,11 @@ class Verdict:
 
 
 def prompt_colours(prompt: str) -> tuple[str, str]:
-    """(shape colour, background colour) of a tiny-set caption such as SAMPLE_PROMPT."""
+    """(shape colour, background colour) of a tiny-set caption such as SAMPLE_PROMPT. With EMA on, a
+    round's prompts.txt labels its rows "[EMA] ..." and "[raw] ..." (sdft.validation.sample_rows)."""
     words = prompt.split()
+    if words and words[0].startswith("[") and words[0].endswith("]"):
+        words = words[1:]
     return words[1], words[words.index("on") + 2]
 
 

@@ -105,3 +105,9 @@ def test_washed_out_colours_count_as_the_nearest_demo_colour(check_demo) -> None
     ImageDraw.Draw(greyish_blue).rectangle((9, 9, 22, 22), fill=(190, 70, 60))
     verdict = check_demo.judge(greyish_blue, PROMPTS[0], check_demo.DEMO_COLOURS, Path("x.png"))
     assert (verdict.centre, verdict.border, verdict.shows_prompt) == ("red", "blue", True)
+
+
+@pytest.mark.parametrize("label", ["", "[EMA] ", "[raw] "])
+def test_ema_and_raw_row_labels_are_read_as_their_prompt(check_demo, label: str) -> None:
+    """With --use_ema a round's prompts.txt says "[EMA] a green square ..." and "[raw] ..."."""
+    assert check_demo.prompt_colours(f"{label}a green square on a yellow background") == ("green", "yellow")
