@@ -34,3 +34,15 @@ def tiny_sdxl(tmp_path_factory):
     from sdft.tiny import build_sdxl
 
     return build_sdxl(tmp_path_factory.mktemp("models") / "tiny-sdxl")
+
+
+@pytest.fixture()
+def one_thread():
+    """Tiny models run fastest on one thread (extra threads only contend on a shared machine), and
+    reductions then do not depend on the worker's thread count (the golden numbers need that)."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

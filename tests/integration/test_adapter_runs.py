@@ -42,18 +42,23 @@ def peft_merged(module: torch.nn.Module) -> dict[str, torch.Tensor]:
             if not any(part in k for part in ADAPTER_KEYS)}
 
 
-@pytest.fixture()
-def merged_at_finish(monkeypatch):
-    """Captures peft's merged weights of every trained module when the run reaches the export."""
+def capture_merged_before(monkeypatch, module, name: str) -> dict:
+    """peft's merged weights of every trained module when the run reaches `module.name(run)`."""
     captured = {}
-    finish = sdft.output.finish
+    original = getattr(module, name)
 
     def capture(run_):
-        captured.update({role: peft_merged(module) for role, module in run_.trained.modules.items()})
-        return finish(run_)
+        captured.update({role: peft_merged(m) for role, m in run_.trained.modules.items()})
+        return original(run_)
 
-    monkeypatch.setattr(sdft.output, "finish", capture)
+    monkeypatch.setattr(module, name, capture)
     return captured
+
+
+@pytest.fixture()
+def merged_at_finish(monkeypatch):
+    """peft's merged weights of every trained module when the run reaches the export."""
+    return capture_merged_before(monkeypatch, sdft.output, "finish")
 
 
 def kohya_names(prefix: str, module: torch.nn.Module, text_model_level: bool) -> dict[str, str]:
@@ -195,15 +200,7 @@ def test_lora_alpha_scales_the_update_and_reaches_the_files(tiny_sd, image_folde
 @pytest.fixture()
 def merged_at_start(monkeypatch):
     """peft's merged weights of every trained module when the loop starts (after --init_lora)."""
-    captured = {}
-    train = sdft.trainer.train
-
-    def capture(run_):
-        captured.update({role: peft_merged(module) for role, module in run_.trained.modules.items()})
-        return train(run_)
-
-    monkeypatch.setattr(sdft.trainer, "train", capture)
-    return captured
+    return capture_merged_before(monkeypatch, sdft.trainer, "train")
 
 
 @pytest.mark.parametrize("adapter, source", [

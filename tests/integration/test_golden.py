@@ -13,7 +13,6 @@ import os
 from pathlib import Path
 
 import pytest
-import torch
 from accelerate import Accelerator
 from safetensors.torch import load_file
 
@@ -31,12 +30,8 @@ STEPS = ["--max_train_steps", "5", "--checkpointing_steps", "100", "--report_to"
 
 
 @pytest.fixture(autouse=True)
-def _one_thread(fresh_accelerate_state):
+def _one_thread(fresh_accelerate_state, one_thread):
     """Reductions must not depend on how many threads the worker has."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 class LoggedLosses:

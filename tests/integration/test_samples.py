@@ -31,12 +31,8 @@ SIZES = [(32, 32), (48, 32), (32, 64), (64, 48)]   # (width, height) of the four
 
 
 @pytest.fixture(autouse=True)
-def _one_thread(fresh_accelerate_state):
-    # Tiny models run fastest on one thread; several oversubscribe the shared cores.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+def _one_thread(fresh_accelerate_state, one_thread):
+    """Tiny models run fastest on one thread; several oversubscribe the shared cores."""
 
 
 @pytest.fixture(scope="module")

@@ -25,12 +25,8 @@ CSV_CAPTIONS = {Path(name).name: f"a photo of sks {i}" for i, (name, _) in enume
 
 
 @pytest.fixture(autouse=True)
-def _quiet(fresh_accelerate_state, monkeypatch):
+def _quiet(fresh_accelerate_state, one_thread, monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)   # tiny models: extra threads only contend on a shared machine
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")

@@ -22,12 +22,8 @@ from sdft.tiny import build_blip, build_clipseg, build_swin2sr, make_images
 
 
 @pytest.fixture(autouse=True)
-def one_thread():
-    # The tiny models are latency-bound; extra threads only contend on a shared machine.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+def _one_thread(one_thread):
+    """The tiny models are latency-bound; extra threads only contend on a shared machine."""
 
 
 @pytest.fixture(scope="module")
