@@ -19,6 +19,7 @@ from safetensors.torch import load_file, save_file
 import train_dreambooth_sd3 as sd3_script
 import train_text_to_image as t2i
 import train_text_to_image_sdxl as sdxl_script
+from sdft import file_digest
 from sdft.builders import ddpm_objective
 from sdft.cli import run
 from sdft.families.sd import StableDiffusion
@@ -30,6 +31,7 @@ from sdft.tiny import build_sd3, make_images
 from tests.integration.conftest import generate, sd_args
 
 pytestmark = pytest.mark.integration
+real_sha256 = file_digest.sha256_of
 # One step whose learning rate is 0 (the first step of a warm-up): everything runs, no weight moves.
 ONE_STEP_NO_CHANGE = ["--max_train_steps", "1", "--lr_scheduler", "constant_with_warmup", "--lr_warmup_steps", "10",
                       "--report_to", "none", "--save_single_file", "--save_precision", "fp32"]
@@ -84,6 +86,8 @@ def test_sd1_single_file_full_run_converts_once_and_exports_the_same_file(tiny_s
                                                                            monkeypatch, caplog):
     base = write_single_file(StableDiffusion(), tiny_sd, "sd_v1", tmp_path / "merged.safetensors")
     conversions = Conversions(monkeypatch, StableDiffusionPipeline)
+    hashed = []
+    monkeypatch.setattr(file_digest, "sha256_of", lambda path: hashed.append(path) or real_sha256(path))
     cache = tmp_path / "hf-cache"
     for name in ("first", "second"):
         out = tmp_path / name
@@ -92,9 +96,9 @@ def test_sd1_single_file_full_run_converts_once_and_exports_the_same_file(tiny_s
         with caplog.at_level(logging.INFO, logger="sdft"):
             assert run(t2i.main, t2i.parse_args([str(a) for a in argv])) == 0
         assert_same_tensors(out / f"{name}.safetensors", base)
-    assert conversions.count == 1
+    assert conversions.count == 1 and len(hashed) == 1   # the second run neither converts nor reads the file
     assert "using the converted folder" in caplog.text
-    assert len(list((cache / "sdft-single-file" / "single_file").iterdir())) == 1
+    assert len([p for p in (cache / "sdft-single-file" / "single_file").iterdir() if p.is_dir()]) == 1
     pipe = StableDiffusionPipeline.from_pretrained(str(tmp_path / "second"), safety_checker=None)
     assert generate(pipe).shape == (32, 32, 3)
 
