@@ -203,15 +203,15 @@ def test_crash_during_save_leaves_older_checkpoints_and_latest_alone(accelerator
 def test_save_load_round_trip(accelerator, trained, tmp_path):
     unet, optimizer = trained
     module = accelerator.unwrap_model(unet)
-    ema = EMA(module, "unet", torch.device("cpu"))
-    ema.step(module.parameters())
+    ema = EMA({"unet": module}, torch.device("cpu"))
+    ema.step({"unet": module})
     weights = TrainedWeights(pipeline_cls=StableDiffusionPipeline, modules={"unet": module}, lora=False, ema=ema)
     checkpointer = Checkpointer(accelerator, tmp_path / "out", total_limit=None, weights=weights)
     position = Position(global_step=3, epoch=1, batches_in_epoch=2, seed=42)
 
     saved_weights = weights_of(unet, accelerator)
     saved_adam = {k: v.clone() for k, v in optimizer.optimizer.state[next(iter(module.parameters()))].items()}
-    saved_ema = [p.clone() for p in ema.ema.shadow_params]
+    saved_ema = [p.clone() for p in ema.averages["unet"].shadow_params]
     folder = checkpointer.save(position)
 
     assert folder == tmp_path / "out" / "checkpoint-3"
@@ -223,7 +223,7 @@ def test_save_load_round_trip(accelerator, trained, tmp_path):
     assert not list(folder.glob("model*.safetensors")) and not list(folder.glob("pytorch_model*.bin"))
 
     take_step(unet, optimizer)
-    ema.step(module.parameters())
+    ema.step({"unet": module})
     with torch.no_grad():
         for param in module.parameters():
             param.add_(1.0)
@@ -235,7 +235,7 @@ def test_save_load_round_trip(accelerator, trained, tmp_path):
     assert all(torch.equal(restored[k], saved_weights[k]) for k in saved_weights)
     adam = optimizer.optimizer.state[next(iter(module.parameters()))]
     assert all(torch.equal(adam[k], saved_adam[k]) for k in saved_adam)
-    assert all(torch.equal(a, b) for a, b in zip(ema.ema.shadow_params, saved_ema))
+    assert all(torch.equal(a, b) for a, b in zip(ema.averages["unet"].shadow_params, saved_ema))
 
 
 def test_total_limit_rotates_after_saving(accelerator, trained, tmp_path):
