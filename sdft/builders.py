@@ -26,6 +26,7 @@ from accelerate.utils import InitProcessGroupKwargs, ProjectConfiguration, broad
 from sdft import hub, memory_estimate
 from sdft.adapter_files import KOHYA_WEIGHT_NAME, load_adapter_file
 from sdft.checkpointing import Checkpointer, Position, TrainedWeights, read_position, resolve_resume
+from sdft.checks import dataset_config_defaults, subset_conflicts
 from sdft.data.archives import data_folder
 from sdft.data.buckets import BucketPlan, BucketSettings, captioned_image_sizes
 from sdft.data.buckets import log_plan as log_buckets
@@ -611,40 +612,6 @@ def caption_augment(args: argparse.Namespace) -> CaptionAugment:
         separator=args.caption_separator, secondary_separator=args.secondary_separator,
         dropout_rate=args.caption_dropout_rate, dropout_every_n_epochs=args.caption_dropout_every_n_epochs,
         tag_dropout_rate=args.caption_tag_dropout_rate)
-
-
-def dataset_config_defaults(args: argparse.Namespace) -> dict:
-    """The command-line values a --dataset_config overrides, under kohya's key names. random_crop is
-    the opposite of --center_crop: without --center_crop our crops are random."""
-    return {
-        "resolution": args.resolution, "batch_size": args.train_batch_size, "enable_bucket": args.enable_bucket,
-        "min_bucket_reso": args.min_bucket_reso, "max_bucket_reso": args.max_bucket_reso,
-        "bucket_reso_steps": args.bucket_reso_steps, "bucket_no_upscale": args.bucket_no_upscale,
-        "num_repeats": 1, "caption_extension": args.caption_extension, "keep_tokens": args.keep_tokens,
-        "keep_tokens_separator": args.keep_tokens_separator, "shuffle_caption": args.shuffle_caption,
-        "caption_separator": args.caption_separator, "secondary_separator": args.secondary_separator,
-        "caption_dropout_rate": args.caption_dropout_rate,
-        "caption_dropout_every_n_epochs": args.caption_dropout_every_n_epochs,
-        "caption_tag_dropout_rate": args.caption_tag_dropout_rate, "flip_aug": args.random_flip,
-        "random_crop": not args.center_crop,
-        # Config keys only: our --caption_prefix prefixes generated captions (--caption_model).
-        "caption_prefix": "", "caption_suffix": "", "enable_wildcard": False,
-    }
-
-
-def subset_conflicts(args: argparse.Namespace) -> list[str]:
-    """Flags a --dataset_config or N_name-folder run cannot honour yet (each subset is read as it is)."""
-    conflicts = {
-        "--validation_split": args.validation_split > 0, "--validation_data_dir": args.validation_data_dir is not None,
-        "--max_train_samples": args.max_train_samples is not None,
-        "--caption_model": args.caption_model is not None, "--upscale_model": args.upscale_model is not None,
-        "--masked_loss": args.masked_loss, "--crop_to_mask": args.crop_to_mask, "--alpha_mask": args.alpha_mask,
-        "--mask_data_dir": args.mask_data_dir is not None, "--mask_model": args.mask_model is not None,
-        "--with_prior_preservation (use an is_reg subset)": args.with_prior_preservation,
-        "--proportion_empty_prompts (use caption_dropout_rate)": args.proportion_empty_prompts > 0,
-        "--repeats (use num_repeats)": args.repeats != 1,
-    }
-    return [flag for flag, on in conflicts.items() if on]
 
 
 def config_data(args: argparse.Namespace, seed: int, accelerator: Accelerator, family: Family) -> SubsetDataset:
