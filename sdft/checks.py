@@ -68,6 +68,7 @@ SD3_LONG_PROMPTS = ("--max_token_length (75-token CLIP chunks) is for SD 1.x/2.x
                     "SD3 pipeline, kohya's SD3 scripts and Stability's reference code encode it; chunks there would "
                     "train a conditioning that inference does not give.")
 
+
 def dataset_config_defaults(args: argparse.Namespace) -> dict:
     """The command-line values a --dataset_config overrides, under kohya's key names. random_crop is
     the opposite of --center_crop: without --center_crop our crops are random."""
