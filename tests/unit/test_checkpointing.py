@@ -258,3 +258,31 @@ def test_saving_the_same_step_again_replaces_it(accelerator, trained, tmp_path):
     checkpointer.save(Position(global_step=4, epoch=1, seed=0))
     assert read_position(tmp_path / "checkpoint-4").epoch == 1
     assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint-4"]
+
+
+def test_ema_of_a_transformers_text_encoder_saves_loads_and_swaps(tmp_path):
+    """A trained CLIP encoder's average (issue 16), which EMAModel.save_pretrained cannot write: its
+    shadow weights and step count come back from the checkpoint folder."""
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    torch.manual_seed(0)
+    encoder = CLIPTextModel(CLIPTextConfig(hidden_size=8, intermediate_size=16, num_attention_heads=2,
+                                           num_hidden_layers=1, vocab_size=50, max_position_embeddings=8))
+    ema = EMA({"text_encoder": encoder}, torch.device("cpu"))
+    for _ in range(2):
+        with torch.no_grad():
+            for param in encoder.parameters():
+                param.add_(torch.randn_like(param))
+        ema.step({"text_encoder": encoder})
+    ema.save(tmp_path)
+    average = ema.averages["text_encoder"]
+    restored = EMA({"text_encoder": encoder}, torch.device("cpu"))
+    restored.load(tmp_path)
+    again = restored.averages["text_encoder"]
+    assert again.optimization_step == average.optimization_step == 2
+    assert all(torch.equal(a, b) for a, b in zip(again.shadow_params, average.shadow_params))
+    raw = [p.detach().clone() for p in encoder.parameters()]
+    with restored.swapped_in({"text_encoder": encoder}):
+        assert all(torch.equal(p, s) for p, s in zip(encoder.parameters(), average.shadow_params))
+    assert all(torch.equal(p, r) for p, r in zip(encoder.parameters(), raw))
+    assert not all(torch.equal(s, r) for s, r in zip(average.shadow_params, raw))
