@@ -245,8 +245,8 @@ def build_run(args: argparse.Namespace, family: Family, make_objective, accelera
     trained, new_tokens = build_trained(args, family, models, placement, seed)
     ema = None
     if args.use_ema:
-        ema = EMA(ema_start(family, source, trained[family.denoiser_role], args), family.denoiser_role,
-                  accelerator.device, foreach=args.foreach_ema, offload=args.offload_ema, decay=args.ema_decay)
+        ema = EMA(ema_start(family, source, trained, args), accelerator.device, foreach=args.foreach_ema,
+                  offload=args.offload_ema, decay=args.ema_decay)
     objective = make_objective(args, models.noise_scheduler, accelerator.device)
     params = trainable_params(trained) + (new_tokens.params() if new_tokens else [])
     groups = param_groups(trained, family.denoiser_role, args.text_encoder_lr, args.adam_weight_decay_text_encoder,
@@ -428,12 +428,13 @@ def load_models(family: Family, source: ModelSource):
         raise MissingFileError(f"Could not load the model '{source.path}': {err}") from err
 
 
-def ema_start(family: Family, source: ModelSource, denoiser: torch.nn.Module,
-              args: argparse.Namespace) -> torch.nn.Module:
-    """The EMA starts from --revision; with --non_ema_revision the trained copy came from elsewhere."""
-    if args.non_ema_revision not in (None, args.revision):
-        return family.load_denoiser(source)
-    return denoiser
+def ema_start(family: Family, source: ModelSource, trained: dict[str, torch.nn.Module],
+              args: argparse.Namespace) -> dict[str, torch.nn.Module]:
+    """Where the average of each trained model starts: the denoiser's from --revision (with
+    --non_ema_revision the trained copy came from elsewhere); a trained text encoder's from itself."""
+    if args.non_ema_revision not in (None, args.revision) and family.denoiser_role in trained:
+        return {**trained, family.denoiser_role: family.load_denoiser(source)}
+    return dict(trained)
 
 
 def log_run(run: Run, num_examples: int, batch_size: int, accumulation: int) -> None:
@@ -503,7 +504,7 @@ def model_card(args: argparse.Namespace, run: Run) -> hub.CardInfo:
                   "mixed precision": run.accelerator.mixed_precision,
                   **({"LoRA rank": args.rank} if args.use_lora else {}),
                   **({"EMA": "yes"} if run.trained.ema is not None else {})},
-        ui_files=ui_files(args, run),
+        ui_files=ui_files(args, run), clip_skip=args.clip_skip, max_token_length=args.max_token_length,
     )
 
 

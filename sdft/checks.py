@@ -58,6 +58,16 @@ from sdft.textual_inversion import TokenPlan, check_abstractions_used
 Given = AbstractSet[str]   # the dests typed on the command line
 LATENT_MULTIPLE = 8        # the VAE's downsampling: bucket sides are multiples of it
 SD3_LATENT_MULTIPLE = 16   # SD3: VAE 8 x transformer patch 2
+# Issue 16: SD3 puts CLIP-L/G states (77 positions, channels side by side) before T5's on the sequence
+# axis; diffusers' pipeline, kohya's SD3 scripts and Stability's reference inference code (which encodes
+# only the first 77-token window) all give CLIP one 77-token sequence, so chunked CLIP states would
+# train a conditioning those readers never produce. T5 is SD3's channel for long text.
+SD3_LONG_PROMPTS = ("--max_token_length (75-token CLIP chunks) is for SD 1.x/2.x and SDXL. SD3 reads long captions "
+                    "through T5: raise --max_sequence_length (T5 tokens, up to 512; the pipeline takes the same "
+                    "max_sequence_length at inference). SD3's CLIP-L/G part stays one 77-token sequence, as diffusers' "
+                    "SD3 pipeline, kohya's SD3 scripts and Stability's reference code encode it; chunks there would "
+                    "train a conditioning that inference does not give.")
+
 
 def dataset_config_defaults(args: argparse.Namespace) -> dict:
     """The command-line values a --dataset_config overrides, under kohya's key names. random_crop is
@@ -533,6 +543,13 @@ def check_textual_inversion(args: argparse.Namespace, given: Given) -> None:
                   "all there is to train, so they train for every step", file=sys.stderr)
 
 
+def check_sd3_text_lengths(max_sequence_length: int, max_token_length: int | None) -> None:
+    if not 1 <= max_sequence_length <= 512:
+        raise CliError(f"--max_sequence_length must be between 1 and 512 (T5's limit), got {max_sequence_length}.")
+    if max_token_length is not None:
+        raise CliError(SD3_LONG_PROMPTS)
+
+
 def check_sd3(args: argparse.Namespace, given: Given) -> None:
     if args.dataset_config is not None:
         read_config(args, SD3_LATENT_MULTIPLE)
@@ -540,8 +557,7 @@ def check_sd3(args: argparse.Namespace, given: Given) -> None:
         # VAE 8 x transformer patch 2.
         raise CliError(f"--bucket_reso_steps must be a positive multiple of {SD3_LATENT_MULTIPLE}, "
                        f"got {args.bucket_reso_steps}.")
-    if not 1 <= args.max_sequence_length <= 512:
-        raise CliError(f"--max_sequence_length must be between 1 and 512 (T5's limit), got {args.max_sequence_length}.")
+    check_sd3_text_lengths(args.max_sequence_length, args.max_token_length)
     if args.precondition_outputs not in (0, 1):
         raise CliError(f"--precondition_outputs must be 0 or 1, got {args.precondition_outputs}.")
     if args.text_encoder_lr <= 0:

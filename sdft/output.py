@@ -195,7 +195,7 @@ def finish(run: Run) -> None:
 def save_outputs(run: Run) -> None:
     family, output_dir, trained, plan = run.family, run.output_dir, run.trained, run.export
     if trained.ema is not None:
-        trained.ema.copy_to(trained.modules[family.denoiser_role].parameters())
+        trained.ema.copy_to(trained.modules)   # the denoiser and any fully trained text encoder
     extra = family.export_modules(run.models, run.source)
     new_tokens = run.token_embeddings
     embeddings_file = new_tokens.export(output_dir) if new_tokens is not None else None
