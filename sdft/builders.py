@@ -24,6 +24,7 @@ from accelerate import Accelerator
 from accelerate.utils import InitProcessGroupKwargs, ProjectConfiguration, broadcast_object_list, set_seed
 
 from sdft import hub, memory_estimate
+from sdft.adapter_blocks import layer_rate_groups, parse_network_args
 from sdft.adapter_files import KOHYA_WEIGHT_NAME, load_adapter_file
 from sdft.checkpointing import Checkpointer, Position, TrainedWeights, read_position, resolve_resume
 from sdft.data.archives import data_folder
@@ -250,6 +251,9 @@ def build_run(args: argparse.Namespace, family: Family, make_objective, accelera
     params = trainable_params(trained) + (new_tokens.params() if new_tokens else [])
     groups = param_groups(trained, family.denoiser_role, args.text_encoder_lr, args.adam_weight_decay_text_encoder,
                           encoder_lrs(args, family), new_token_params=new_tokens.params() if new_tokens else None)
+    if args.use_lora and args.network_args:   # per-block and per-pattern rates, before LoRA+ scales the up halves
+        groups = layer_rate_groups(groups, trained, parse_network_args(args.network_args, family.name),
+                                   family.kohya_text_encoder_prefixes, family.denoiser_role)
     if args.loraplus_lr_ratio is not None:
         groups = loraplus_groups(groups, trained, args.loraplus_lr_ratio)
     optimizer = build_optimizer(args, groups, accelerator.num_processes)
@@ -362,7 +366,8 @@ def lora_spec(args: argparse.Namespace, family: Family) -> LoraSpec | None:
     return LoraSpec(rank=args.rank, denoiser_targets=family.lora_target_modules, dropout=args.lora_dropout,
                     alpha=args.lora_alpha, adapter=args.lora_type, use_dora=args.use_dora, preset=preset,
                     regex=args.lora_target_regex, conv_rank=args.conv_rank, conv_alpha=args.conv_alpha,
-                    lokr_factor=args.lokr_factor, rank_dropout=args.rank_dropout, module_dropout=args.module_dropout)
+                    lokr_factor=args.lokr_factor, rank_dropout=args.rank_dropout, module_dropout=args.module_dropout,
+                    blocks=parse_network_args(args.network_args, family.name))
 
 
 def lycoris_only(args: argparse.Namespace) -> bool:
