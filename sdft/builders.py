@@ -24,8 +24,9 @@ from accelerate import Accelerator
 from accelerate.utils import InitProcessGroupKwargs, ProjectConfiguration, broadcast_object_list, set_seed
 
 from sdft import hub, memory_estimate
-from sdft.adapter_blocks import layer_rate_groups, parse_network_args
+from sdft.adapter_blocks import layer_rate_groups, parse_network_args, role_names
 from sdft.adapter_files import KOHYA_WEIGHT_NAME, load_adapter_file
+from sdft.adapters import add_adapter
 from sdft.checkpointing import Checkpointer, Position, TrainedWeights, read_position, resolve_resume
 from sdft.data.archives import data_folder
 from sdft.data.buckets import BucketPlan, BucketSettings, captioned_image_sizes
@@ -246,7 +247,8 @@ def build_run(args: argparse.Namespace, family: Family, make_objective, accelera
     ema = None
     if args.use_ema:
         ema = EMA(ema_start(family, source, trained[family.denoiser_role], args), family.denoiser_role,
-                  accelerator.device, foreach=args.foreach_ema, offload=args.offload_ema, decay=args.ema_decay)
+                  accelerator.device, foreach=args.foreach_ema, offload=args.offload_ema, decay=args.ema_decay,
+                  adapter_only=args.use_lora)
     objective = make_objective(args, models.noise_scheduler, accelerator.device)
     params = trainable_params(trained) + (new_tokens.params() if new_tokens else [])
     groups = param_groups(trained, family.denoiser_role, args.text_encoder_lr, args.adam_weight_decay_text_encoder,
@@ -434,8 +436,9 @@ def load_models(family: Family, source: ModelSource):
 
 def ema_start(family: Family, source: ModelSource, denoiser: torch.nn.Module,
               args: argparse.Namespace) -> torch.nn.Module:
-    """The EMA starts from --revision; with --non_ema_revision the trained copy came from elsewhere."""
-    if args.non_ema_revision not in (None, args.revision):
+    """The EMA starts from --revision; with --non_ema_revision the trained copy came from elsewhere. With
+    --use_lora it averages the adapter weights only, from where they start (--init_lora included)."""
+    if not args.use_lora and args.non_ema_revision not in (None, args.revision):
         return family.load_denoiser(source)
     return denoiser
 
@@ -922,26 +925,41 @@ def check_memory(args: argparse.Namespace, family, accelerator: Accelerator) -> 
     if full_bf16 and accelerator.mixed_precision != "bf16":
         raise CliError(f"--full_bf16 needs --mixed_precision bf16; this run's is '{accelerator.mixed_precision}'.")
     try:
-        stats = memory_estimate.denoiser_stats(args.pretrained_model_name_or_path, family.denoiser_role,
+        model = memory_estimate.denoiser_model(args.pretrained_model_name_or_path, family.denoiser_role,
                                                args.revision, args.cache_dir)
     except (OSError, KeyError, AttributeError, ValueError) as err:  # the model loader reports a bad model better
         logger.warning("No memory estimate: the %s config could not be read (%s).", family.denoiser_role, err)
         return
+    stats = memory_estimate.ParamStats.of_module(model)
+    adapters = estimate_adapters(args, family, model) if args.use_lora else None
     try:
-        logger.info("%s", memory_estimate.check(stats, memory_setup(args, accelerator.mixed_precision),
+        logger.info("%s", memory_estimate.check(stats, memory_setup(args, accelerator.mixed_precision, adapters),
                                                 family.denoiser_role, accelerator.device,
                                                 skip=args.skip_memory_check))
     except memory_estimate.DoesNotFit as err:
         raise CliError(str(err)) from err
 
 
-def memory_setup(args: argparse.Namespace, mixed_precision: str) -> memory_estimate.TrainingSetup:
+def estimate_adapters(args: argparse.Namespace, family, model) -> memory_estimate.ParamStats | None:
+    """The run's denoiser adapters, added to the meta-device model; None (not counted) if peft cannot."""
+    names = role_names({family.denoiser_role: model}, family.kohya_text_encoder_prefixes)[family.denoiser_role]
+    try:
+        return memory_estimate.adapter_stats(model, partial(add_adapter, spec=lora_spec(args, family),
+                                                            is_denoiser=True, names=names))
+    except (ValueError, TypeError, RuntimeError, NotImplementedError) as err:
+        logger.warning("The memory estimate leaves out the adapters: they could not be built on the meta device (%s).",
+                       err)
+        return None
+
+
+def memory_setup(args: argparse.Namespace, mixed_precision: str,
+                 adapters: memory_estimate.ParamStats | None = None) -> memory_estimate.TrainingSetup:
     return memory_estimate.TrainingSetup(
         lora=args.use_lora, optimizer=chosen_name(args.optimizer_type, args.optimizer, args.use_8bit_adam),
         full_bf16=args.full_bf16, fused_backward_pass=args.fused_backward_pass,
         gradient_accumulation_steps=args.gradient_accumulation_steps,
         mixed_precision=mixed_precision, ema=args.use_ema,
-        offload_ema=args.offload_ema)
+        offload_ema=args.offload_ema, adapters=adapters)
 
 
 def model_source(args: argparse.Namespace, weight_dtype: torch.dtype) -> ModelSource:

@@ -293,8 +293,6 @@ def check_lora(args: argparse.Namespace, given: Given) -> None:
         return
     if args.rank < 1:
         raise CliError(f"--rank must be at least 1, got {args.rank}.")
-    if getattr(args, "use_ema", False):
-        raise CliError("--use_ema is for full fine-tuning; it cannot be combined with --use_lora.")
     check_adapter(args, given)
 
 
