@@ -24,7 +24,7 @@ from accelerate import Accelerator
 from accelerate.utils import InitProcessGroupKwargs, ProjectConfiguration, broadcast_object_list, set_seed
 
 from sdft import hub, memory_estimate
-from sdft.adapter_blocks import layer_rate_groups, parse_network_args, role_names
+from sdft.adapter_blocks import layer_rate_groups, parse_network_args
 from sdft.adapter_files import KOHYA_WEIGHT_NAME, load_adapter_file
 from sdft.adapters import add_adapter
 from sdft.checkpointing import Checkpointer, Position, TrainedWeights, read_position, resolve_resume
@@ -931,25 +931,14 @@ def check_memory(args: argparse.Namespace, family, accelerator: Accelerator) -> 
         logger.warning("No memory estimate: the %s config could not be read (%s).", family.denoiser_role, err)
         return
     stats = memory_estimate.ParamStats.of_module(model)
-    adapters = estimate_adapters(args, family, model) if args.use_lora else None
+    add_adapters = partial(add_adapter, spec=lora_spec(args, family), is_denoiser=True)
+    adapters = memory_estimate.adapter_stats(model, add_adapters) if args.use_lora else None
     try:
         logger.info("%s", memory_estimate.check(stats, memory_setup(args, accelerator.mixed_precision, adapters),
                                                 family.denoiser_role, accelerator.device,
                                                 skip=args.skip_memory_check))
     except memory_estimate.DoesNotFit as err:
         raise CliError(str(err)) from err
-
-
-def estimate_adapters(args: argparse.Namespace, family, model) -> memory_estimate.ParamStats | None:
-    """The run's denoiser adapters, added to the meta-device model; None (not counted) if peft cannot."""
-    names = role_names({family.denoiser_role: model}, family.kohya_text_encoder_prefixes)[family.denoiser_role]
-    try:
-        return memory_estimate.adapter_stats(model, partial(add_adapter, spec=lora_spec(args, family),
-                                                            is_denoiser=True, names=names))
-    except (ValueError, TypeError, RuntimeError, NotImplementedError) as err:
-        logger.warning("The memory estimate leaves out the adapters: they could not be built on the meta device (%s).",
-                       err)
-        return None
 
 
 def memory_setup(args: argparse.Namespace, mixed_precision: str,

@@ -23,11 +23,14 @@ Parameter shapes come from the denoiser's config.json: the model is built on the
 
 from __future__ import annotations
 
+import logging
 import math
 import os
 from dataclasses import dataclass
 
 import torch
+
+logger = logging.getLogger(__name__)
 
 GB = 1e9
 GIB = 2**30
@@ -217,13 +220,19 @@ def denoiser_stats(path: str, subfolder: str, revision: str | None = None, cache
     return ParamStats.of_module(denoiser_model(path, subfolder, revision, cache_dir))
 
 
-def adapter_stats(model: torch.nn.Module, add_adapters) -> ParamStats:
+def adapter_stats(model: torch.nn.Module, add_adapters) -> ParamStats | None:
     """The trainable parameters `add_adapters(model)` adds to a meta-device model (peft builds its adapter
-    layers on the meta device too, so nothing is allocated), whatever the type, targets and ranks."""
+    layers on the meta device too, so nothing is allocated), whatever the type, targets and ranks; None
+    (the estimate then leaves them out) when they cannot be built there: the run reports a bad flag better."""
     from accelerate import init_empty_weights
 
-    with init_empty_weights():
-        add_adapters(model)
+    try:
+        with init_empty_weights():
+            add_adapters(model)
+    except (ValueError, TypeError, RuntimeError, NotImplementedError) as err:
+        logger.warning("The memory estimate leaves out the adapters: they could not be built on the meta "
+                       "device (%s).", err)
+        return None
     return ParamStats.of_shapes([tuple(p.shape) for p in model.parameters() if p.requires_grad])
 
 

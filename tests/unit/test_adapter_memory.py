@@ -44,3 +44,23 @@ def test_lora_estimate_adds_the_adapters_fp32_weights_grads_state_and_ema():
         "adapter EMA": 4 * n}
     eight_bit = me.estimate(frozen, me.TrainingSetup(lora=True, use_8bit_adam=True, adapters=adapters))
     assert {line.name: line.bytes for line in eight_bit}["adapter optim"] == 2 * n
+
+
+def test_a_lora_run_prints_its_adapters_in_the_estimate(tiny_sdxl, caplog):
+    """The estimate a LoRA run logs before loading counts the adapters its flags ask for."""
+    import logging
+    from types import SimpleNamespace
+
+    import torch
+
+    import train_text_to_image_sdxl as sdxl_script
+    from sdft.builders import check_memory
+    from sdft.families.sdxl import StableDiffusionXL
+
+    args = sdxl_script.parse_args(["--pretrained_model_name_or_path", str(tiny_sdxl), "--train_data_dir", ".",
+                                   "--use_lora", "--lora_type", "locon", "--use_ema"])
+    accelerator = SimpleNamespace(num_processes=1, mixed_precision="no", device=torch.device("cpu"))
+    with caplog.at_level(logging.INFO):
+        check_memory(args, StableDiffusionXL(), accelerator)
+    assert all(name in caplog.text for name in ("adapters", "adapter grads", "adapter optim",
+                                                            "adapter EMA"))
