@@ -51,8 +51,9 @@ def test_adapter_ema_is_exported_sampled_and_resumed(tiny_sd, image_folder, tmp_
     monkeypatch.setattr(EMA, "step", record)
     monkeypatch.setattr(sdft.output, "finish", after_finish)
     straight, resumed = tmp_path / "straight", tmp_path / "resumed"
-    argv = sd_args(tiny_sd, image_folder, straight, *COMMON, "--validation_prompt", "a red circle",
-                   "--num_validation_images", "1", "--validation_steps", "2")
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a red circle --w 32 --h 32 --s 1\n")    # one 1-step image per set: cheap samples
+    argv = sd_args(tiny_sd, image_folder, straight, *COMMON, "--sample_prompts", prompts, "--sample_every_n_steps", "2")
     assert run(t2i.main, t2i.parse_args([str(a) for a in argv])) == 0
 
     # The average holds the adapter weights only, and it is what the run ends with and exports.
