@@ -63,6 +63,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def parse_args(input_args: list[str] | None = None) -> argparse.Namespace:
     return cli.parse(build_parser(), input_args, [*checks.COMMON, partial(checks.check_base_file, family="sd3"),
+                                                  partial(checks.check_network_args, family="sd3"),
                                                   checks.check_dreambooth, checks.check_sd3, checks.check_flow_recipes])
 
 

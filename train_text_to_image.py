@@ -62,7 +62,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def parse_args(input_args: list[str] | None = None) -> argparse.Namespace:
-    own = [partial(checks.check_base_file, family="sd"), checks.check_t2i_or_dreambooth_data,
+    own = [partial(checks.check_base_file, family="sd"),
+           partial(checks.check_network_args, family="sd"), checks.check_t2i_or_dreambooth_data,
            partial(checks.check_prediction_type, allowed=PREDICTION_TYPES), checks.check_ddpm_recipes]
     return cli.parse(build_parser(), input_args, [*checks.COMMON, *own])
 

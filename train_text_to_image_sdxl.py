@@ -67,7 +67,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def parse_args(input_args: list[str] | None = None) -> argparse.Namespace:
-    own = [partial(checks.check_base_file, family="sdxl"), checks.check_t2i_or_dreambooth_data,
+    own = [partial(checks.check_base_file, family="sdxl"),
+           partial(checks.check_network_args, family="sdxl"), checks.check_t2i_or_dreambooth_data,
            partial(checks.check_prediction_type, allowed=PREDICTION_TYPES), checks.check_sdxl,
            checks.check_ddpm_recipes]
     return cli.parse(build_parser(), input_args, [*checks.COMMON, *own])

@@ -21,6 +21,8 @@ from dataclasses import dataclass, field
 import torch
 from peft import LoHaConfig, LoKrConfig, LoraConfig
 
+from sdft.adapter_blocks import BlockSettings, LayerNames, NetworkArgsError, layer_ranks
+
 ADAPTER_TYPES = ("lora", "locon", "loha", "lokr")
 TARGET_PRESETS = ("attn", "attn-mlp", "full")
 CLIP_ATTENTION_TARGETS = ["q_proj", "k_proj", "v_proj", "out_proj"]
@@ -51,6 +53,7 @@ class LoraSpec:
     lokr_factor: int = -1              # peft's decompose_factor: -1 picks the most square factorisation
     rank_dropout: float = 0.0          # LoHa/LoKr (peft implements these for the LyCORIS types)
     module_dropout: float = 0.0
+    blocks: BlockSettings | None = None  # --network_args: per-block/per-regex ranks and rates (sdft.adapter_blocks)
 
     @property
     def lora_alpha(self) -> float:
@@ -92,7 +95,11 @@ def is_spatial_conv(layer: torch.nn.Module) -> bool:
 
 def targets_for(module: torch.nn.Module, spec: LoraSpec, is_denoiser: bool) -> list[str]:
     if spec.preset == "attn" and spec.regex is None:
-        return spec.denoiser_targets if is_denoiser else spec.text_encoder_targets
+        suffixes = spec.denoiser_targets if is_denoiser else spec.text_encoder_targets
+        # Per-layer ranks need each layer's full name; peft matches a bare name as a suffix after a dot.
+        return suffixes if spec.blocks is None else [
+            name for name, layer in module.named_modules() if isinstance(layer, (torch.nn.Linear, torch.nn.Conv2d))
+            and any(name == s or name.endswith("." + s) for s in suffixes)]
     names = adaptable_layers(module, spec.preset, spec.regex)
     if not names:
         raise ValueError(f"--lora_target_regex '{spec.regex}' matches no Linear or Conv2d layer of the "
@@ -100,13 +107,19 @@ def targets_for(module: torch.nn.Module, spec: LoraSpec, is_denoiser: bool) -> l
     return names
 
 
-def peft_config(module: torch.nn.Module, spec: LoraSpec, targets: list[str]):
-    """The peft config for `targets`; 3x3 convolutions get the conv rank and alpha."""
+def peft_config(module: torch.nn.Module, spec: LoraSpec, targets: list[str], is_denoiser: bool = True,
+                names: LayerNames | None = None):
+    """The peft config for `targets`; 3x3 convolutions get the conv rank and alpha, and with --network_args
+    each layer its block's or pattern's rank and alpha (rank 0: the layer is left out)."""
     layers = dict(module.named_modules())
     conv_rank, conv_alpha = spec.conv
-    spatial = [re.escape(name) for name in targets if name in layers and is_spatial_conv(layers[name])]
-    rank_pattern = {name: conv_rank for name in spatial}
-    alpha_pattern = {name: conv_alpha for name in spatial}
+    if spec.blocks is None:
+        spatial = [re.escape(name) for name in targets if name in layers and is_spatial_conv(layers[name])]
+        rank_pattern = {name: conv_rank for name in spatial}
+        alpha_pattern = {name: conv_alpha for name in spatial}
+    else:
+        targets, rank_pattern, alpha_pattern = layer_patterns(spec, {t: layers[t] for t in targets}, is_denoiser,
+                                                              names or LayerNames("unet", "lora_unet"))
     common = {"r": spec.rank, "target_modules": targets, "rank_pattern": rank_pattern}
     if spec.peft_type == "lora":
         # Gaussian init for lora_A: the diffusers LoRA scripts' choice, so golden runs stay identical.
@@ -118,8 +131,22 @@ def peft_config(module: torch.nn.Module, spec: LoraSpec, targets: list[str]):
                       alpha_pattern=alpha_pattern, **common, **extra)
 
 
-def add_adapter(module: torch.nn.Module, spec: LoraSpec, is_denoiser: bool) -> None:
-    module.add_adapter(peft_config(module, spec, targets_for(module, spec, is_denoiser)))
+def layer_patterns(spec: LoraSpec, layers: dict[str, torch.nn.Module], is_denoiser: bool,
+                   names: LayerNames) -> tuple[list[str], dict[str, int], dict[str, float]]:
+    """Targets (rank > 0) and peft's rank/alpha patterns (one escaped full name each) under --network_args.
+    A layer with no alpha of its own gets alpha = its rank, as a layer without --lora_alpha does."""
+    conv_alpha = spec.conv_alpha if spec.conv_alpha is not None else spec.alpha if spec.conv_rank is None else None
+    ranks = layer_ranks(spec.blocks, names, layers, is_denoiser, default=(spec.rank, spec.alpha),
+                        conv=(spec.conv_rank or spec.rank, conv_alpha), spatial=is_spatial_conv)
+    kept = {name: (rank, rank if alpha is None else alpha) for name, (rank, alpha) in ranks.items() if rank > 0}
+    if not kept:
+        raise NetworkArgsError("--network_args leaves no layer with an adapter (every rank or block multiplier is 0).")
+    return (list(kept), {re.escape(name): rank for name, (rank, _) in kept.items()},
+            {re.escape(name): alpha for name, (_, alpha) in kept.items()})
+
+
+def add_adapter(module: torch.nn.Module, spec: LoraSpec, is_denoiser: bool, names: LayerNames | None = None) -> None:
+    module.add_adapter(peft_config(module, spec, targets_for(module, spec, is_denoiser), is_denoiser, names))
 
 
 def network_args(spec: LoraSpec) -> dict[str, str]:
@@ -142,7 +169,7 @@ def network_args(spec: LoraSpec) -> dict[str, str]:
         args["rank_dropout"] = format_number(spec.rank_dropout)
     if spec.module_dropout:
         args["module_dropout"] = format_number(spec.module_dropout)
-    return args
+    return {**args, **(spec.blocks.raw if spec.blocks is not None else {})}
 
 
 def network_module(spec: LoraSpec) -> str:

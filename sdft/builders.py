@@ -24,7 +24,9 @@ from accelerate import Accelerator
 from accelerate.utils import InitProcessGroupKwargs, ProjectConfiguration, broadcast_object_list, set_seed
 
 from sdft import hub, memory_estimate
+from sdft.adapter_blocks import layer_rate_groups, parse_network_args
 from sdft.adapter_files import KOHYA_WEIGHT_NAME, load_adapter_file
+from sdft.adapters import add_adapter
 from sdft.checkpointing import Checkpointer, Position, TrainedWeights, read_position, resolve_resume
 from sdft.checks import dataset_config_defaults, subset_conflicts
 from sdft.data.archives import data_folder
@@ -246,11 +248,14 @@ def build_run(args: argparse.Namespace, family: Family, make_objective, accelera
     ema = None
     if args.use_ema:
         ema = EMA(ema_start(family, source, trained, args), accelerator.device, foreach=args.foreach_ema,
-                  offload=args.offload_ema, decay=args.ema_decay)
+                  offload=args.offload_ema, decay=args.ema_decay, adapter_only=args.use_lora)
     objective = make_objective(args, models.noise_scheduler, accelerator.device)
     params = trainable_params(trained) + (new_tokens.params() if new_tokens else [])
     groups = param_groups(trained, family.denoiser_role, args.text_encoder_lr, args.adam_weight_decay_text_encoder,
                           encoder_lrs(args, family), new_token_params=new_tokens.params() if new_tokens else None)
+    if args.use_lora and args.network_args:   # per-block and per-pattern rates, before LoRA+ scales the up halves
+        groups = layer_rate_groups(groups, trained, parse_network_args(args.network_args, family.name),
+                                   family.kohya_text_encoder_prefixes, family.denoiser_role)
     if args.loraplus_lr_ratio is not None:
         groups = loraplus_groups(groups, trained, args.loraplus_lr_ratio)
     optimizer = build_optimizer(args, groups, accelerator.num_processes)
@@ -363,7 +368,8 @@ def lora_spec(args: argparse.Namespace, family: Family) -> LoraSpec | None:
     return LoraSpec(rank=args.rank, denoiser_targets=family.lora_target_modules, dropout=args.lora_dropout,
                     alpha=args.lora_alpha, adapter=args.lora_type, use_dora=args.use_dora, preset=preset,
                     regex=args.lora_target_regex, conv_rank=args.conv_rank, conv_alpha=args.conv_alpha,
-                    lokr_factor=args.lokr_factor, rank_dropout=args.rank_dropout, module_dropout=args.module_dropout)
+                    lokr_factor=args.lokr_factor, rank_dropout=args.rank_dropout, module_dropout=args.module_dropout,
+                    blocks=parse_network_args(args.network_args, family.name))
 
 
 def lycoris_only(args: argparse.Namespace) -> bool:
@@ -431,7 +437,11 @@ def load_models(family: Family, source: ModelSource):
 def ema_start(family: Family, source: ModelSource, trained: dict[str, torch.nn.Module],
               args: argparse.Namespace) -> dict[str, torch.nn.Module]:
     """Where the average of each trained model starts: the denoiser's from --revision (with
-    --non_ema_revision the trained copy came from elsewhere); a trained text encoder's from itself."""
+    --non_ema_revision the trained copy came from elsewhere); a trained text encoder's from itself.
+    With --use_lora only the denoiser's adapter weights are averaged, from where they start (--init_lora
+    included)."""
+    if args.use_lora:
+        return {family.denoiser_role: trained[family.denoiser_role]}
     if args.non_ema_revision not in (None, args.revision) and family.denoiser_role in trained:
         return {**trained, family.denoiser_role: family.load_denoiser(source)}
     return dict(trained)
@@ -885,26 +895,30 @@ def check_memory(args: argparse.Namespace, family, accelerator: Accelerator) -> 
     if full_bf16 and accelerator.mixed_precision != "bf16":
         raise CliError(f"--full_bf16 needs --mixed_precision bf16; this run's is '{accelerator.mixed_precision}'.")
     try:
-        stats = memory_estimate.denoiser_stats(args.pretrained_model_name_or_path, family.denoiser_role,
+        model = memory_estimate.denoiser_model(args.pretrained_model_name_or_path, family.denoiser_role,
                                                args.revision, args.cache_dir)
     except (OSError, KeyError, AttributeError, ValueError) as err:  # the model loader reports a bad model better
         logger.warning("No memory estimate: the %s config could not be read (%s).", family.denoiser_role, err)
         return
+    stats = memory_estimate.ParamStats.of_module(model)
+    add_adapters = partial(add_adapter, spec=lora_spec(args, family), is_denoiser=True)
+    adapters = memory_estimate.adapter_stats(model, add_adapters) if args.use_lora else None
     try:
-        logger.info("%s", memory_estimate.check(stats, memory_setup(args, accelerator.mixed_precision),
+        logger.info("%s", memory_estimate.check(stats, memory_setup(args, accelerator.mixed_precision, adapters),
                                                 family.denoiser_role, accelerator.device,
                                                 skip=args.skip_memory_check))
     except memory_estimate.DoesNotFit as err:
         raise CliError(str(err)) from err
 
 
-def memory_setup(args: argparse.Namespace, mixed_precision: str) -> memory_estimate.TrainingSetup:
+def memory_setup(args: argparse.Namespace, mixed_precision: str,
+                 adapters: memory_estimate.ParamStats | None = None) -> memory_estimate.TrainingSetup:
     return memory_estimate.TrainingSetup(
         lora=args.use_lora, optimizer=chosen_name(args.optimizer_type, args.optimizer, args.use_8bit_adam),
         full_bf16=args.full_bf16, fused_backward_pass=args.fused_backward_pass,
         gradient_accumulation_steps=args.gradient_accumulation_steps,
         mixed_precision=mixed_precision, ema=args.use_ema,
-        offload_ema=args.offload_ema)
+        offload_ema=args.offload_ema, adapters=adapters)
 
 
 def model_source(args: argparse.Namespace, weight_dtype: torch.dtype) -> ModelSource:

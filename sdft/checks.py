@@ -19,6 +19,7 @@ from typing import AbstractSet, Sequence
 import torch
 
 from sdft import sample_prompts, samplers
+from sdft.adapter_blocks import parse_network_args
 from sdft.checkpointing import resolve_resume
 from sdft.cli import TRACKERS
 from sdft.data.archives import ARCHIVE_SUFFIXES, is_archive
@@ -323,7 +324,7 @@ def check_prediction_type(args: argparse.Namespace, given: Given, *, allowed: Se
 LORA_ONLY = ("rank", "output_kohya_format", "lora_dropout", "lora_layers", "lora_blocks", "upcast_before_saving",
              "lora_alpha", "lora_type", "use_dora", "conv_rank", "conv_alpha", "lokr_factor", "rank_dropout",
              "module_dropout", "lora_targets", "lora_target_regex", "init_lora",
-             "loraplus_lr_ratio")
+             "loraplus_lr_ratio", "network_args")
 
 
 def check_lora(args: argparse.Namespace, given: Given) -> None:
@@ -335,8 +336,6 @@ def check_lora(args: argparse.Namespace, given: Given) -> None:
         return
     if args.rank < 1:
         raise CliError(f"--rank must be at least 1, got {args.rank}.")
-    if getattr(args, "use_ema", False):
-        raise CliError("--use_ema is for full fine-tuning; it cannot be combined with --use_lora.")
     check_adapter(args, given)
 
 
@@ -381,6 +380,17 @@ def check_adapter(args: argparse.Namespace, given: Given) -> None:
             re.compile(args.lora_target_regex)
         except re.error as err:
             raise CliError(f"--lora_target_regex '{args.lora_target_regex}' is not a regular expression: {err}.") from err
+
+
+def check_network_args(args: argparse.Namespace, given: Given, *, family: str) -> None:
+    """--network_args (sdft.adapter_blocks): keys, value counts for the family, numbers and regexes."""
+    if not args.use_lora or not args.network_args:
+        return
+    settings = parse_network_args(args.network_args, family)     # NetworkArgsError is a CliError
+    convs = args.lora_type == "locon" or args.lora_targets == "full" or args.lora_target_regex is not None
+    if settings.conv_block_dims is not None and not convs:
+        raise CliError("--network_args conv_block_dims ranks the 3x3 convolutions, which this run does not adapt; "
+                       "add --lora_type locon or --lora_targets full.")
 
 
 def check_single_file(args: argparse.Namespace, given: Given) -> None:

@@ -573,6 +573,12 @@ def add_adapter_args(g, *, targets: bool) -> None:
                         "pytorch_lora_weights.safetensors (or its folder). Its type, layers, rank and alpha must match "
                         "this run's adapter flags. The optimizer starts fresh (--resume_from_checkpoint restores it "
                         "too). Default: none.")
+    g.add_argument("--network_args", type=str, nargs="*", default=None,
+                   help="kohya's per-block and per-regex adapter settings, key=value each: block_dims, block_alphas, "
+                        "conv_block_dims, conv_block_alphas, down_lr_weight, mid_lr_weight, up_lr_weight, "
+                        "block_lr_zero_threshold (SD 1.x/2.x: 25 blocks, SDXL: 23), network_reg_dims, network_reg_lrs "
+                        "('regex=value,...', every script), block_preset (in, mid, out; SDXL also blora, "
+                        "blora_content, blora_style). README.md has examples. Default: none.")
     if targets:
         g.add_argument("--lora_targets", type=str, default="attn", choices=["attn", "attn-mlp", "full"],
                        help="Layers adapted: attn (attention q/k/v/out, the default), attn-mlp (kohya's LoRA: every "

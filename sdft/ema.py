@@ -8,6 +8,10 @@ swapping the EMA weights in for validation and export, and save/load in checkpoi
 and for a transformers text encoder (which `EMAModel.save_pretrained` cannot rebuild: it calls
 diffusers' `from_config`) the shadow weights by parameter name in `<role>_ema/ema.safetensors`
 with the averaging state beside them in `ema_state.json`.
+
+With adapters (`adapter_only`) an average covers the model's trainable adapter weights only: the
+frozen base is the same in the average and the model, so averaging it would only cost a second copy
+of the model. Its checkpoint is the by-name layout above, holding the adapter weights.
 """
 
 from __future__ import annotations
@@ -27,21 +31,36 @@ WEIGHTS_NAME, STATE_NAME = "ema.safetensors", "ema_state.json"
 
 class EMA:
     def __init__(self, models: dict[str, torch.nn.Module], device: torch.device,
-                 foreach: bool = False, offload: bool = False, decay: float = 0.9999):
+                 foreach: bool = False, offload: bool = False, decay: float = 0.9999, adapter_only: bool = False):
         """`models`: the starting weights of each trained model, by role."""
         self.device = device
+        self.adapter_only = adapter_only
         self.foreach = foreach
         # Offloading only saves memory when training happens on an accelerator.
         self.offload = offload and device.type != "cpu"
         self.model_cls = {role: type(model) for role, model in models.items()}
-        self.names = {role: [name for name, _ in model.named_parameters()] for role, model in models.items()}
-        self.averages = {role: EMAModel(model.parameters(), model_cls=type(model), model_config=model.config,
-                                        foreach=foreach, decay=decay) for role, model in models.items()}
+        self.names = {role: [name for name, _ in self.tracked(model)] for role, model in models.items()}
+        self.averages = {role: EMAModel([p for _, p in self.tracked(model)], foreach=foreach, decay=decay,
+                                        **self._model_kwargs(model)) for role, model in models.items()}
         for average in self.averages.values():
             # An fp32 average even of bf16 weights (--full_bf16): a decay of 0.9999 moves it by 1e-4 of
             # the difference per step, which bf16's 8-bit mantissa would round away.
             average.to(dtype=torch.float32)
             self._park(average)
+
+    def tracked(self, model: torch.nn.Module) -> list[tuple[str, torch.nn.Parameter]]:
+        """The parameters averaged, in module order: all of them, or with adapters the trainable ones."""
+        return [(n, p) for n, p in model.named_parameters() if p.requires_grad or not self.adapter_only]
+
+    def _model_kwargs(self, model: torch.nn.Module) -> dict:
+        return {} if self.adapter_only else {"model_cls": type(model), "model_config": model.config}
+
+    def _by_name(self, role: str) -> bool:
+        """Saved by parameter name (adapters, transformers encoders) rather than as a diffusers model."""
+        return self.adapter_only or not issubclass(self.model_cls[role], ModelMixin)
+
+    def _params(self, role: str, modules: dict[str, torch.nn.Module]) -> list[torch.nn.Parameter]:
+        return [p for _, p in self.tracked(modules[role])]
 
     @property
     def roles(self) -> list[str]:
@@ -58,26 +77,26 @@ class EMA:
         for role, average in self.averages.items():
             if self.offload:
                 average.to(self.device, non_blocking=True)
-            average.step(modules[role].parameters())
+            average.step(self._params(role, modules))
             if self.offload:
                 average.to("cpu", non_blocking=True)
 
     def copy_to(self, modules: dict[str, torch.nn.Module]) -> None:
         for role, average in self.averages.items():
-            average.copy_to(modules[role].parameters())
+            average.copy_to(self._params(role, modules))
 
     @contextmanager
     def swapped_in(self, modules: dict[str, torch.nn.Module]) -> Iterator[None]:
         """Run a block (validation) with the EMA weights in every averaged model, then put the trained ones back."""
         with ExitStack() as stack:
             for role, average in self.averages.items():
-                stack.enter_context(swapped(average, modules[role]))
+                stack.enter_context(swapped(average, self._params(role, modules)))
             yield
 
     def save(self, directory: Path) -> None:
         for role, average in self.averages.items():
             folder = directory / f"{role}_ema"
-            if issubclass(self.model_cls[role], ModelMixin):
+            if not self._by_name(role):
                 average.save_pretrained(str(folder))
                 continue
             folder.mkdir(parents=True, exist_ok=True)
@@ -90,7 +109,7 @@ class EMA:
     def load(self, directory: Path) -> None:
         for role, average in self.averages.items():
             folder = directory / f"{role}_ema"
-            if issubclass(self.model_cls[role], ModelMixin):
+            if not self._by_name(role):
                 state = EMAModel.from_pretrained(str(folder), self.model_cls[role], foreach=self.foreach).state_dict()
             else:
                 weights = load_file(str(folder / WEIGHTS_NAME))
@@ -102,10 +121,10 @@ class EMA:
 
 
 @contextmanager
-def swapped(average: EMAModel, model: torch.nn.Module) -> Iterator[None]:
-    average.store(model.parameters())
-    average.copy_to(model.parameters())
+def swapped(average: EMAModel, parameters: list[torch.nn.Parameter]) -> Iterator[None]:
+    average.store(parameters)
+    average.copy_to(parameters)
     try:
         yield
     finally:
-        average.restore(model.parameters())
+        average.restore(parameters)

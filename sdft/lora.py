@@ -35,13 +35,21 @@ def save_lora(pipeline_cls, directory: str | Path, modules: dict[str, torch.nn.M
         state = get_peft_model_state_dict(module)
         if dtype is not None:
             state = {k: v.to(dtype) for k, v in state.items()}
-        layers[f"{role}_lora_layers"] = convert_state_dict_to_diffusers(state) if key_format == "diffusers" else state
+        layers[f"{role}_lora_layers"] = diffusers_keys(state) if key_format == "diffusers" else state
         layers[f"{role}_lora_adapter_metadata"] = module.peft_config["default"].to_dict()
     pipeline_cls.save_lora_weights(str(directory), safe_serialization=True, **layers)
     path = Path(directory) / WEIGHT_NAME
     if metadata:
         add_file_metadata(path, metadata)
     return path
+
+
+def diffusers_keys(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The diffusers scripts' lora.down/lora.up keys, where every key has that form. diffusers only renames
+    the attention projections; a file mixing them with the lora_A/lora_B keys of other layers (feed-forward,
+    proj_in, convolutions) is read as PEFT and its renamed keys are dropped, so such adapters stay PEFT."""
+    converted = convert_state_dict_to_diffusers(state)
+    return state if any(".lora_A." in key or ".lora_B." in key for key in converted) else converted
 
 
 def add_file_metadata(path: Path, metadata: dict[str, str]) -> None:

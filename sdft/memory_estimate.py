@@ -13,6 +13,9 @@ Bytes per parameter, as the trainer and the optimizers allocate them:
   tensors (fp32); with --full_bf16 each parameter's update runs on a transient fp32 copy of that
   one tensor, and the optimizer's state is fp32;
 - EMA: an fp32 copy of the denoiser on the accelerator, none there with --offload_ema.
+- LoRA (any --lora_type and --lora_targets, --conv_rank, --network_args): the adapters' own fp32
+  weights, gradients, optimizer state and EMA, counted on the meta model with the run's adapters added
+  (`adapter_stats`), on top of the frozen weights.
 
 Parameter shapes come from the denoiser's config.json: the model is built on the meta device
 (accelerate's `init_empty_weights`), which allocates nothing.
@@ -20,11 +23,14 @@ Parameter shapes come from the denoiser's config.json: the model is built on the
 
 from __future__ import annotations
 
+import logging
 import math
 import os
 from dataclasses import dataclass
 
 import torch
+
+logger = logging.getLogger(__name__)
 
 GB = 1e9
 GIB = 2**30
@@ -62,6 +68,7 @@ class TrainingSetup:
     mixed_precision: str = "no"       # no | fp16 | bf16
     ema: bool = False
     offload_ema: bool = False
+    adapters: ParamStats | None = None   # LoRA: the trainable adapter parameters (adapter_stats); None: unknown
 
 
 @dataclass(frozen=True)
@@ -79,7 +86,9 @@ def estimate(stats: ParamStats, setup: TrainingSetup) -> list[Line]:
     """The estimate, line by line (weights, gradients, optimizer state, EMA)."""
     if setup.lora:
         width = 2 if setup.mixed_precision in ("fp16", "bf16") else 4
-        return [_line("weights", stats.count, width, f"frozen, {setup.mixed_precision}; LoRA adapters not counted")]
+        if setup.adapters is None:
+            return [_line("weights", stats.count, width, f"frozen, {setup.mixed_precision}; LoRA adapters not counted")]
+        return [_line("weights", stats.count, width, f"frozen, {setup.mixed_precision}"), *adapter_lines(setup)]
     width = 2 if setup.full_bf16 else 4
     kind = "bf16" if setup.full_bf16 else "fp32"
     lines = [_line("weights", stats.count, width, kind)]
@@ -95,6 +104,18 @@ def estimate(stats: ParamStats, setup: TrainingSetup) -> list[Line]:
             lines.append(Line("EMA", "on the CPU (--offload_ema)", 0))
         else:
             lines.append(_line("EMA", stats.count, 4, "fp32"))
+    return lines
+
+
+def adapter_lines(setup: TrainingSetup) -> list[Line]:
+    """The adapters train in fp32 (sdft.trainable): weights, gradients, optimizer state and EMA of their own."""
+    adapters = setup.adapters
+    lines = [_line("adapters", adapters.count, 4, "fp32"), _line("adapter grads", adapters.count, 4, "fp32")]
+    state = optimizer_line(adapters, setup)
+    lines.append(Line("adapter optim", state.arithmetic, state.bytes))
+    if setup.ema:
+        lines.append(Line("adapter EMA", "on the CPU (--offload_ema)", 0) if setup.offload_ema
+                     else _line("adapter EMA", adapters.count, 4, "fp32"))
     return lines
 
 
@@ -196,6 +217,27 @@ def device_memory(device: torch.device) -> tuple[int | None, str]:
 
 def denoiser_stats(path: str, subfolder: str, revision: str | None = None, cache_dir: str | None = None) -> ParamStats:
     """Parameter shapes of a diffusers model from its config alone (nothing is loaded or allocated)."""
+    return ParamStats.of_module(denoiser_model(path, subfolder, revision, cache_dir))
+
+
+def adapter_stats(model: torch.nn.Module, add_adapters) -> ParamStats | None:
+    """The trainable parameters `add_adapters(model)` adds to a meta-device model (peft builds its adapter
+    layers on the meta device too, so nothing is allocated), whatever the type, targets and ranks; None
+    (the estimate then leaves them out) when they cannot be built there: the run reports a bad flag better."""
+    from accelerate import init_empty_weights
+
+    try:
+        with init_empty_weights():
+            add_adapters(model)
+    except (ValueError, TypeError, RuntimeError, NotImplementedError) as err:
+        logger.warning("The memory estimate leaves out the adapters: they could not be built on the meta "
+                       "device (%s).", err)
+        return None
+    return ParamStats.of_shapes([tuple(p.shape) for p in model.parameters() if p.requires_grad])
+
+
+def denoiser_model(path: str, subfolder: str, revision: str | None = None, cache_dir: str | None = None):
+    """A diffusers model built from its config on the meta device."""
     import diffusers
     from accelerate import init_empty_weights
     from diffusers.configuration_utils import ConfigMixin
@@ -207,4 +249,5 @@ def denoiser_stats(path: str, subfolder: str, revision: str | None = None, cache
     model_cls = getattr(diffusers, config["_class_name"])
     with init_empty_weights():
         model = model_cls.from_config(config)
-    return ParamStats.of_module(model)
+    model.requires_grad_(False)     # as the run freezes it before adding adapters
+    return model

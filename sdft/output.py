@@ -18,6 +18,7 @@ from accelerate.utils import gather_object
 from huggingface_hub import snapshot_download
 
 from sdft import hub
+from sdft.adapter_blocks import role_names
 from sdft.adapter_files import KOHYA_WEIGHT_NAME, load_kohya, save_kohya
 from sdft.adapters import LoraSpec, add_adapter
 from sdft.errors import HubError
@@ -155,8 +156,9 @@ def load_saved_lora(family, source, output_dir: Path, dtype: torch.dtype, extra_
         return pipeline
     spec, roles = lycoris
     modules = {role: getattr(pipeline, role) for role in roles}
+    names = role_names(modules, family.kohya_text_encoder_prefixes)
     for role, module in modules.items():
-        add_adapter(module, spec, is_denoiser=role == family.denoiser_role)
+        add_adapter(module, spec, is_denoiser=role == family.denoiser_role, names=names[role])
     load_kohya(output_dir / KOHYA_WEIGHT_NAME, modules, family.kohya_text_encoder_prefixes)
     return pipeline
 

@@ -7,6 +7,7 @@ from dataclasses import dataclass
 
 import torch
 
+from sdft.adapter_blocks import LayerNames, role_names
 from sdft.adapters import LoraSpec, add_adapter
 
 
@@ -33,7 +34,8 @@ def prepare_models(family, models, trained_roles: list[str], placement: Placemen
         module = getattr(models, role)
         is_denoiser = role == family.denoiser_role
         if lora is not None:
-            make_lora_trainable(module, lora, placement, is_denoiser)
+            names = role_names({role: module}, family.kohya_text_encoder_prefixes)[role]
+            make_lora_trainable(module, lora, placement, is_denoiser, names)
         else:
             module.requires_grad_(True)
             module.to(placement.device, dtype=placement.trained_dtype)
@@ -49,10 +51,11 @@ def prepare_models(family, models, trained_roles: list[str], placement: Placemen
     return trained
 
 
-def make_lora_trainable(module: torch.nn.Module, lora: LoraSpec, placement: Placement, is_denoiser: bool) -> None:
+def make_lora_trainable(module: torch.nn.Module, lora: LoraSpec, placement: Placement, is_denoiser: bool,
+                        names: LayerNames | None = None) -> None:
     module.requires_grad_(False)
     module.to(placement.device, dtype=placement.weight_dtype)
-    add_adapter(module, lora, is_denoiser)
+    add_adapter(module, lora, is_denoiser, names)
     # Adapter weights stay fp32 under fp16/bf16: the grad scaler refuses fp16 gradients (diffusers #6363),
     # and bf16 updates of small LoRA weights lose most of their precision.
     for param in module.parameters():
@@ -118,6 +121,6 @@ def loraplus_groups(groups: list[dict], trained: dict[str, torch.nn.Module], rat
         rest = [p for p in group["params"] if id(p) not in up]
         faster = [p for p in group["params"] if id(p) in up]
         split += [{**group, "params": rest}] if rest else []
-        split += [{**group, "params": faster, "lr_scale": ratio,
+        split += [{**group, "params": faster, "lr_scale": group.get("lr_scale", 1.0) * ratio,
                    **({"name": group["name"] + "_lora_up"} if "name" in group else {})}] if faster else []
     return split

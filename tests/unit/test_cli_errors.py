@@ -107,9 +107,10 @@ def test_rank_with_use_lora_parses(base):
     assert args.use_lora is True and args.rank == 8
 
 
-def test_use_ema_with_use_lora(base, capsys):
-    err = parse_error(base + ["--use_ema", "--use_lora"], capsys)
-    assert "--use_ema" in err and "--use_lora" in err
+def test_use_ema_with_use_lora_parses(base):
+    """EMA of the adapter weights (sdft.ema, adapter_only); tests/integration/test_adapter_ema.py runs it."""
+    args = t2i.parse_args(base + ["--use_ema", "--use_lora"])
+    assert args.use_ema and args.use_lora
 
 
 def test_resume_from_checkpoint_pointing_nowhere(base, workdir, capsys):

@@ -97,7 +97,6 @@ def test_timestep_bias_later_outside_the_window_is_refused_at_build_time(workdir
     (["--flow_shift", "-1"], ["--training_shift"]),
     (["--training_shift", "2", "--resolution_dependent_shift"], ["--training_shift", "resolution-dependent"]),
     (["--timestep_sampling", "beta"], ["--timestep_sampling"]),
-    (["--use_ema", "--use_lora"], ["--use_ema", "--use_lora"]),
 ])
 def test_sd3_flow_errors_name_the_flag(workdir, capsys, extra, flags):
     err = parse_error(sd3, extra, capsys)
