@@ -52,8 +52,6 @@ def entries(state: dict[str, torch.Tensor]) -> dict[str, dict[str, torch.Tensor]
 
 def entry_delta(entry: dict[str, torch.Tensor], shape: torch.Size) -> torch.Tensor:
     """The weight update of one entry (the formulas in sdft.adapter_files' docstring)."""
-    if "dora_scale" in entry:
-        raise ToolError("DoRA entries (dora_scale) are not merged by these tools.")
     alpha = float(entry["alpha"]) if "alpha" in entry else None
     if "lora_down.weight" in entry:
         down, up = entry["lora_down.weight"], entry["lora_up.weight"]
@@ -62,6 +60,20 @@ def entry_delta(entry: dict[str, torch.Tensor], shape: torch.Size) -> torch.Tens
         product = (entry["hada_w1_a"] @ entry["hada_w1_b"]) * (entry["hada_w2_a"] @ entry["hada_w2_b"])
         return product.reshape(shape) * (alpha / entry["hada_w1_b"].shape[0] if alpha else 1.0)
     return lokr_delta(entry, shape, alpha)
+
+
+def entry_update(entry: dict[str, torch.Tensor], weight: torch.Tensor) -> torch.Tensor:
+    """What one entry adds to `weight` at strength 1. A dora_scale (one entry per output row, as
+    sdft writes it) rescales W + delta by dora_scale / ||W|| per output row, as ComfyUI and Forge do."""
+    delta = entry_delta(entry, weight.shape)
+    if "dora_scale" not in entry:
+        return delta
+    scale = entry["dora_scale"]
+    if scale.shape[0] != weight.shape[0] or scale.numel() != weight.shape[0]:
+        raise ToolError(f"dora_scale of shape {tuple(scale.shape)}: only one entry per output row "
+                        f"({weight.shape[0]}) is merged by these tools.")
+    norm = weight.reshape(weight.shape[0], -1).norm(dim=1).reshape(scale.shape)
+    return (weight + delta) * scale / norm - weight
 
 
 def lokr_delta(entry: dict[str, torch.Tensor], shape: torch.Size, alpha: float | None) -> torch.Tensor:
@@ -122,7 +134,7 @@ def merge(base: str, loras: list[tuple[str, float]], output: str) -> Path:
             for name, entry in grouped.items():
                 module, key = layers[name]
                 param = module.get_parameter(key)
-                param += weight * entry_delta(entry, param.shape).to(param.dtype)
+                param += weight * entry_update(entry, param.detach().float()).to(param.dtype)
             logger.info("Merged %s x %g into %s", path, weight, base)
     pipeline.save_pretrained(output)
     return Path(output)

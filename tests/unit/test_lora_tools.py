@@ -34,7 +34,9 @@ def trained_file(base, folder, config, seed: int = 0, text_encoder: bool = False
     generator = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for name, param in [p for m in modules.values() for p in m.named_parameters()]:
-            if any(part in name for part in ("lora_", "hada_", "lokr_")):
+            if "magnitude" in name:   # DoRA: the magnitude moves a little from its start, ||W||
+                param.mul_(1 + 0.1 * torch.randn(param.shape, generator=generator))
+            elif any(part in name for part in ("lora_", "hada_", "lokr_")):
                 param.copy_(torch.randn(param.shape, generator=generator) * 0.1)
     folder.mkdir()
     return save_kohya(folder, modules, {"text_encoder": "lora_te"}), pipe
@@ -64,12 +66,16 @@ def test_merge_equals_diffusers_load_and_fuse(base, tmp_path):
     assert max_diff(merged, fused) < 1e-5
 
 
-def test_merge_of_a_loha_equals_peft_merge(base, tmp_path):
-    loha, pipe = trained_file(base, tmp_path / "loha", LoHaConfig(r=4, alpha=2, target_modules=TARGETS))
+@pytest.mark.parametrize("config", [LoHaConfig(r=4, alpha=2, target_modules=TARGETS),
+                                    LoraConfig(r=4, lora_alpha=2, target_modules=TARGETS, use_dora=True)],
+                         ids=["loha", "dora"])
+def test_merge_of_loha_and_dora_equals_peft_merge(config, base, tmp_path):
+    loha, pipe = trained_file(base, tmp_path / "loha", config)
     for layer in pipe.unet.modules():
         if isinstance(layer, BaseTunerLayer):
             layer.merge()
-    expected = {k.replace(".base_layer", ""): v for k, v in pipe.unet.state_dict().items() if "hada_" not in k}
+    expected = {k.replace(".base_layer", ""): v for k, v in pipe.unet.state_dict().items()
+                if "hada_" not in k and "lora_" not in k}
     assert main(["merge", "--base", str(base), "--lora", str(loha), "--output", str(tmp_path / "merged")]) == 0
     merged = unet_weights(StableDiffusionPipeline.from_pretrained(str(tmp_path / "merged")))
     assert max_diff(merged, expected) < 1e-5
