@@ -62,7 +62,7 @@ def instance_dir(tmp_path_factory):
 TYPES = {
     "lora": ["--lora_type", "lora", "--train_text_encoder", "--text_encoder_lr", "1e-2", "--output_kohya_format"],
     "locon": ["--lora_type", "locon", "--conv_rank", "2", "--conv_alpha", "1", "--output_kohya_format"],
-    "loha": ["--lora_type", "loha"],
+    "loha": ["--lora_type", "loha", "--validation_prompt", "a photo of sks dog", "--num_validation_images", "1"],
     "lokr": ["--lora_type", "lokr", "--lokr_factor", "4"],
     "dora": ["--lora_type", "lora", "--use_dora", "--output_kohya_format"],
 }
@@ -98,6 +98,8 @@ def test_sd3_adapter_types_export_what_comfyui_maps_and_merge_to_the_trained_wei
     module, algo = NETWORK[adapter]
     assert header["ss_network_module"] == module and json.loads(header["ss_network_args"]).get("algo") == algo
     assert (output / WEIGHT_NAME).exists() == (adapter in ("lora", "locon", "dora"))
+    if adapter == "loha":   # the final images come from the LyCORIS file, read back into the pipeline
+        assert list((output / "validation" / "final").glob("*.png"))
     if adapter in ("lora", "locon", "dora"):   # diffusers loads these: same image as the file's merged weights
         base.load_lora_weights(str(output))
         from_diffusers = generate(base, "a photo of sks dog", max_sequence_length=16)
