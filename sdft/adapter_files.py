@@ -2,7 +2,10 @@
 
 One entry per adapted layer, named `<prefix>_<module path with dots as underscores>` (prefixes
 lora_unet, lora_te for SD 1.x/2.x, lora_te1/lora_te2 for SDXL), the layout ComfyUI's and Forge's
-key maps and A1111's built-in networks read (community-trainers.md section 2.10):
+key maps and A1111's built-in networks read (community-trainers.md section 2.10). SD3's transformer
+is `lora_transformer_<diffusers module path>` (OneTrainer's names, which ComfyUI's SD3 key map reads
+through its diffusers-to-MMDiT table, q/k/v as slices of the fused qkv weight), its CLIP encoders
+lora_te1/lora_te2 as for SDXL:
 
 - LoRA/LoCon: `.lora_down.weight` (rank x in[, kh, kw]), `.lora_up.weight` (out x rank[, 1, 1]), `.alpha`;
   delta = alpha/rank * up @ down.
@@ -12,6 +15,14 @@ key maps and A1111's built-in networks read (community-trainers.md section 2.10)
   delta = scale * kron(w1, w2), where the loaders use alpha/rank only when a factor is decomposed and
   1 when both are full matrices. peft scales by alpha/rank in both cases, so for two full factors
   the scale is folded into `lokr_w1` (and divided out again on reading).
+
+- DoRA (LoRA/LoCon with `.dora_scale`): ComfyUI's and Forge's `weight_decompose` read a dora_scale
+  with one entry per output row (shape out x 1[x 1 x 1]) as W' = (W + delta) * dora_scale / ||W||,
+  the norm taken per output row of the base weight W; peft's DoRA is W' = m * (W + delta) / ||W + delta||.
+  The file holds dora_scale = m * ||W|| / ||W + delta||, so both give peft's weight for the base the
+  run trained on. A1111's built-in networks (and ComfyUI before its weight adapters) read dora_scale
+  per input column only (shape 1 x in, norm of W + delta per column): no vector expresses peft's
+  per-output-row magnitude that way, so those loaders do not apply this file's DoRA layers exactly.
 
 peft and LyCORIS name these parameters alike, so the tensors are written as peft holds them.
 """
@@ -31,6 +42,7 @@ from sdft.lora import WEIGHT_NAME, apply_lora_state
 
 KOHYA_WEIGHT_NAME = "pytorch_lora_weights_kohya.safetensors"
 ADAPTER = "default"
+DENOISER_PREFIXES = {"unet": "lora_unet", "transformer": "lora_transformer"}
 LOHA_PARTS = ("hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b")
 LOKR_PARTS = ("lokr_w1", "lokr_w1_a", "lokr_w1_b", "lokr_w2", "lokr_w2_a", "lokr_w2_b")
 
@@ -46,7 +58,7 @@ def adapted_layers(modules: dict[str, torch.nn.Module],
     CLIPTextModelWithProjection)."""
     layers = {}
     for role, module in modules.items():
-        prefix = text_encoder_prefixes.get(role, "lora_unet")
+        prefix = text_encoder_prefixes.get(role) or DENOISER_PREFIXES[role]
         level = "text_model." if role in text_encoder_prefixes and not hasattr(module, "text_model") else ""
         for name, layer in module.named_modules():
             if isinstance(layer, (LoraLayer, LoHaLayer, LoKrLayer)) and ADAPTER in layer.r:
@@ -67,18 +79,33 @@ def layer_tensors(layer: torch.nn.Module) -> dict[str, torch.Tensor]:
     rank, scaling = layer.r[ADAPTER], layer.scaling[ADAPTER]
     alpha = torch.tensor(float(scaling * rank))
     if isinstance(layer, LoraLayer):
+        tensors = {"lora_down.weight": layer.lora_A[ADAPTER].weight, "lora_up.weight": layer.lora_B[ADAPTER].weight,
+                   "alpha": alpha}
         if layer.use_dora.get(ADAPTER):
-            raise AdapterFileError("DoRA adapters are not written in the kohya layout yet: peft's magnitude is "
-                                   "per output row of W + dW, which UIs' dora_scale conventions do not express "
-                                   "exactly. Use the diffusers file (pytorch_lora_weights.safetensors).")
-        return {"lora_down.weight": layer.lora_A[ADAPTER].weight, "lora_up.weight": layer.lora_B[ADAPTER].weight,
-                "alpha": alpha}
+            magnitude = layer.lora_magnitude_vector[ADAPTER].weight
+            tensors["dora_scale"] = magnitude.detach().float().reshape(-1, *norm_shape(layer)) * dora_ratio(layer)
+        return tensors
     if isinstance(layer, LoHaLayer):
         return {**{part: getattr(layer, part)[ADAPTER] for part in LOHA_PARTS}, "alpha": alpha}
     tensors = {part: getattr(layer, part)[ADAPTER] for part in LOKR_PARTS if ADAPTER in getattr(layer, part)}
     if not is_decomposed_lokr(layer):
         tensors["lokr_w1"] = tensors["lokr_w1"] * scaling
     return {**tensors, "alpha": alpha}
+
+
+def norm_shape(layer: LoraLayer) -> list[int]:
+    return [1] * (layer.get_base_layer().weight.dim() - 1)
+
+
+def dora_ratio(layer: LoraLayer) -> torch.Tensor:
+    """||W|| / ||W + delta|| per output row (shape out x 1[x 1 x 1]): the factor between peft's DoRA
+    magnitude and the dora_scale ComfyUI and Forge read (module docstring)."""
+    with torch.no_grad():
+        base = layer.get_base_layer().weight.detach().float()
+        adapted = base + layer.get_delta_weight(ADAPTER).float()
+        rows = (base.shape[0], -1)
+        ratio = base.reshape(rows).norm(dim=1) / adapted.reshape(rows).norm(dim=1)
+    return ratio.reshape(-1, *norm_shape(layer))
 
 
 def kohya_state(modules: dict[str, torch.nn.Module], text_encoder_prefixes: dict[str, str],
@@ -103,7 +130,7 @@ def save_kohya(directory: str | Path, modules: dict[str, torch.nn.Module], text_
 
 
 def is_kohya_layout(state: dict[str, torch.Tensor]) -> bool:
-    return any(key.startswith(("lora_unet_", "lora_te")) for key in state)
+    return any(key.startswith(("lora_unet_", "lora_te", "lora_transformer_")) for key in state)
 
 
 def load_kohya(path: str | Path, modules: dict[str, torch.nn.Module], text_encoder_prefixes: dict[str, str]) -> None:
@@ -145,6 +172,9 @@ def copy_layer(layer: torch.nn.Module, tensors: dict[str, torch.Tensor]) -> None
     if isinstance(layer, LoraLayer):
         layer.lora_A[ADAPTER].weight.copy_(tensors["lora_down.weight"])
         layer.lora_B[ADAPTER].weight.copy_(tensors["lora_up.weight"])
+        if "dora_scale" in tensors:   # the magnitude back from the ratio written (module docstring)
+            magnitude = layer.lora_magnitude_vector[ADAPTER].weight
+            magnitude.copy_((tensors["dora_scale"].float() / dora_ratio(layer)).reshape(magnitude.shape))
         return
     for suffix, value in tensors.items():
         if suffix == "alpha":

@@ -161,8 +161,8 @@ def network_args(spec: LoraSpec) -> dict[str, str]:
         args["algo"] = spec.adapter
     if spec.adapter == "lokr":
         args["factor"] = str(spec.lokr_factor)
-    if spec.use_dora:
-        args["dora_wd"] = "True"
+    if spec.use_dora:   # the kohya file's dora_scale holds one entry per output row (sdft.adapter_files)
+        args.update(dora_wd="True", wd_on_out="True")
     if spec.dropout:
         args["dropout"] = format_number(spec.dropout)
     if spec.rank_dropout:

@@ -363,9 +363,12 @@ def precompute(family: Family, models, dataset, accelerator: Accelerator, train_
 def lora_spec(args: argparse.Namespace, family: Family) -> LoraSpec | None:
     if not args.use_lora:
         return None
-    # LoCon is LoRA on the 3x3 convolutions too: kohya's conv_dim, reached here through the `full` preset.
-    preset = "full" if args.lora_type == "locon" else args.lora_targets
-    return LoraSpec(rank=args.rank, denoiser_targets=family.lora_target_modules, dropout=args.lora_dropout,
+    # LoCon is LoRA on the 3x3 convolutions too: kohya's conv_dim, reached here through the `full` preset;
+    # SD3 (no --lora_targets) adds its convolutions to the --lora_layers names.
+    locon = args.lora_type == "locon"
+    preset = "full" if locon and not family.lora_conv_targets else args.lora_targets
+    targets = family.lora_target_modules + (list(family.lora_conv_targets) if locon else [])
+    return LoraSpec(rank=args.rank, denoiser_targets=targets, dropout=args.lora_dropout,
                     alpha=args.lora_alpha, adapter=args.lora_type, use_dora=args.use_dora, preset=preset,
                     regex=args.lora_target_regex, conv_rank=args.conv_rank, conv_alpha=args.conv_alpha,
                     lokr_factor=args.lokr_factor, rank_dropout=args.rank_dropout, module_dropout=args.module_dropout,

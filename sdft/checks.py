@@ -356,9 +356,6 @@ def check_adapter(args: argparse.Namespace, given: Given) -> None:
     lycoris = args.lora_type in ("loha", "lokr")
     if args.use_dora and lycoris:
         raise CliError(f"--use_dora applies to --lora_type lora or locon, not {args.lora_type}.")
-    if args.use_dora and args.output_kohya_format:
-        raise CliError("--use_dora with --output_kohya_format: DoRA is not written in the kohya layout yet "
-                       "(pytorch_lora_weights.safetensors, which diffusers loads, is).")
     wrong = [f"--{name}" for name, ok in (("rank_dropout", lycoris), ("module_dropout", lycoris),
                                           ("lora_dropout", not lycoris), ("lokr_factor", args.lora_type == "lokr"))
              if name in given and not ok]
@@ -401,7 +398,7 @@ def check_single_file(args: argparse.Namespace, given: Given) -> None:
         return
     if args.use_lora:
         raise CliError("--save_single_file writes a full model checkpoint and cannot be combined with --use_lora; "
-                       "the LoRA file is what UIs load (see --output_kohya_format for SD 1.x/2.x and SDXL).")
+                       "the LoRA file is what UIs load (see --output_kohya_format).")
 
 
 def check_ema(args: argparse.Namespace, given: Given) -> None:
@@ -572,9 +569,6 @@ def check_sd3(args: argparse.Namespace, given: Given) -> None:
         raise CliError(f"--precondition_outputs must be 0 or 1, got {args.precondition_outputs}.")
     if args.text_encoder_lr <= 0:
         raise CliError(f"--text_encoder_lr must be positive, got {args.text_encoder_lr}.")
-    if args.lora_type != "lora":
-        raise CliError(f"--lora_type {args.lora_type} is not available for SD3 yet (its kohya layout is not "
-                       "written); use --lora_type lora, with --use_dora if wanted.")
     if args.lora_blocks:
         try:
             [int(block) for block in args.lora_blocks.split(",")]

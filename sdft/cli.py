@@ -535,8 +535,9 @@ def add_lora_args(parser: argparse.ArgumentParser, *, text_encoder: bool = False
     if kohya:
         g.add_argument("--output_kohya_format", action="store_true",
                        help="Also write pytorch_lora_weights_kohya.safetensors: the adapter in the kohya/LyCORIS "
-                            "layout (lora_unet_*, lora_te_* or lora_te1_*/lora_te2_*), the file ComfyUI, A1111 and "
-                            "Forge load from models/loras. Always written for --lora_type loha/lokr.")
+                            "layout (lora_unet_* or SD3's lora_transformer_*, lora_te_* or lora_te1_*/lora_te2_*), the "
+                            "file ComfyUI, A1111 and Forge load from models/loras. Always written for --lora_type "
+                            "loha/lokr.")
     if debug_loss:
         g.add_argument("--debug_loss", action="store_true",
                        help="Also log each image's own loss, keyed by its file name.")
@@ -550,8 +551,9 @@ def add_adapter_args(g, *, targets: bool) -> None:
                         "kohya recipes often use 1 or rank/2).")
     g.add_argument("--lora_dropout", type=float, default=0.0, help="Dropout on the LoRA path (default 0).")
     g.add_argument("--lora_type", type=str, default="lora", choices=["lora", "locon", "loha", "lokr"],
-                   help="Adapter type: lora; locon (LoRA on the 3x3 convolutions too, implies --lora_targets full); "
-                        "loha (LoHa, Hadamard product); lokr (LoKr, Kronecker product). Default: lora.")
+                   help="Adapter type: lora; locon (LoRA on the convolutions too: implies --lora_targets full; SD3: "
+                        "adds its one convolution, the patch embedding pos_embed.proj); loha (LoHa, Hadamard "
+                        "product); lokr (LoKr, Kronecker product). Default: lora.")
     g.add_argument("--use_dora", action="store_true",
                    help="DoRA: learn a magnitude per output row beside the LoRA direction (--lora_type lora/locon).")
     g.add_argument("--conv_rank", type=int, default=None,
@@ -590,7 +592,7 @@ def add_adapter_args(g, *, targets: bool) -> None:
 
 
 def add_sd3_lora_args(parser: argparse.ArgumentParser) -> None:
-    add_lora_args(parser, targets=False)
+    add_lora_args(parser, kohya=True, targets=False)
     g = parser.add_argument_group("SD3 LoRA")
     g.add_argument("--lora_layers", type=str, default=None,
                    help="Comma-separated module names to adapt, e.g. 'attn.to_k,attn.to_q,attn.to_v,attn.to_out.0' "

@@ -3,11 +3,13 @@
     python -m sdft.lora_tools merge   --base BASE_DIR --lora FILE[:WEIGHT] ... --output OUT_DIR
     python -m sdft.lora_tools resize  --lora FILE --output FILE (--rank N | --sv_ratio R | --sv_fro F)
     python -m sdft.lora_tools extract --base BASE_DIR --tuned TUNED_DIR --rank N --output FILE
+    python -m sdft.lora_tools convert --input FILE --output FILE [--base BASE_DIR]
 
 Files are the kohya/LyCORIS layout (sdft.adapter_files); bases are diffusers folders of SD 1.x/2.x
 or SDXL. The resize methods are those of kohya's `resize_lora.py`: a fixed rank, `sv_ratio` (keep
 singular values at least the largest / R) and `sv_fro` (the smallest rank keeping the share F of the
-squared Frobenius norm). A key that names no layer of the base is an error naming it.
+squared Frobenius norm). `convert` rewrites a diffusers/PEFT file in the kohya/LyCORIS layout and
+back (sdft.lora_convert). A key that names no layer of the base is an error naming it.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ from safetensors.torch import load_file, save_file
 
 from sdft.adapter_files import kohya_name
 from sdft.errors import UserError
+from sdft.lora_convert import convert
 
 logger = logging.getLogger("sdft.lora_tools")
 # kohya prefixes by pipeline: text encoder role -> prefix (the U-Net is lora_unet).
@@ -49,8 +52,6 @@ def entries(state: dict[str, torch.Tensor]) -> dict[str, dict[str, torch.Tensor]
 
 def entry_delta(entry: dict[str, torch.Tensor], shape: torch.Size) -> torch.Tensor:
     """The weight update of one entry (the formulas in sdft.adapter_files' docstring)."""
-    if "dora_scale" in entry:
-        raise ToolError("DoRA entries (dora_scale) are not merged by these tools.")
     alpha = float(entry["alpha"]) if "alpha" in entry else None
     if "lora_down.weight" in entry:
         down, up = entry["lora_down.weight"], entry["lora_up.weight"]
@@ -59,6 +60,20 @@ def entry_delta(entry: dict[str, torch.Tensor], shape: torch.Size) -> torch.Tens
         product = (entry["hada_w1_a"] @ entry["hada_w1_b"]) * (entry["hada_w2_a"] @ entry["hada_w2_b"])
         return product.reshape(shape) * (alpha / entry["hada_w1_b"].shape[0] if alpha else 1.0)
     return lokr_delta(entry, shape, alpha)
+
+
+def entry_update(entry: dict[str, torch.Tensor], weight: torch.Tensor) -> torch.Tensor:
+    """What one entry adds to `weight` at strength 1. A dora_scale (one entry per output row, as
+    sdft writes it) rescales W + delta by dora_scale / ||W|| per output row, as ComfyUI and Forge do."""
+    delta = entry_delta(entry, weight.shape)
+    if "dora_scale" not in entry:
+        return delta
+    scale = entry["dora_scale"]
+    if scale.shape[0] != weight.shape[0] or scale.numel() != weight.shape[0]:
+        raise ToolError(f"dora_scale of shape {tuple(scale.shape)}: only one entry per output row "
+                        f"({weight.shape[0]}) is merged by these tools.")
+    norm = weight.reshape(weight.shape[0], -1).norm(dim=1).reshape(scale.shape)
+    return (weight + delta) * scale / norm - weight
 
 
 def lokr_delta(entry: dict[str, torch.Tensor], shape: torch.Size, alpha: float | None) -> torch.Tensor:
@@ -119,7 +134,7 @@ def merge(base: str, loras: list[tuple[str, float]], output: str) -> Path:
             for name, entry in grouped.items():
                 module, key = layers[name]
                 param = module.get_parameter(key)
-                param += weight * entry_delta(entry, param.shape).to(param.dtype)
+                param += weight * entry_update(entry, param.detach().float()).to(param.dtype)
             logger.info("Merged %s x %g into %s", path, weight, base)
     pipeline.save_pretrained(output)
     return Path(output)
@@ -240,6 +255,11 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--tuned", required=True, help="Diffusers folder of the fine-tuned model.")
     e.add_argument("--rank", type=int, required=True, help="Rank of every extracted layer.")
     e.add_argument("--output", required=True, help="File to write.")
+    c = commands.add_parser("convert", help="A diffusers/PEFT adapter file in the kohya/LyCORIS layout, or back.")
+    c.add_argument("--input", required=True, help="Adapter file; its layout is read from its keys.")
+    c.add_argument("--output", required=True, help="File to write, in the other layout.")
+    c.add_argument("--base", default=None,
+                   help="Diffusers folder of the base model: needed to read kohya names (default: none).")
     return parser
 
 
@@ -253,6 +273,8 @@ def main(argv: list[str] | None = None) -> int:
                 raise ToolError(f"--sv_fro must be in (0, 1], got {args.sv_fro}.")
             shares = resize(args.lora, args.output, args.rank, args.sv_ratio, args.sv_fro)
             print(json.dumps({"kept_frobenius_share_min": min(shares), "mean": sum(shares) / len(shares)}))
+        elif args.command == "convert":
+            print(json.dumps({"written": args.output, "layout": convert(args.input, args.output, args.base)}))
         else:
             shares = extract(args.base, args.tuned, args.output, args.rank)
             print(json.dumps({"layers": len(shares), "kept_frobenius_share_min": min(shares)}))

@@ -21,6 +21,7 @@ class Family(Protocol):
     pipeline_cls: type                           # the diffusers pipeline that saves, loads and validates
     denoiser_role: str                           # "unet" or "transformer": the attribute of Models
     lora_target_modules: list[str]               # the denoiser modules LoRA adapts
+    lora_conv_targets: tuple[str, ...]           # what --lora_type locon adds where --lora_targets is absent (SD3)
     lora_key_format: str                         # how the diffusers LoRA file names its keys
     kohya_text_encoder_prefixes: dict[str, str]  # text encoder role -> kohya key prefix
     trainable_text_encoder_roles: list[str]      # --train_text_encoder trains these

@@ -45,6 +45,7 @@ class StableDiffusion:
     lora_target_modules = ["to_k", "to_q", "to_v", "to_out.0"]
     lora_key_format = "diffusers"   # as the diffusers LoRA script for this family writes it
     kohya_text_encoder_prefixes = {"text_encoder": "lora_te"}   # kohya's names for SD 1.x/2.x
+    lora_conv_targets = ()   # LoCon reaches the ResNet convolutions through --lora_targets full
     trainable_text_encoder_roles = ["text_encoder"]
     # (text encoder, its tokenizer, key in the embeddings file) for --train_text_encoder_ti
     textual_inversion_encoders = [("text_encoder", "tokenizer", "clip_l")]

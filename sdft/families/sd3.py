@@ -107,8 +107,11 @@ class StableDiffusion3:
     # T5 stays frozen: training it costs far more memory than it gives (as in diffusers' LoRA script).
     lora_key_format = "peft"   # as the diffusers LoRA script for this family writes it
     trainable_text_encoder_roles = ["text_encoder", "text_encoder_2"]
-    # No kohya-layout export for SD3 yet; kohya's own SD3 names would be lora_te1/lora_te2 (CLIP).
+    # The CLIP encoders' kohya prefixes, as ComfyUI maps them for SD3 (clip_l, clip_g); the
+    # transformer's is lora_transformer (sdft.adapter_files).
     kohya_text_encoder_prefixes = {"text_encoder": "lora_te1", "text_encoder_2": "lora_te2"}
+    # The transformer's one convolution, the 2x2 patch embedding: what LoCon adds for SD3.
+    lora_conv_targets = ("pos_embed.proj",)
     license = "other"
 
     def __init__(self, max_sequence_length: int = 77, lora_layers: str | None = None, lora_blocks: str | None = None,

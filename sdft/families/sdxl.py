@@ -71,6 +71,7 @@ class StableDiffusionXL:
     lora_target_modules = ["to_k", "to_q", "to_v", "to_out.0"]
     lora_key_format = "diffusers"   # as the diffusers LoRA script for this family writes it
     kohya_text_encoder_prefixes = {"text_encoder": "lora_te1", "text_encoder_2": "lora_te2"}
+    lora_conv_targets = ()   # LoCon reaches the ResNet convolutions through --lora_targets full
     trainable_text_encoder_roles = ["text_encoder", "text_encoder_2"]
     # (text encoder, its tokenizer, key in the embeddings file) for --train_text_encoder_ti: the
     # keys A1111/Forge/ComfyUI read in an SDXL embedding.

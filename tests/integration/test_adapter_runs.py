@@ -95,24 +95,40 @@ def delta_from_entry(entry: dict[str, torch.Tensor], shape: torch.Size) -> torch
     return torch.kron(w1, w2).reshape(shape) * scale
 
 
-def merge_file(path, components: dict[str, tuple[str, torch.nn.Module]]) -> dict[str, dict[str, torch.Tensor]]:
-    """Base weights plus every entry of the file; `components` maps role -> (kohya prefix, base module).
+def merge_entry(weight: torch.Tensor, entry: dict[str, torch.Tensor]) -> torch.Tensor:
+    """One weight with one file entry applied. A dora_scale with one entry per output row is applied as
+    ComfyUI's and Forge's weight_decompose do: (W + delta) * dora_scale / (||W|| + eps), the norm per
+    output row of the base weight W."""
+    merged = weight + delta_from_entry(entry, weight.shape)
+    if "dora_scale" not in entry:
+        return merged
+    scale = entry["dora_scale"]
+    assert scale.shape == (weight.shape[0], *[1] * (weight.dim() - 1)), scale.shape
+    norm = weight.reshape(weight.shape[0], -1).norm(dim=1).reshape(scale.shape) + torch.finfo(torch.float32).eps
+    return merged * scale / norm
+
+
+def merge_file(path, components: dict[str, tuple[str, torch.nn.Module]],
+               names: dict[str, tuple[str, str]] | None = None) -> dict[str, dict[str, torch.Tensor]]:
+    """Base weights plus every entry of the file; `components` maps role -> (kohya prefix, base module),
+    `names` (default: every Linear/Conv2d under its kohya name) kohya name -> (role, weight key).
     Fails on any key that names no module of the model."""
     tensors = load_file(str(path))
     entries: dict[str, dict[str, torch.Tensor]] = {}
     for key, value in tensors.items():
         name, suffix = key.split(".", 1)
         entries.setdefault(name, {})[suffix] = value.float()
-    names = {}
-    for role, (prefix, module) in components.items():
-        names.update({n: (role, w) for n, w in kohya_names(prefix, module, prefix != "lora_unet").items()})
+    if names is None:
+        names = {}
+        for role, (prefix, module) in components.items():
+            names.update({n: (role, w) for n, w in kohya_names(prefix, module, prefix != "lora_unet").items()})
     unmatched = [name for name in entries if name not in names]
     assert not unmatched, f"{len(unmatched)} keys match no module, e.g. {unmatched[:3]}"
     merged = {role: {k: v.detach().float().clone() for k, v in module.state_dict().items()}
               for role, (_, module) in components.items()}
     for name, entry in entries.items():
         role, weight = names[name]
-        merged[role][weight] += delta_from_entry(entry, merged[role][weight].shape)
+        merged[role][weight] = merge_entry(merged[role][weight], entry)
     return merged
 
 
@@ -131,9 +147,10 @@ TYPES = {
     "locon": ["--lora_type", "locon", "--conv_rank", "2", "--conv_alpha", "1", "--output_kohya_format"],
     "loha": ["--lora_type", "loha", "--lora_targets", "full"],
     "lokr": ["--lora_type", "lokr", "--lora_targets", "full", "--lokr_factor", "4"],
+    "dora": ["--lora_type", "locon", "--use_dora", "--conv_rank", "2", "--conv_alpha", "1", "--output_kohya_format"],
 }
 NETWORK = {"lora": ("networks.lora", None), "locon": ("networks.lora", None), "loha": ("lycoris.kohya", "loha"),
-           "lokr": ("lycoris.kohya", "lokr")}
+           "lokr": ("lycoris.kohya", "lokr"), "dora": ("lycoris.kohya", "locon")}
 
 
 @pytest.mark.parametrize("family", ["sd", "sdxl"])
@@ -164,11 +181,12 @@ def test_each_adapter_type_exports_a_file_that_merges_to_the_trained_weights(
     assert header["ss_network_module"] == module and args.get("algo") == algo
     assert header["ss_network_dim"] == "4" and header["ss_network_alpha"] == "2"
     keys = load_file(str(output / KOHYA_WEIGHT_NAME)).keys()
-    if adapter in ("locon", "loha", "lokr"):   # the 3x3 convolutions are adapted
+    if adapter != "lora":   # the 3x3 convolutions are adapted
         assert any("resnets_0_conv1." in k for k in keys)
-        assert args["conv_dim"] == ("2" if adapter == "locon" else "4")
-    # diffusers loads LoRA/LoCon from its own file; LoHa/LoKr exist only in the LyCORIS layout
-    assert (output / WEIGHT_NAME).exists() == (adapter in ("lora", "locon"))
+        assert args["conv_dim"] == ("4" if adapter in ("loha", "lokr") else "2")
+    assert any(k.endswith(".dora_scale") for k in keys) == (adapter == "dora")
+    # diffusers loads LoRA/LoCon (DoRA too) from its own file; LoHa/LoKr exist only in the LyCORIS layout
+    assert (output / WEIGHT_NAME).exists() == (adapter in ("lora", "locon", "dora"))
 
 
 def test_lora_alpha_scales_the_update_and_reaches_the_files(tiny_sd, image_folder, tmp_path):

@@ -6,12 +6,14 @@ import pytest
 import torch
 from accelerate import init_empty_weights
 from diffusers import UNet2DConditionModel
-from peft import LoraConfig, get_peft_model
+from peft import LoraConfig, get_peft_model, inject_adapter_in_model
+from safetensors.torch import load_file
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
 import train_dreambooth_sd3 as sd3_script
 import train_text_to_image as t2i
 import train_text_to_image_sdxl as sdxl_script
+from sdft.adapter_files import KOHYA_WEIGHT_NAME, load_kohya, save_kohya
 from sdft.adapters import LoraSpec, adaptable_layers, targets_for
 from sdft.families.sd import StableDiffusion
 from sdft.trainable import loraplus_groups, param_groups
@@ -77,7 +79,7 @@ BASE = ["--pretrained_model_name_or_path", "m", "--train_data_dir", "d"]
     (t2i, ["--lora_alpha", "1"], "--lora_alpha only applies to LoRA training"),
     (t2i, ["--use_lora", "--lora_alpha", "0"], "--lora_alpha must be positive"),
     (t2i, ["--use_lora", "--lora_type", "loha", "--use_dora"], "--use_dora applies to --lora_type lora or locon"),
-    (t2i, ["--use_lora", "--use_dora", "--output_kohya_format"], "DoRA is not written in the kohya layout"),
+    (t2i, ["--use_lora", "--lora_type", "loha", "--use_dora"], "--use_dora applies to --lora_type lora or locon"),
     (t2i, ["--use_lora", "--rank_dropout", "0.1"], "--rank_dropout does not apply to --lora_type lora"),
     (t2i, ["--use_lora", "--lora_type", "lokr", "--lora_dropout", "0.1"], "--lora_dropout does not apply"),
     (t2i, ["--use_lora", "--lokr_factor", "4"], "--lokr_factor does not apply"),
@@ -92,12 +94,11 @@ def test_adapter_flags_refuse_what_cannot_work(script, extra, message, capsys):
     assert exc.value.code == 2 and message in capsys.readouterr().err
 
 
-def test_sd3_offers_lora_and_dora_only(tmp_path, capsys):
+def test_sd3_takes_every_adapter_type_and_picks_layers_with_its_own_flags(tmp_path, capsys):
     argv = ["--pretrained_model_name_or_path", "m", "--instance_data_dir", str(tmp_path), "--instance_prompt", "p",
             "--use_lora"]
-    with pytest.raises(SystemExit):
-        sd3_script.parse_args([*argv, "--lora_type", "loha"])
-    assert "--lora_type loha is not available for SD3" in capsys.readouterr().err
+    for adapter in ("locon", "loha", "lokr"):
+        assert sd3_script.parse_args([*argv, "--lora_type", adapter, "--output_kohya_format"]).lora_type == adapter
     with pytest.raises(SystemExit):   # SD3 picks its layers with --lora_layers/--lora_blocks
         sd3_script.parse_args([*argv, "--lora_targets", "full"])
     assert "unrecognized arguments: --lora_targets" in capsys.readouterr().err
@@ -115,3 +116,25 @@ def test_loraplus_splits_each_group_and_keeps_its_own_rate():
         (None, None, 1), (None, 16.0, 1), (5e-4, None, 1), (5e-4, 16.0, 1)]
     b_params = {id(p) for m in trained.values() for n, p in m.named_parameters() if "lora_B" in n}
     assert {id(p) for g in groups if g.get("lr_scale") for p in g["params"]} == b_params
+
+
+def test_dora_kohya_file_reads_back_into_fresh_adapters(tmp_path):
+    """dora_scale holds m * ||W|| / ||W + delta|| (sdft.adapter_files); reading it back into fresh
+    adapters restores peft's magnitude, for a Linear and a 3x3 Conv2d."""
+    def model():
+        torch.manual_seed(0)
+        net = torch.nn.Sequential(torch.nn.Linear(8, 6), torch.nn.Conv2d(3, 5, 3))
+        config = LoraConfig(r=2, lora_alpha=1, target_modules=["0", "1"], use_dora=True)
+        return inject_adapter_in_model(config, net)
+
+    trained, fresh = model(), model()
+    generator = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for name, param in trained.named_parameters():
+            if "lora_" in name:
+                param.add_(torch.randn(param.shape, generator=generator) * 0.1)
+    save_kohya(tmp_path, {"unet": trained}, {})
+    assert load_file(str(tmp_path / KOHYA_WEIGHT_NAME))["lora_unet_1.dora_scale"].shape == (5, 1, 1, 1)
+    load_kohya(tmp_path / KOHYA_WEIGHT_NAME, {"unet": fresh}, {})
+    for (name, a), (_, b) in zip(trained.named_parameters(), fresh.named_parameters()):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6, msg=name)

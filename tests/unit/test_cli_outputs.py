@@ -41,7 +41,7 @@ def test_kohya_format_needs_lora_in_the_sd1_script_too(base, capsys):  # noqa: F
     assert t2i.parse_args(base + ["--use_lora", "--output_kohya_format"]).output_kohya_format
 
 
-def test_kohya_format_is_not_offered_for_sd3(db_base, capsys):  # noqa: F811
-    # SD3's diffusers-format LoRA is the one ComfyUI loads; kohya's SD3 layout does not load in diffusers.
-    assert "--output_kohya_format" in parse_error(db_base + ["--use_lora", "--output_kohya_format"], capsys,
-                                                  script=sd3)
+def test_kohya_format_needs_lora_in_the_sd3_script_too(db_base, capsys):  # noqa: F811
+    # SD3's kohya/LyCORIS file names the transformer's layers lora_transformer_* (tests/integration/test_sd3_adapters.py).
+    assert "--use_lora" in parse_error(db_base + ["--output_kohya_format"], capsys, script=sd3)
+    assert sd3.parse_args(db_base + ["--use_lora", "--output_kohya_format"]).output_kohya_format
