@@ -38,6 +38,7 @@ from dataclasses import dataclass, field
 import torch
 from peft.tuners.tuners_utils import BaseTunerLayer
 
+from sdft.adapter_files import DENOISER_PREFIXES
 from sdft.errors import CliError
 
 BLOCK_LIST_KEYS = ("block_dims", "block_alphas", "conv_block_dims", "conv_block_alphas")
@@ -266,9 +267,10 @@ def adapted(module: torch.nn.Module):
 
 
 def role_names(trained: dict[str, torch.nn.Module], prefixes: dict[str, str]) -> dict[str, LayerNames]:
-    """Each trained role's naming: kohya's `lora_unet` or the family's text-encoder prefix; text encoders
+    """Each trained role's naming: the denoiser's kohya prefix (`lora_unet`, SD3's `lora_transformer`) or the
+    family's text-encoder prefix, as in the exported files; text encoders
     without a `text_model` level (transformers 5's CLIPTextModel) get it in file names, as sdft.adapter_files."""
-    return {role: LayerNames(role, prefixes.get(role, "lora_unet"),
+    return {role: LayerNames(role, prefixes.get(role) or DENOISER_PREFIXES[role],
                              "text_model." if role in prefixes and not hasattr(module, "text_model") else "")
             for role, module in trained.items()}
 
