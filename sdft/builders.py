@@ -79,6 +79,7 @@ from sdft.plots import Pictures
 from sdft.run_stats import RunStats
 from sdft.sample_prompts import SamplePrompt
 from sdft.sample_prompts import load as load_sample_prompts
+from sdft.sharding import Sharding, enable_cpu_fsdp, engine_of, wrap_by_blocks
 from sdft.stepping import OptimizerStepper, ParamUpdater
 from sdft.textual_inversion import TokenEmbeddings, TokenPlan, build_token_embeddings, check_abstractions_used, stop_step
 from sdft.trainable import (
@@ -171,6 +172,9 @@ def make_accelerator(args: argparse.Namespace) -> Accelerator:
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S",
                         level=logging.INFO if accelerator.is_local_main_process else logging.WARNING)
     check_precision_device(accelerator.mixed_precision, accelerator.device)
+    if enable_cpu_fsdp(accelerator):
+        logger.info("FSDP2 on CPU processes (gloo): accelerate's FSDP path, switched on by sdft.sharding.")
+    wrap_by_blocks(accelerator)
     if args.allow_tf32 and torch.cuda.is_available():
         torch.backends.cuda.matmul.allow_tf32 = True
     return accelerator
@@ -247,7 +251,6 @@ def build_run(args: argparse.Namespace, family: Family, make_objective, accelera
         ema = EMA(ema_start(family, source, trained[family.denoiser_role], args), family.denoiser_role,
                   accelerator.device, foreach=args.foreach_ema, offload=args.offload_ema, decay=args.ema_decay)
     objective = make_objective(args, models.noise_scheduler, accelerator.device)
-    params = trainable_params(trained) + (new_tokens.params() if new_tokens else [])
     groups = param_groups(trained, family.denoiser_role, args.text_encoder_lr, args.adam_weight_decay_text_encoder,
                           encoder_lrs(args, family), new_token_params=new_tokens.params() if new_tokens else None)
     if args.loraplus_lr_ratio is not None:
@@ -265,13 +268,17 @@ def build_run(args: argparse.Namespace, family: Family, make_objective, accelera
                                       num_cycles=args.lr_num_cycles, power=args.lr_power)
     *prepared, optimizer, lr_scheduler = accelerator.prepare(*trained.values(), optimizer, lr_scheduler)
     prepared = dict(zip(trained, prepared))
+    # After prepare: FSDP2 replaces the parameters with sharded ones, which clipping must see.
+    params = trainable_params(trained) + (new_tokens.params() if new_tokens else [])
+    sharding = Sharding(accelerator, engine_of(accelerator), prepared, adapter=lora_spec(args, family))
     stepper = build_stepper(args, optimizer, seed)
     eval_weights = EvalWeights(optimizer)
     weights = TrainedWeights(family.pipeline_cls, trained, lora=args.use_lora, ema=ema,
                              lora_key_format=family.lora_key_format, extras=[new_tokens] if new_tokens else [],
                              lora_metadata=file_metadata(args, family, models, trained, max_train_steps)
                              if args.use_lora else None,
-                             kohya_prefixes=family.kohya_text_encoder_prefixes if lycoris_only(args) else None)
+                             kohya_prefixes=family.kohya_text_encoder_prefixes if lycoris_only(args) else None,
+                             engine_saves_models=sharding.sharded)
     condition_cache, offloaded = precompute(family, models, dataset, accelerator,
                                             args.train_text_encoder or new_tokens is not None,
                                             caches=cache_settings(args), source=source,
@@ -300,7 +307,7 @@ def build_run(args: argparse.Namespace, family: Family, make_objective, accelera
         token_embeddings=new_tokens, masked_loss=args.masked_loss, stepper=stepper, eval_weights=eval_weights,
         val_loss=held_out_loss(args, accelerator, dataset, family, objective, weight_dtype, offloaded, seed,
                                caption_map=new_tokens.plan.apply_all if new_tokens else None),
-        scheduler_settings=settings_for(args.prediction_type, args.zero_terminal_snr),
+        scheduler_settings=settings_for(args.prediction_type, args.zero_terminal_snr), sharding=sharding,
     )
 
 
@@ -442,6 +449,7 @@ def log_run(run: Run, num_examples: int, batch_size: int, accumulation: int) -> 
                 num_examples, run.num_epochs, batch_size, total_batch, accumulation)
     logger.info("  optimizer steps = %d, seed = %d, optimizer = %s", run.max_train_steps, run.seed,
                 type(run.optimizer.optimizer).__name__)
+    logger.info("  engine = %s", run.sharding.engine)
     timeout = process_group_timeout(run.accelerator.device)
     if timeout is not None:
         logger.info("  processes = %d, process-group timeout = %s", run.accelerator.num_processes, timeout)

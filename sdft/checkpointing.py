@@ -188,8 +188,19 @@ class TrainedWeights:
     # LoHa/LoKr, which diffusers' LoRA files cannot hold: checkpoints in the kohya/LyCORIS layout,
     # with these text-encoder prefixes (sdft.adapter_files).
     kohya_prefixes: dict[str, str] | None = None
+    # FSDP2 / DeepSpeed: accelerate's save_state writes the (sharded) modules with the optimizer, and
+    # load_state reads them back; the diffusers-format copy is left to the export (sdft.sharding).
+    engine_saves_models: bool = False
 
     def save(self, directory: Path, step: int | None = None) -> None:
+        if not self.engine_saves_models:
+            self._save_modules(directory, step)
+        if self.ema is not None:
+            self.ema.save(directory)
+        for extra in self.extras:
+            extra.save(directory)
+
+    def _save_modules(self, directory: Path, step: int | None) -> None:
         if self.lora:
             metadata = self.lora_metadata
             if metadata and step is not None:
@@ -202,12 +213,16 @@ class TrainedWeights:
         else:
             for role, module in self.modules.items():
                 module.save_pretrained(directory / role)
-        if self.ema is not None:
-            self.ema.save(directory)
-        for extra in self.extras:
-            extra.save(directory)
 
     def load(self, directory: Path) -> None:
+        if not self.engine_saves_models:
+            self._load_modules(directory)
+        if self.ema is not None:
+            self.ema.load(directory)
+        for extra in self.extras:
+            extra.load(directory)
+
+    def _load_modules(self, directory: Path) -> None:
         if self.lora and self.kohya_prefixes is not None:
             load_kohya(directory / KOHYA_WEIGHT_NAME, self.modules, self.kohya_prefixes)
         elif self.lora:
@@ -217,10 +232,6 @@ class TrainedWeights:
                 saved = type(module).from_pretrained(directory / role, **_dtype_kwarg(module))
                 module.load_state_dict(saved.state_dict())
                 del saved
-        if self.ema is not None:
-            self.ema.load(directory)
-        for extra in self.extras:
-            extra.load(directory)
 
 
 def _dtype_kwarg(module: torch.nn.Module) -> dict:
@@ -260,7 +271,7 @@ class Checkpointer:
         partial = self.output_dir / f".{final.name}.partial"
         if self.accelerator.is_main_process and partial.exists():
             shutil.rmtree(partial)  # left over from a crash during an earlier save
-        require_finite_weights(self.weights.modules, final.name)
+        require_finite_weights(self.weights.modules, final.name, self.accelerator)
         self.accelerator.wait_for_everyone()
         self.accelerator.save_state(str(partial))
         if self.accelerator.is_main_process:
