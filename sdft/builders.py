@@ -25,7 +25,16 @@ from accelerate.utils import InitProcessGroupKwargs, ProjectConfiguration, broad
 
 from sdft import hub, memory_estimate
 from sdft.adapter_files import KOHYA_WEIGHT_NAME, load_adapter_file
-from sdft.checkpointing import Checkpointer, Position, TrainedWeights, read_position, resolve_resume
+from sdft.agreement import fingerprint, model_files, require_agreement
+from sdft.checkpointing import (
+    MANIFEST_FILE,
+    STATE_FILE,
+    Checkpointer,
+    Position,
+    TrainedWeights,
+    read_position,
+    resolve_resume,
+)
 from sdft.data.archives import data_folder
 from sdft.data.buckets import BucketPlan, BucketSettings, captioned_image_sizes
 from sdft.data.buckets import log_plan as log_buckets
@@ -56,6 +65,7 @@ from sdft.families.source import ModelSource
 from sdft.guards import NonFiniteGuard, check_precision_device
 from sdft.lora import WEIGHT_NAME, rank_and_alpha
 from sdft.model_spec import describe_base, training_metadata
+from sdft.nodes import Layout, output_layout
 from sdft.noise_schedule import ZTSNR, check_zero_terminal_snr, markers_of, scheduler_with, settings_for
 from sdft.objectives import (
     DDPMObjective,
@@ -79,7 +89,7 @@ from sdft.plots import Pictures
 from sdft.run_stats import RunStats
 from sdft.sample_prompts import SamplePrompt
 from sdft.sample_prompts import load as load_sample_prompts
-from sdft.sharding import Sharding, enable_cpu_fsdp, engine_of, wrap_by_blocks
+from sdft.sharding import DDP, Sharding, enable_cpu_fsdp, engine_of, fill_deepspeed_batch, wrap_by_blocks
 from sdft.stepping import OptimizerStepper, ParamUpdater
 from sdft.textual_inversion import TokenEmbeddings, TokenPlan, build_token_embeddings, check_abstractions_used, stop_step
 from sdft.trainable import (
@@ -116,6 +126,7 @@ def build(args: argparse.Namespace, family: Family, make_objective, make_data, t
 
     # Data first: a bad dataset should fail before minutes of model loading.
     dataset = make_data(args, seed, accelerator, family)
+    require_agreement(accelerator, run_facts(args, resume_dir, len(dataset)))
     if args.dry_run:
         dry_run(args, dataset, seed)
     plan = token_plan(args)
@@ -127,9 +138,14 @@ def build(args: argparse.Namespace, family: Family, make_objective, make_data, t
         hub_repo = hub.prepare_repo(args.hub_model_id or output_dir.name, args.hub_token)
     if accelerator.is_main_process:
         output_dir.mkdir(parents=True, exist_ok=True)
+    layout = output_layout(accelerator, output_dir)
+    if not layout.shared and engine_of(accelerator) != DDP:
+        raise CliError(f"--output_dir {output_dir} is not shared between the machines: sharded checkpoints "
+                       "(FSDP2, DeepSpeed) are written in parts by every process, so resuming needs one folder all "
+                       "machines see (a network file system).")
 
     # Models, optimizer and loop settings.
-    run = build_run(args, family, make_objective, accelerator, dataset, seed)
+    run = build_run(args, family, make_objective, accelerator, dataset, seed, layout)
     run.export = export_plan(args, run, hub_repo)
 
     # Where the loop starts, and what watches it.
@@ -215,6 +231,20 @@ def process_group_timeout(device: torch.device) -> timedelta | None:
         return None
 
 
+def run_facts(args: argparse.Namespace, resume_dir: Path | None, examples: int) -> dict[str, str]:
+    """What every process must see alike (sdft.agreement), fingerprinted by each."""
+    model = Path(args.pretrained_model_name_or_path)
+    resume = "none" if resume_dir is None else (
+        f"{resume_dir.name} ({fingerprint(resume_dir / STATE_FILE, resume_dir / MANIFEST_FILE)})")
+    data = [args.train_data_dir, args.instance_data_dir, args.class_data_dir, args.reg_data_dir, args.dataset_config]
+    return {
+        "the model files (--pretrained_model_name_or_path)": fingerprint(
+            *model_files(model), extra=f"{args.pretrained_model_name_or_path}@{args.revision}/{args.variant}"),
+        "the checkpoint to resume (--resume_from_checkpoint)": resume,
+        "the training data": f"{examples} examples, " + fingerprint(*data, extra=str(args.dataset_name)),
+    }
+
+
 def resolve_seed(requested: int | None, resumed: Position | None) -> int:
     """The data order depends on the seed, so a resumed run must keep the seed it started with."""
     if resumed is not None and resumed.seed is not None:
@@ -237,7 +267,8 @@ def weight_dtype_of(accelerator: Accelerator) -> torch.dtype:
 
 
 def build_run(args: argparse.Namespace, family: Family, make_objective, accelerator: Accelerator, dataset,
-              seed: int) -> Run:
+              seed: int, layout: Layout | None = None) -> Run:
+    layout = layout or Layout.single()
     weight_dtype = weight_dtype_of(accelerator)
     source = model_source(args, weight_dtype)
     trained_dtype = source.denoiser_dtype or torch.float32
@@ -266,6 +297,7 @@ def build_run(args: argparse.Namespace, family: Family, make_objective, accelera
     lr_scheduler = build_lr_scheduler(args.lr_scheduler, optimizer, warmup_steps=args.lr_warmup_steps,
                                       total_steps=max_train_steps, num_processes=accelerator.num_processes,
                                       num_cycles=args.lr_num_cycles, power=args.lr_power)
+    fill_deepspeed_batch(accelerator, args.train_batch_size)
     *prepared, optimizer, lr_scheduler = accelerator.prepare(*trained.values(), optimizer, lr_scheduler)
     prepared = dict(zip(trained, prepared))
     # After prepare: FSDP2 replaces the parameters with sharded ones, which clipping must see.
@@ -282,7 +314,8 @@ def build_run(args: argparse.Namespace, family: Family, make_objective, accelera
     condition_cache, offloaded = precompute(family, models, dataset, accelerator,
                                             args.train_text_encoder or new_tokens is not None,
                                             caches=cache_settings(args), source=source,
-                                            epochs=math.ceil(max_train_steps / updates_per_epoch))
+                                            epochs=math.ceil(max_train_steps / updates_per_epoch),
+                                            split=(layout.index, layout.count))
     return Run(
         accelerator=accelerator, family=family, models=models,
         train_models=dataclasses.replace(models, **prepared), prepared=list(prepared.values()),
@@ -290,7 +323,7 @@ def build_run(args: argparse.Namespace, family: Family, make_objective, accelera
         optimizer=optimizer,
         lr_scheduler=lr_scheduler, dataloader=dataloader, dataset=dataset, sampler=sampler,
         checkpointer=Checkpointer(accelerator, Path(args.output_dir), args.checkpoints_total_limit, weights,
-                                  eval_weights),
+                                  eval_weights, writer=layout.writer),
         trained=weights, seed=seed, max_train_steps=max_train_steps, updates_per_epoch=updates_per_epoch,
         num_epochs=math.ceil(max_train_steps / updates_per_epoch), checkpointing_steps=args.checkpointing_steps,
         max_grad_norm=0.0 if stepper.fused else args.max_grad_norm, weight_dtype=weight_dtype,
@@ -349,13 +382,13 @@ def held_out_loss(args: argparse.Namespace, accelerator: Accelerator, dataset, f
 
 
 def precompute(family: Family, models, dataset, accelerator: Accelerator, train_text_encoders: bool, *,
-               caches: CacheSettings, source: ModelSource,
-               caption_limit: int = 64, epochs: int = 1) -> tuple[TextCache | None, list[str]]:
+               caches: CacheSettings, source: ModelSource, caption_limit: int = 64, epochs: int = 1,
+               split: tuple[int, int] | None = None) -> tuple[TextCache | None, list[str]]:
     """Encode what will not change during training once (sdft.data.caches), then park the encoders
     on the CPU."""
     cache, offloaded = fill_caches(family, models, dataset, accelerator, caches, source,
                                    train_text_encoders=train_text_encoders, caption_limit=caption_limit,
-                                   epochs=epochs)
+                                   epochs=epochs, split=split)
     for role in offloaded:
         getattr(models, role).to("cpu")
     return cache, offloaded

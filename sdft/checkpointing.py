@@ -250,8 +250,11 @@ def _load_weights_ourselves(models, input_dir) -> None:
 
 class Checkpointer:
     def __init__(self, accelerator: Accelerator, output_dir: str | Path, total_limit: int | None,
-                 weights: TrainedWeights, eval_weights: EvalWeights | None = None):
+                 weights: TrainedWeights, eval_weights: EvalWeights | None = None, writer: bool | None = None):
         self.accelerator = accelerator
+        # The process that finalizes the folder: the main one, or each machine's first when the
+        # machines do not share the output folder (sdft.nodes).
+        self.writer = accelerator.is_main_process if writer is None else writer
         # Schedule-free: a checkpoint holds the evaluation weights (what a user takes from it) and the
         # optimizer state in eval mode; loading switches back to the training point (sdft.optim.EvalWeights).
         self.eval_weights = eval_weights or EvalWeights.none()
@@ -269,16 +272,16 @@ class Checkpointer:
     def _save(self, position: Position) -> Path:
         final = self.output_dir / f"checkpoint-{position.global_step}"
         partial = self.output_dir / f".{final.name}.partial"
-        if self.accelerator.is_main_process and partial.exists():
+        if self.writer and partial.exists():
             shutil.rmtree(partial)  # left over from a crash during an earlier save
         require_finite_weights(self.weights.modules, final.name, self.accelerator)
         self.accelerator.wait_for_everyone()
         self.accelerator.save_state(str(partial))
-        if self.accelerator.is_main_process:
+        if self.writer:
             self.weights.save(partial, step=position.global_step)
             (partial / STATE_FILE).write_text(json.dumps(asdict(position), indent=2))
         self.accelerator.wait_for_everyone()
-        if self.accelerator.is_main_process:
+        if self.writer:
             write_manifest(partial)
             fsync_tree(partial)
             _replace_dir(partial, final)

@@ -156,6 +156,15 @@ def wrap_by_blocks(accelerator) -> None:
         plugin.auto_wrap_policy = transformer_auto_wrap_policy
 
 
+def fill_deepspeed_batch(accelerator, batch_size: int) -> None:
+    """DeepSpeed needs the per-device batch; accelerate takes it from a dataloader prepared in the same
+    call as the model, but sdft prepares the dataloader first. An "auto" (or absent) value gets
+    --train_batch_size."""
+    plugin = getattr(accelerator.state, "deepspeed_plugin", None)
+    if plugin is not None and plugin.deepspeed_config.get("train_micro_batch_size_per_gpu", "auto") == "auto":
+        plugin.deepspeed_config["train_micro_batch_size_per_gpu"] = batch_size
+
+
 def engine_of(accelerator) -> str:
     from accelerate.utils import DistributedType
 

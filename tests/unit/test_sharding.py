@@ -1,0 +1,60 @@
+"""FSDP2 / DeepSpeed configuration: what accelerate's launcher hands the processes is read back,
+and what a sharded run cannot do is refused at parse time, naming the flags. (The sharded runs
+themselves are in tests/integration/test_sharded_training.py; DeepSpeed cannot run on this CPU.)"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from sdft.sharding import DEEPSPEED, FSDP, EngineConfig, RunShape, refusals
+
+
+def launcher_environment(*flags: str) -> dict[str, str]:
+    """The environment `accelerate launch <flags> script.py` gives the training processes."""
+    from accelerate.commands.launch import _validate_launch_command, launch_command_parser
+    from accelerate.utils.launch import prepare_deepspeed_cmd_env, prepare_multi_gpu_env
+
+    args = launch_command_parser().parse_args([*flags, "--num_processes", "2", "--main_process_port", "0",
+                                               "train.py"])
+    args, _, _ = _validate_launch_command(args)
+    if args.use_deepspeed:
+        args.deepspeed_fields_from_accelerate_config = ""   # set by launch_command before it prepares
+        return prepare_deepspeed_cmd_env(args)[1]
+    return prepare_multi_gpu_env(args)
+
+
+@pytest.mark.parametrize("stage", [1, 2, 3])
+def test_deepspeed_zero_stages_from_the_launcher_are_read(stage):
+    config = EngineConfig.from_environ(launcher_environment("--use_deepspeed", "--zero_stage", str(stage)))
+    assert (config.engine, config.zero_stage) == (DEEPSPEED, stage)
+    assert config.describe() == f"DeepSpeed ZeRO-{stage}"
+
+
+def test_a_deepspeed_config_file_gives_the_stage(tmp_path):
+    file = tmp_path / "ds.json"
+    file.write_text(json.dumps({"zero_optimization": {"stage": 2, "overlap_comm": True},
+                                "train_micro_batch_size_per_gpu": "auto"}))
+    config = EngineConfig.from_environ(launcher_environment("--use_deepspeed", "--deepspeed_config_file", str(file)))
+    assert (config.engine, config.zero_stage, config.deepspeed_config) == (DEEPSPEED, 2, str(file))
+
+
+def test_fsdp2_from_the_launcher_is_read_and_fsdp1_is_refused():
+    config = EngineConfig.from_environ(launcher_environment("--use_fsdp", "--fsdp_version", "2"))
+    assert (config.engine, config.fsdp_version, config.state_dict_type) == (FSDP, 2, "SHARDED_STATE_DICT")
+    assert refusals(config, RunShape(lora=True)) == []
+    old = EngineConfig.from_environ(launcher_environment("--use_fsdp", "--fsdp_version", "1"))
+    assert any("--fsdp_version 2" in problem for problem in refusals(old, RunShape()))
+
+
+def test_refusals_name_the_flags_and_the_engine():
+    zero3 = EngineConfig(DEEPSPEED, zero_stage=3)
+    found = " ".join(refusals(zero3, RunShape(lora=True, ema=True, text_encoders=True, fused_backward=True,
+                                              single_file=True, held_out_loss=True)))
+    for flag in ("--use_lora", "--use_ema", "--train_text_encoder", "--fused_backward_pass", "--save_single_file",
+                 "--validation_split", "ZeRO-3"):
+        assert flag in found
+    assert refusals(EngineConfig(DEEPSPEED, zero_stage=2), RunShape(lora=True)) == []   # LoRA under ZeRO-2 runs
+    assert refusals(EngineConfig(), RunShape(lora=True, ema=True)) == []                 # DDP: nothing to refuse
+
