@@ -143,6 +143,9 @@ def build(args: argparse.Namespace, family: Family, make_objective, make_data, t
         raise CliError(f"--output_dir {output_dir} is not shared between the machines: sharded checkpoints "
                        "(FSDP2, DeepSpeed) are written in parts by every process, so resuming needs one folder all "
                        "machines see (a network file system).")
+    # accelerate writes the optimizer, scheduler and sampler states from one process unless told to
+    # write them on every machine.
+    accelerator.project_configuration.save_on_each_node = not layout.shared
 
     # Models, optimizer and loop settings.
     run = build_run(args, family, make_objective, accelerator, dataset, seed, layout)

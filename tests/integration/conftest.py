@@ -36,10 +36,10 @@ def launch_env(extra: dict | None = None) -> dict:
 
 
 def launch_command(script: str, args: list[str], *, num_processes: int = 1, mixed_precision: str = "no",
-                   engine: tuple[str, ...] = ("--multi_gpu",)) -> list[str]:
+                   engine: tuple[str, ...] = ("--multi_gpu",), num_machines: int = 1) -> list[str]:
     """`engine`: the launcher's flags for several processes (DDP by default; e.g. ("--use_fsdp", ...))."""
     command = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", str(num_processes),
-               "--num_machines", "1", "--mixed_precision", mixed_precision, "--dynamo_backend", "no"]
+               "--num_machines", str(num_machines), "--mixed_precision", mixed_precision, "--dynamo_backend", "no"]
     if num_processes > 1:
         command += list(engine)
     return command + [str(REPO / script), *map(str, args)]

@@ -58,3 +58,33 @@ def test_refusals_name_the_flags_and_the_engine():
     assert refusals(EngineConfig(DEEPSPEED, zero_stage=2), RunShape(lora=True)) == []   # LoRA under ZeRO-2 runs
     assert refusals(EngineConfig(), RunShape(lora=True, ema=True)) == []                 # DDP: nothing to refuse
 
+
+
+def test_fingerprints_change_with_any_file_and_disagreements_name_the_processes(tmp_path):
+    from sdft.agreement import disagreements, fingerprint, model_files
+
+    model = tmp_path / "model"
+    (model / "unet").mkdir(parents=True)
+    (model / "notes").mkdir()
+    (model / "model_index.json").write_text('{"unet": ["diffusers", "UNet2DConditionModel"], "_class_name": "x"}')
+    weights = model / "unet" / "diffusion_pytorch_model.safetensors"
+    weights.write_bytes(bytes(3 << 20))
+    assert model_files(model) == [model / "model_index.json", model / "unet"]   # not the folders it does not name
+    before = fingerprint(*model_files(model))
+    (model / "notes" / "a.txt").write_text("beside the model")
+    assert fingerprint(*model_files(model)) == before
+    with weights.open("r+b") as handle:
+        handle.seek((3 << 20) - 10)
+        handle.write(b"x")   # the tail of a large file
+    after = fingerprint(*model_files(model))
+    assert after != before
+
+    seen = [{"the model files": before, "the data": "d"}, {"the model files": after, "the data": "d"}]
+    assert disagreements(seen) == [f"the model files (process 0: {before}, process 1: {after})"]
+    assert disagreements(seen[:1] * 2) == []
+
+
+def test_one_process_owns_its_output_folder(tmp_path, accelerator):
+    from sdft.nodes import Layout, output_layout
+
+    assert output_layout(accelerator, tmp_path / "out") == Layout.single()
