@@ -89,7 +89,15 @@ from sdft.plots import Pictures
 from sdft.run_stats import RunStats
 from sdft.sample_prompts import SamplePrompt
 from sdft.sample_prompts import load as load_sample_prompts
-from sdft.sharding import DDP, Sharding, enable_cpu_fsdp, engine_of, fill_deepspeed_batch, wrap_by_blocks
+from sdft.sharding import (
+    DDP,
+    Sharding,
+    enable_cpu_fsdp,
+    engine_of,
+    fill_deepspeed_batch,
+    loadable_by_rank0,
+    wrap_by_blocks,
+)
 from sdft.stepping import OptimizerStepper, ParamUpdater
 from sdft.textual_inversion import TokenEmbeddings, TokenPlan, build_token_embeddings, check_abstractions_used, stop_step
 from sdft.trainable import (
@@ -301,6 +309,7 @@ def build_run(args: argparse.Namespace, family: Family, make_objective, accelera
                                       total_steps=max_train_steps, num_processes=accelerator.num_processes,
                                       num_cycles=args.lr_num_cycles, power=args.lr_power)
     fill_deepspeed_batch(accelerator, args.train_batch_size)
+    loadable_by_rank0(accelerator, trained)
     *prepared, optimizer, lr_scheduler = accelerator.prepare(*trained.values(), optimizer, lr_scheduler)
     prepared = dict(zip(trained, prepared))
     # After prepare: FSDP2 replaces the parameters with sharded ones, which clipping must see.

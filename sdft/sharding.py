@@ -156,6 +156,21 @@ def wrap_by_blocks(accelerator) -> None:
         plugin.auto_wrap_policy = transformer_auto_wrap_policy
 
 
+def loadable_by_rank0(accelerator, modules: dict[str, torch.nn.Module]) -> None:
+    """accelerate's CPU-RAM-efficient loading (rank 0's weights broadcast into the others' empty
+    shards) treats every state-dict entry as a sharded parameter, and fails on a persistent buffer
+    (SD3's `pos_embed.pos_embed`): such models keep the weights every rank loaded."""
+    plugin = getattr(accelerator.state, "fsdp_plugin", None)
+    if plugin is None or not plugin.cpu_ram_efficient_loading:
+        return
+    buffers = [f"{role}.{name}" for role, module in modules.items()
+               for name, _ in module.named_buffers() if name in module.state_dict()]
+    if buffers:
+        logger.info("FSDP: CPU-RAM-efficient loading is off (persistent buffers such as %s); every process "
+                    "keeps the weights it loaded until they are sharded.", buffers[0])
+        plugin.cpu_ram_efficient_loading = False
+
+
 def fill_deepspeed_batch(accelerator, batch_size: int) -> None:
     """DeepSpeed needs the per-device batch; accelerate takes it from a dataloader prepared in the same
     call as the model, but sdft prepares the dataloader first. An "auto" (or absent) value gets

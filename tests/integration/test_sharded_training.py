@@ -2,11 +2,13 @@
 `accelerate launch --use_fsdp --fsdp_version 2` (the checkpoint is sharded, a resumed run equals an
 uninterrupted one exactly, and the exports equal what DDP writes for the same steps), and two
 "machines" on this host (`--num_machines 2 --machine_rank 0/1 --main_process_ip 127.0.0.1`), each
-with its own output folder. At most two launches run at a time (about 3 GiB)."""
+with its own output folder. Launches run one at a time (the two machines of a multi-machine run
+together), under 3 GiB."""
 
 from __future__ import annotations
 
 import shutil
+import socket
 import subprocess
 from pathlib import Path
 
@@ -25,24 +27,32 @@ UNET = Path("unet") / "diffusion_pytorch_model.safetensors"
 LORA = Path("pytorch_lora_weights.safetensors")
 
 
-def two_machines(rank: int) -> tuple[str, ...]:
-    return ("--multi_gpu", "--machine_rank", str(rank), "--main_process_ip", "127.0.0.1")
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
 
 
-def launch_together(runs: list[tuple[tuple[str, ...], list]], check: bool = True) -> list[str]:
-    """Several 2-process launches at once (each on its own port, but the machines of one multi-machine
-    run); returns their logs."""
-    started = []
-    for port, (engine, args) in enumerate(runs, start=29531):
-        machines = 2 if "--machine_rank" in engine else 1
-        port = 29541 if machines == 2 else port
-        command = launch_command(SCRIPT, args, num_processes=2, engine=(*engine, "--main_process_port", str(port)),
-                                 num_machines=machines)
-        started.append(subprocess.Popen(command, cwd=REPO, env=launch_env({"ACCELERATE_USE_CPU": "1"}),
-                                        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
+def launch(engine: tuple[str, ...], args: list) -> str:
+    """One 2-process launch; returns its log."""
+    return launch_together([launch_command(SCRIPT, args, num_processes=2, engine=(*engine, "--main_process_port", "0"))])[0]
+
+
+def launch_machines(args_per_machine: list[list]) -> list[str]:
+    """One run on two "machines" of one process each, started together on this host."""
+    port = str(free_port())
+    return launch_together([
+        launch_command(SCRIPT, args, num_processes=2, num_machines=2, engine=(
+            "--multi_gpu", "--machine_rank", str(rank), "--main_process_ip", "127.0.0.1", "--main_process_port", port))
+        for rank, args in enumerate(args_per_machine)])
+
+
+def launch_together(commands: list[list[str]]) -> list[str]:
+    started = [subprocess.Popen(command, cwd=REPO, env=launch_env({"ACCELERATE_USE_CPU": "1"}),
+                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for command in commands]
     logs = [process.communicate(timeout=600)[0] for process in started]
     for process, log in zip(started, logs):
-        assert process.returncode == 0 or not check, log[-6000:]
+        assert process.returncode == 0, log[-6000:]
     return logs
 
 
@@ -58,9 +68,9 @@ def test_fsdp2_checkpoints_in_shards_resumes_exactly_and_exports_what_ddp_writes
     # all-reduce of near-zero gradients into weight differences proportional to the learning rate.
     steps = ["--max_train_steps", "4", "--learning_rate", "1e-4"]
     lora_steps = ["--max_train_steps", "3", "--use_lora", "--rank", "4"]
-    logs = launch_together([(FSDP2, sd_args(tiny_sd, image_folder, full, *steps, "--checkpointing_steps", "2")),
-                            (DDP, sd_args(tiny_sd, image_folder, ddp, *steps))])
-    assert "FSDP2 on CPU processes (gloo)" in logs[0] and "engine = fsdp" in logs[0]
+    log = launch(FSDP2, sd_args(tiny_sd, image_folder, full, *steps, "--checkpointing_steps", "2"))
+    assert "FSDP2 on CPU processes (gloo)" in log and "engine = fsdp" in log
+    launch(DDP, sd_args(tiny_sd, image_folder, ddp, *steps))
 
     # The checkpoint holds accelerate's sharded model and optimizer: one file per rank each.
     checkpoint = full / "checkpoint-2"
@@ -70,16 +80,15 @@ def test_fsdp2_checkpoints_in_shards_resumes_exactly_and_exports_what_ddp_writes
     assert max_difference(full / UNET, ddp / UNET) <= 1e-6
 
     shutil.copytree(full, resumed, ignore=shutil.ignore_patterns("checkpoint-4", "unet"))
-    launch_together([(FSDP2, sd_args(tiny_sd, image_folder, resumed, *steps, "--checkpointing_steps", "2",
-                                     "--resume_from_checkpoint", "latest")),
-                     (FSDP2, sd_args(tiny_sd, image_folder, lora, *lora_steps))])
+    launch(FSDP2, sd_args(tiny_sd, image_folder, resumed, *steps, "--checkpointing_steps", "2",
+                          "--resume_from_checkpoint", "latest"))
+    launch(FSDP2, sd_args(tiny_sd, image_folder, lora, *lora_steps))
     assert max_difference(full / UNET, resumed / UNET) == 0.0
 
     # Two machines, each with its own output folder: each keeps complete checkpoints and its own cache.
     machines = [tmp_path / f"machine{rank}" for rank in (0, 1)]
     cached = [*steps, "--checkpointing_steps", "2", "--cache_latents_to_disk"]
-    logs = launch_together([(two_machines(rank), sd_args(tiny_sd, image_folder, folder, *cached))
-                            for rank, folder in enumerate(machines)])
+    logs = launch_machines([sd_args(tiny_sd, image_folder, folder, *cached) for folder in machines])
     assert "is not shared between the machines" in logs[0] + logs[1]
     for folder in machines:
         assert {"scheduler.bin", "optimizer.bin", "unet"} <= {p.name for p in (folder / "checkpoint-2").iterdir()}
@@ -87,9 +96,9 @@ def test_fsdp2_checkpoints_in_shards_resumes_exactly_and_exports_what_ddp_writes
     again = [tmp_path / f"again{rank}" for rank in (0, 1)]
     for folder, copy in zip(machines, again):
         shutil.copytree(folder, copy, ignore=shutil.ignore_patterns("checkpoint-4", "unet"))
-    launch_together([(two_machines(rank), sd_args(tiny_sd, image_folder, folder, *cached, "--resume_from_checkpoint",
-                                                  "latest")) for rank, folder in enumerate(again)]
-                    + [(DDP, sd_args(tiny_sd, image_folder, ddp_lora, *lora_steps))])
+    launch_machines([sd_args(tiny_sd, image_folder, folder, *cached, "--resume_from_checkpoint", "latest")
+                     for folder in again])
+    launch(DDP, sd_args(tiny_sd, image_folder, ddp_lora, *lora_steps))
     assert max_difference(machines[0] / UNET, again[0] / UNET) == 0.0
     assert max_difference(lora / LORA, ddp_lora / LORA) <= 1e-6
 
