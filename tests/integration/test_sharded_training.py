@@ -118,6 +118,7 @@ def test_a_sharded_run_refuses_what_it_cannot_do_before_loading_a_model(tiny_sd,
     monkeypatch.setenv("ACCELERATE_USE_DEEPSPEED", "true")
     monkeypatch.setenv("ACCELERATE_DEEPSPEED_ZERO_STAGE", "3")
     with pytest.raises((CliError, SystemExit)):
-        train_text_to_image.parse_args(sd_args(tiny_sd, image_folder, tmp_path / "out", "--use_ema", "--use_lora"))
+        train_text_to_image.parse_args(list(map(str, sd_args(tiny_sd, image_folder, tmp_path / "out", "--use_lora",
+                                                              "--validation_split", "0.25"))))
     message = capsys.readouterr().err
-    assert "DeepSpeed ZeRO-3" in message and "--use_ema" in message and "--use_lora" in message
+    assert "DeepSpeed ZeRO-3" in message and "--validation_split" in message and "--use_lora" in message
