@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import logging
 import os
+import time
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,6 +21,7 @@ from pathlib import Path
 from accelerate.utils import broadcast_object_list, gather_object
 
 logger = logging.getLogger("sdft")
+VISIBLE_WITHIN_S = 5.0
 
 
 @dataclass(frozen=True)
@@ -44,7 +46,7 @@ def output_layout(accelerator, output_dir: Path) -> Layout:
     if accelerator.is_main_process:
         marker.write_text(token)
     accelerator.wait_for_everyone()
-    shared = all(gather_object([marker.is_file()]))
+    shared = all(gather_object([appears(marker, VISIBLE_WITHIN_S)]))
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         marker.unlink()
@@ -55,6 +57,17 @@ def output_layout(accelerator, output_dir: Path) -> Layout:
         layout = Layout(False, accelerator.local_process_index, local, accelerator.is_local_main_process)
     describe(layout, accelerator.num_processes, output_dir)
     return layout
+
+
+def appears(path: Path, seconds: float) -> bool:
+    """Whether `path` exists now or within `seconds`: a network file system may show another
+    machine's new file only after its attribute cache expires (NFS: a few seconds)."""
+    deadline = time.monotonic() + seconds
+    while not path.is_file():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.2)
+    return True
 
 
 def describe(layout: Layout, num_processes: int, output_dir: Path) -> None:

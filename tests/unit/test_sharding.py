@@ -88,3 +88,14 @@ def test_one_process_owns_its_output_folder(tmp_path, accelerator):
     from sdft.nodes import Layout, output_layout
 
     assert output_layout(accelerator, tmp_path / "out") == Layout.single()
+
+
+def test_a_marker_written_a_moment_later_still_counts_as_shared(tmp_path):
+    import threading
+
+    from sdft.nodes import appears
+
+    marker = tmp_path / "marker"
+    threading.Timer(0.3, marker.write_text, args=("x",)).start()
+    assert appears(marker, seconds=3)
+    assert not appears(tmp_path / "never", seconds=0.3)
