@@ -35,6 +35,7 @@ from sdft.checkpointing import (
     read_position,
     resolve_resume,
 )
+from sdft.checks import dataset_config_defaults, subset_conflicts
 from sdft.data.archives import data_folder
 from sdft.data.buckets import BucketPlan, BucketSettings, captioned_image_sizes
 from sdft.data.buckets import log_plan as log_buckets
@@ -290,8 +291,8 @@ def build_run(args: argparse.Namespace, family: Family, make_objective, accelera
     trained, new_tokens = build_trained(args, family, models, placement, seed)
     ema = None
     if args.use_ema:
-        ema = EMA(ema_start(family, source, trained[family.denoiser_role], args), family.denoiser_role,
-                  accelerator.device, foreach=args.foreach_ema, offload=args.offload_ema, decay=args.ema_decay)
+        ema = EMA(ema_start(family, source, trained, args), accelerator.device, foreach=args.foreach_ema,
+                  offload=args.offload_ema, decay=args.ema_decay)
     objective = make_objective(args, models.noise_scheduler, accelerator.device)
     groups = param_groups(trained, family.denoiser_role, args.text_encoder_lr, args.adam_weight_decay_text_encoder,
                           encoder_lrs(args, family), new_token_params=new_tokens.params() if new_tokens else None)
@@ -479,12 +480,13 @@ def load_models(family: Family, source: ModelSource):
         raise MissingFileError(f"Could not load the model '{source.path}': {err}") from err
 
 
-def ema_start(family: Family, source: ModelSource, denoiser: torch.nn.Module,
-              args: argparse.Namespace) -> torch.nn.Module:
-    """The EMA starts from --revision; with --non_ema_revision the trained copy came from elsewhere."""
-    if args.non_ema_revision not in (None, args.revision):
-        return family.load_denoiser(source)
-    return denoiser
+def ema_start(family: Family, source: ModelSource, trained: dict[str, torch.nn.Module],
+              args: argparse.Namespace) -> dict[str, torch.nn.Module]:
+    """Where the average of each trained model starts: the denoiser's from --revision (with
+    --non_ema_revision the trained copy came from elsewhere); a trained text encoder's from itself."""
+    if args.non_ema_revision not in (None, args.revision) and family.denoiser_role in trained:
+        return {**trained, family.denoiser_role: family.load_denoiser(source)}
+    return dict(trained)
 
 
 def log_run(run: Run, num_examples: int, batch_size: int, accumulation: int) -> None:
@@ -555,7 +557,7 @@ def model_card(args: argparse.Namespace, run: Run) -> hub.CardInfo:
                   "mixed precision": run.accelerator.mixed_precision,
                   **({"LoRA rank": args.rank} if args.use_lora else {}),
                   **({"EMA": "yes"} if run.trained.ema is not None else {})},
-        ui_files=ui_files(args, run),
+        ui_files=ui_files(args, run), clip_skip=args.clip_skip, max_token_length=args.max_token_length,
     )
 
 
@@ -663,40 +665,6 @@ def caption_augment(args: argparse.Namespace) -> CaptionAugment:
         separator=args.caption_separator, secondary_separator=args.secondary_separator,
         dropout_rate=args.caption_dropout_rate, dropout_every_n_epochs=args.caption_dropout_every_n_epochs,
         tag_dropout_rate=args.caption_tag_dropout_rate)
-
-
-def dataset_config_defaults(args: argparse.Namespace) -> dict:
-    """The command-line values a --dataset_config overrides, under kohya's key names. random_crop is
-    the opposite of --center_crop: without --center_crop our crops are random."""
-    return {
-        "resolution": args.resolution, "batch_size": args.train_batch_size, "enable_bucket": args.enable_bucket,
-        "min_bucket_reso": args.min_bucket_reso, "max_bucket_reso": args.max_bucket_reso,
-        "bucket_reso_steps": args.bucket_reso_steps, "bucket_no_upscale": args.bucket_no_upscale,
-        "num_repeats": 1, "caption_extension": args.caption_extension, "keep_tokens": args.keep_tokens,
-        "keep_tokens_separator": args.keep_tokens_separator, "shuffle_caption": args.shuffle_caption,
-        "caption_separator": args.caption_separator, "secondary_separator": args.secondary_separator,
-        "caption_dropout_rate": args.caption_dropout_rate,
-        "caption_dropout_every_n_epochs": args.caption_dropout_every_n_epochs,
-        "caption_tag_dropout_rate": args.caption_tag_dropout_rate, "flip_aug": args.random_flip,
-        "random_crop": not args.center_crop,
-        # Config keys only: our --caption_prefix prefixes generated captions (--caption_model).
-        "caption_prefix": "", "caption_suffix": "", "enable_wildcard": False,
-    }
-
-
-def subset_conflicts(args: argparse.Namespace) -> list[str]:
-    """Flags a --dataset_config or N_name-folder run cannot honour yet (each subset is read as it is)."""
-    conflicts = {
-        "--validation_split": args.validation_split > 0, "--validation_data_dir": args.validation_data_dir is not None,
-        "--max_train_samples": args.max_train_samples is not None,
-        "--caption_model": args.caption_model is not None, "--upscale_model": args.upscale_model is not None,
-        "--masked_loss": args.masked_loss, "--crop_to_mask": args.crop_to_mask, "--alpha_mask": args.alpha_mask,
-        "--mask_data_dir": args.mask_data_dir is not None, "--mask_model": args.mask_model is not None,
-        "--with_prior_preservation (use an is_reg subset)": args.with_prior_preservation,
-        "--proportion_empty_prompts (use caption_dropout_rate)": args.proportion_empty_prompts > 0,
-        "--repeats (use num_repeats)": args.repeats != 1,
-    }
-    return [flag for flag, on in conflicts.items() if on]
 
 
 def config_data(args: argparse.Namespace, seed: int, accelerator: Accelerator, family: Family) -> SubsetDataset:

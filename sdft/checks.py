@@ -19,7 +19,6 @@ from typing import AbstractSet, Sequence
 import torch
 
 from sdft import sample_prompts, samplers
-from sdft.builders import dataset_config_defaults, subset_conflicts
 from sdft.checkpointing import resolve_resume
 from sdft.cli import TRACKERS
 from sdft.data.archives import ARCHIVE_SUFFIXES, is_archive
@@ -60,6 +59,50 @@ from sdft.textual_inversion import TokenPlan, check_abstractions_used
 Given = AbstractSet[str]   # the dests typed on the command line
 LATENT_MULTIPLE = 8        # the VAE's downsampling: bucket sides are multiples of it
 SD3_LATENT_MULTIPLE = 16   # SD3: VAE 8 x transformer patch 2
+# Issue 16: SD3 puts CLIP-L/G states (77 positions, channels side by side) before T5's on the sequence
+# axis; diffusers' pipeline, kohya's SD3 scripts and Stability's reference inference code (which encodes
+# only the first 77-token window) all give CLIP one 77-token sequence, so chunked CLIP states would
+# train a conditioning those readers never produce. T5 is SD3's channel for long text.
+SD3_LONG_PROMPTS = ("--max_token_length (75-token CLIP chunks) is for SD 1.x/2.x and SDXL. SD3 reads long captions "
+                    "through T5: raise --max_sequence_length (T5 tokens, up to 512; the pipeline takes the same "
+                    "max_sequence_length at inference). SD3's CLIP-L/G part stays one 77-token sequence, as diffusers' "
+                    "SD3 pipeline, kohya's SD3 scripts and Stability's reference code encode it; chunks there would "
+                    "train a conditioning that inference does not give.")
+
+
+def dataset_config_defaults(args: argparse.Namespace) -> dict:
+    """The command-line values a --dataset_config overrides, under kohya's key names. random_crop is
+    the opposite of --center_crop: without --center_crop our crops are random."""
+    return {
+        "resolution": args.resolution, "batch_size": args.train_batch_size, "enable_bucket": args.enable_bucket,
+        "min_bucket_reso": args.min_bucket_reso, "max_bucket_reso": args.max_bucket_reso,
+        "bucket_reso_steps": args.bucket_reso_steps, "bucket_no_upscale": args.bucket_no_upscale,
+        "num_repeats": 1, "caption_extension": args.caption_extension, "keep_tokens": args.keep_tokens,
+        "keep_tokens_separator": args.keep_tokens_separator, "shuffle_caption": args.shuffle_caption,
+        "caption_separator": args.caption_separator, "secondary_separator": args.secondary_separator,
+        "caption_dropout_rate": args.caption_dropout_rate,
+        "caption_dropout_every_n_epochs": args.caption_dropout_every_n_epochs,
+        "caption_tag_dropout_rate": args.caption_tag_dropout_rate, "flip_aug": args.random_flip,
+        "random_crop": not args.center_crop,
+        # Config keys only: our --caption_prefix prefixes generated captions (--caption_model).
+        "caption_prefix": "", "caption_suffix": "", "enable_wildcard": False,
+    }
+
+
+def subset_conflicts(args: argparse.Namespace) -> list[str]:
+    """Flags a --dataset_config or N_name-folder run cannot honour yet (each subset is read as it is)."""
+    conflicts = {
+        "--validation_split": args.validation_split > 0, "--validation_data_dir": args.validation_data_dir is not None,
+        "--max_train_samples": args.max_train_samples is not None,
+        "--caption_model": args.caption_model is not None, "--upscale_model": args.upscale_model is not None,
+        "--masked_loss": args.masked_loss, "--crop_to_mask": args.crop_to_mask, "--alpha_mask": args.alpha_mask,
+        "--mask_data_dir": args.mask_data_dir is not None, "--mask_model": args.mask_model is not None,
+        "--with_prior_preservation (use an is_reg subset)": args.with_prior_preservation,
+        "--proportion_empty_prompts (use caption_dropout_rate)": args.proportion_empty_prompts > 0,
+        "--repeats (use num_repeats)": args.repeats != 1,
+    }
+    return [flag for flag, on in conflicts.items() if on]
+
 
 def check_positive(args: argparse.Namespace, given: Given) -> None:
     check_finite_floats(args)
@@ -501,6 +544,13 @@ def check_textual_inversion(args: argparse.Namespace, given: Given) -> None:
                   "all there is to train, so they train for every step", file=sys.stderr)
 
 
+def check_sd3_text_lengths(max_sequence_length: int, max_token_length: int | None) -> None:
+    if not 1 <= max_sequence_length <= 512:
+        raise CliError(f"--max_sequence_length must be between 1 and 512 (T5's limit), got {max_sequence_length}.")
+    if max_token_length is not None:
+        raise CliError(SD3_LONG_PROMPTS)
+
+
 def check_sd3(args: argparse.Namespace, given: Given) -> None:
     if args.dataset_config is not None:
         read_config(args, SD3_LATENT_MULTIPLE)
@@ -508,8 +558,7 @@ def check_sd3(args: argparse.Namespace, given: Given) -> None:
         # VAE 8 x transformer patch 2.
         raise CliError(f"--bucket_reso_steps must be a positive multiple of {SD3_LATENT_MULTIPLE}, "
                        f"got {args.bucket_reso_steps}.")
-    if not 1 <= args.max_sequence_length <= 512:
-        raise CliError(f"--max_sequence_length must be between 1 and 512 (T5's limit), got {args.max_sequence_length}.")
+    check_sd3_text_lengths(args.max_sequence_length, args.max_token_length)
     if args.precondition_outputs not in (0, 1):
         raise CliError(f"--precondition_outputs must be 0 or 1, got {args.precondition_outputs}.")
     if args.text_encoder_lr <= 0:

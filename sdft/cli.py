@@ -447,6 +447,9 @@ def add_sd3_text_args(parser: argparse.ArgumentParser) -> None:
                    help="Mask T5's padding tokens: T5 attends only to the prompt's tokens and the padding "
                         "positions are zeroed, in training, the text cache and validation (kohya's flag). "
                         "Default: off, as the SD3 pipeline.")
+    g.add_argument("--max_token_length", type=int, default=None,
+                   help="Not for SD3 (refused, with the reason): long captions reach SD3 through T5, so raise "
+                        "--max_sequence_length instead; CLIP-L/G stay one 77-token sequence.")
 
 
 def add_pos_embed_args(parser: argparse.ArgumentParser) -> None:

@@ -51,6 +51,8 @@ class CardInfo:
     pictures: list[str] = field(default_factory=list)                   # loss.png, validation/grid.png
     run_summary: dict = field(default_factory=dict)                     # sdft.run_stats summary lines
     best_val_loss: tuple[float, int] | None = None                      # (val_loss, step) on held-out images
+    clip_skip: int | None = None          # --clip_skip in kohya's / A1111's numbering (2 = the penultimate layer)
+    max_token_length: int | None = None   # --max_token_length: captions encoded in 75-token chunks
 
 
 def on_hub(model: str) -> bool:
@@ -89,7 +91,9 @@ def card_body(info: CardInfo) -> str:
     if info.embeddings is not None and not info.embeddings.in_pipeline:
         lines += embedding_lines(info.embeddings)
     prompt = info.validation[0][1] if info.validation else (info.instance_prompt or "a photo")
-    lines += ['pipe.to("cuda")', f"image = pipe({json.dumps(prompt)}).images[0]", "```", ""]
+    skip = f", clip_skip={info.clip_skip - 1}" if info.clip_skip and info.clip_skip > 1 else ""
+    lines += ['pipe.to("cuda")', f"image = pipe({json.dumps(prompt)}{skip}).images[0]", "```", ""]
+    lines += text_encoding_notes(info.clip_skip, info.max_token_length)
     if info.embeddings is not None:
         lines += embedding_notes(info.embeddings)
     lines += ui_section(info.ui_files)
@@ -103,6 +107,22 @@ def card_body(info: CardInfo) -> str:
         value, step = info.best_val_loss
         lines += [f"Best validation loss on held-out images: {value:.6f} at step {step}.", ""]
     return "\n".join(lines)
+
+
+def text_encoding_notes(clip_skip: int | None, max_token_length: int | None) -> list[str]:
+    """How to prompt the way training encoded the captions. kohya and A1111 count clip skip from 1 (the
+    last layer); diffusers' pipelines count the layers skipped, one lower; ComfyUI's CLIPSetLastLayer
+    takes the negative layer index."""
+    lines = []
+    if clip_skip and clip_skip > 1:
+        lines += [f"Trained with clip skip {clip_skip} (kohya's and A1111's numbering): diffusers counts one lower, "
+                  f"hence `clip_skip={clip_skip - 1}` above; set \"Clip skip\" to {clip_skip} in A1111/Forge and "
+                  f"`stop_at_clip_layer` to -{clip_skip} in ComfyUI's CLIPSetLastLayer node.", ""]
+    if max_token_length:
+        lines += [f"Trained with captions of up to {max_token_length} tokens, encoded in 75-token chunks as "
+                  "A1111, Forge and ComfyUI encode long prompts. diffusers' pipelines cut prompts at 77 tokens: "
+                  "for longer prompts there, pass `prompt_embeds` encoded in chunks the same way.", ""]
+    return lines
 
 
 def embedding_lines(embeddings: EmbeddingsInfo) -> list[str]:

@@ -205,7 +205,7 @@ def save_outputs(run: Run, modules: dict[str, torch.nn.Module]) -> None:
     """`modules`: the trained modules with their full weights (gathered from the shards when sharded)."""
     family, output_dir, trained, plan = run.family, run.output_dir, run.trained, run.export
     if trained.ema is not None:
-        trained.ema.copy_to(modules[family.denoiser_role].parameters())
+        trained.ema.copy_to(modules)   # the denoiser and any fully trained text encoder
     extra = family.export_modules(run.models, run.source)
     new_tokens = run.token_embeddings
     embeddings_file = new_tokens.export(output_dir) if new_tokens is not None else None

@@ -158,7 +158,7 @@ def training_step(run_state: Run, batch: dict, micro_step: int) -> tuple[torch.T
     if learn_tokens and accelerator.sync_gradients:
         new_tokens.restore()
     if update and accelerator.sync_gradients and run_state.trained.ema is not None:
-        run_state.trained.ema.step(run_state.trained.modules[family.denoiser_role].parameters())
+        run_state.trained.ema.step(run_state.trained.modules)
     run_state.stats.lap("optimizer")
     return loss, per_sample.detach()
 
@@ -240,7 +240,7 @@ def sample_set_images(run_state: Run, phase: str, step: int, folder: str) -> lis
     variants = {}
     ema = run_state.trained.ema
     if ema is not None:
-        with ema.swapped_in(run_state.trained.modules[run_state.family.denoiser_role]):
+        with ema.swapped_in(run_state.trained.modules):
             variants["ema"], _ = sample_with(run_state)
     variants["raw"], makers = sample_with(run_state)
     paths = []

@@ -17,7 +17,6 @@ nothing behind.
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import os
 import shutil
@@ -33,6 +32,7 @@ from accelerate.utils import broadcast_object_list
 
 from sdft.data.sources import IMAGE_SUFFIXES
 from sdft.errors import DataError
+from sdft.file_digest import sha256_of
 
 logger = logging.getLogger(__name__)
 
@@ -58,11 +58,7 @@ def is_archive(path: str | os.PathLike) -> bool:
 
 
 def archive_digest(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for chunk in iter(lambda: handle.read(_CHUNK), b""):
-            digest.update(chunk)
-    return digest.hexdigest()[:16]
+    return sha256_of(path)[:16]
 
 
 def extraction_folder(archive: Path, cache_root: Path) -> Path:

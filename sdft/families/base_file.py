@@ -6,13 +6,13 @@ model loads. diffusers' shape-based model-type guess reads small SDXL and SD3 fi
 (issue 16), so the family is told by key names, the prefixes each original layout uses.
 
 Then diffusers' single-file loader (`Pipeline.from_single_file`) converts it once into a diffusers
-folder, cached by the file's content hash; the run uses that folder like any other base. A file
-without some component (SD3 without T5) gets it from the config source, and the log says so.
+folder, cached by the file's content hash (remembered per path, size and mtime); the run uses that
+folder like any other base. A file without some component (SD3 without T5) gets it from the config
+source, and the log says so.
 """
 
 from __future__ import annotations
 
-import hashlib
 import importlib
 import logging
 import os
@@ -26,6 +26,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 
 from sdft.errors import CliError
+from sdft.file_digest import remembered_sha256
 from sdft.noise_schedule import scheduler_with, settings_for
 
 logger = logging.getLogger("sdft")
@@ -152,20 +153,13 @@ def check_vae_file(value: str) -> None:
         raise CliError(f"{flag} '{value}' holds no VAE weights (no encoder./decoder. keys).")
 
 
-def content_hash(path: Path, chunk: int = 1 << 24) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        while block := handle.read(chunk):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def converted_folder(base: BaseFile, pipeline_cls, config: str | None, cache_root: Path,
                      local_files_only: bool) -> Path:
     """The diffusers folder of `base`, converted once per file content. A second process converting
     the same file at the same time writes its own temporary folder; the first rename wins and the
-    other is dropped, so a reader never sees a half-written folder."""
-    folder = cache_root / f"{base.path.stem}-{content_hash(base.path)[:16]}"
+    other is dropped, so a reader never sees a half-written folder. The file's hash is remembered
+    beside the folders (sdft.file_digest), so a second run does not read the file again."""
+    folder = cache_root / f"{base.path.stem}-{remembered_sha256(base.path, cache_root)[:16]}"
     if marker_settings(base):
         logger.info("Single-file base %s: detected %s%s from its markers.", base.path,
                     "v-prediction" if base.v_pred else "epsilon prediction",

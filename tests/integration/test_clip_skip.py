@@ -4,6 +4,8 @@ validation images are generated from it."""
 
 from __future__ import annotations
 
+import re
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -84,7 +86,8 @@ def test_sd1_clip_skip_2_conditions_on_the_normed_penultimate_layer(tiny_sd, ima
 def test_sdxl_clip_skip_2_equals_the_pipeline_with_diffusers_clip_skip_1(tiny_sdxl, image_folder, tmp_path,
                                                                          monkeypatch):
     recorder = Recorder(monkeypatch, StableDiffusionXL, StableDiffusionXLPipeline)
-    argv = sd_args(tiny_sdxl, image_folder, tmp_path / "sdxl", "--max_train_steps", "1", "--report_to", "none",
+    out = tmp_path / "sdxl"
+    argv = sd_args(tiny_sdxl, image_folder, out, "--max_train_steps", "1", "--report_to", "none",
                    "--clip_skip", "2", "--validation_prompt", "a red circle", "--num_validation_images", "1")
     assert run(sdxl_script.main, sdxl_script.parse_args([str(a) for a in argv])) == 0
     base = StableDiffusionXLPipeline.from_pretrained(str(tiny_sdxl))
@@ -95,6 +98,8 @@ def test_sdxl_clip_skip_2_equals_the_pipeline_with_diffusers_clip_skip_1(tiny_sd
     assert torch.allclose(recorder.conditions[0], expected, atol=1e-6)
     assert not torch.allclose(expected, default, atol=1e-3)
     assert recorder.pipeline_calls and all(call["clip_skip"] == 1 for call in recorder.pipeline_calls)
+    card = (out / "README.md").read_text()   # the card's usage snippet asks diffusers for the same layer
+    assert re.search(r"image = pipe\(.*, clip_skip=1\)\.images\[0\]", card)
 
 
 def test_clip_skip_out_of_range_is_refused(tiny_sd, image_folder, tmp_path, capsys):

@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from diffusers import StableDiffusion3Pipeline, StableDiffusionPipeline, StableDiffusionXLPipeline
@@ -18,6 +19,7 @@ from safetensors.torch import load_file, save_file
 import train_dreambooth_sd3 as sd3_script
 import train_text_to_image as t2i
 import train_text_to_image_sdxl as sdxl_script
+from sdft import file_digest
 from sdft.builders import ddpm_objective
 from sdft.cli import run
 from sdft.families.sd import StableDiffusion
@@ -29,6 +31,7 @@ from sdft.tiny import build_sd3, make_images
 from tests.integration.conftest import generate, sd_args
 
 pytestmark = pytest.mark.integration
+real_sha256 = file_digest.sha256_of
 # One step whose learning rate is 0 (the first step of a warm-up): everything runs, no weight moves.
 ONE_STEP_NO_CHANGE = ["--max_train_steps", "1", "--lr_scheduler", "constant_with_warmup", "--lr_warmup_steps", "10",
                       "--report_to", "none", "--save_single_file", "--save_precision", "fp32"]
@@ -83,6 +86,8 @@ def test_sd1_single_file_full_run_converts_once_and_exports_the_same_file(tiny_s
                                                                            monkeypatch, caplog):
     base = write_single_file(StableDiffusion(), tiny_sd, "sd_v1", tmp_path / "merged.safetensors")
     conversions = Conversions(monkeypatch, StableDiffusionPipeline)
+    hashed = []
+    monkeypatch.setattr(file_digest, "sha256_of", lambda path: hashed.append(path) or real_sha256(path))
     cache = tmp_path / "hf-cache"
     for name in ("first", "second"):
         out = tmp_path / name
@@ -91,9 +96,9 @@ def test_sd1_single_file_full_run_converts_once_and_exports_the_same_file(tiny_s
         with caplog.at_level(logging.INFO, logger="sdft"):
             assert run(t2i.main, t2i.parse_args([str(a) for a in argv])) == 0
         assert_same_tensors(out / f"{name}.safetensors", base)
-    assert conversions.count == 1
+    assert conversions.count == 1 and len(hashed) == 1   # the second run neither converts nor reads the file
     assert "using the converted folder" in caplog.text
-    assert len(list((cache / "sdft-single-file" / "single_file").iterdir())) == 1
+    assert len([p for p in (cache / "sdft-single-file" / "single_file").iterdir() if p.is_dir()]) == 1
     pipe = StableDiffusionPipeline.from_pretrained(str(tmp_path / "second"), safety_checker=None)
     assert generate(pipe).shape == (32, 32, 3)
 
@@ -245,3 +250,43 @@ def test_sdxl_lora_trained_on_a_single_file_loads_on_that_file(tiny_sdxl, image_
     before = generate(pipe)
     pipe.load_lora_weights(str(out))
     assert not torch.equal(torch.from_numpy(generate(pipe)), torch.from_numpy(before))
+
+
+def merged_by_hand(transformer: torch.nn.Module, lora_file: Path, scale: float) -> None:
+    """W += scale * B @ A for each adapted linear, read straight from the LoRA file (no loader of ours
+    or diffusers' involved): the trained adapter merged."""
+    lora = load_file(lora_file)
+    modules = dict(transformer.named_modules())
+    downs = [k for k in lora if k.endswith(".lora_A.weight")]
+    assert downs
+    with torch.no_grad():
+        for down in downs:
+            name = down.removeprefix("transformer.").removesuffix(".lora_A.weight")
+            up = lora[down.replace(".lora_A.", ".lora_B.")]
+            modules[name].weight += scale * (up @ lora[down])
+
+
+def test_sd3_lora_trained_on_a_single_file_loads_on_that_file_as_merged(tmp_path):
+    config = sd3_base(tmp_path / "sd3-config")
+    base = write_single_file(StableDiffusion3(), config, "sd3", tmp_path / "sd35.safetensors")
+    images = make_images(tmp_path / "dog", num_images=2, layout="images")
+    out = tmp_path / "sd3-lora"
+    argv = ["--pretrained_model_name_or_path", base, "--single_file_config", config, "--instance_data_dir", images,
+            "--output_dir", out, "--instance_prompt", "a photo of sks dog", "--resolution", "32",
+            "--train_batch_size", "1", "--seed", "0", "--max_sequence_length", "16", "--max_train_steps", "2",
+            "--learning_rate", "1e-2", "--use_lora", "--rank", "4", "--report_to", "none"]
+    assert run(sd3_script.main, sd3_script.parse_args([str(a) for a in argv])) == 0
+
+    def single_file_pipeline():
+        pipe = StableDiffusion3Pipeline.from_single_file(str(base), config=str(config), local_files_only=True)
+        pipe.text_encoder_3.eval()   # diffusers 0.42 leaves a single file's T5 in train mode (dropout on)
+        return pipe
+
+    loaded = single_file_pipeline()
+    before = generate(loaded, max_sequence_length=16)
+    loaded.load_lora_weights(str(out))
+    with_lora = generate(loaded, max_sequence_length=16)
+    merged = single_file_pipeline()
+    merged_by_hand(merged.transformer, out / "pytorch_lora_weights.safetensors", scale=1.0)  # alpha = rank
+    assert not np.allclose(with_lora, before, atol=1e-3)
+    np.testing.assert_allclose(with_lora, generate(merged, max_sequence_length=16), atol=1e-5)

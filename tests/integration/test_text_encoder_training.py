@@ -8,8 +8,9 @@ import shutil
 
 import pytest
 import torch
-from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
+from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline, UNet2DConditionModel
 from safetensors.torch import load_file
+from transformers import CLIPTextModel
 
 import train_text_to_image as t2i
 import train_text_to_image_sdxl as sdxl_script
@@ -48,20 +49,6 @@ def assert_equal(a: dict, b: dict) -> None:
 
 def moved(a: dict, b: dict) -> bool:
     return any(not torch.equal(a[k], b[k]) for k in a)
-
-
-def test_sd1_full_text_encoder_training_resumes_exactly_and_loads(tiny_sd, image_folder, tmp_path):
-    straight, resumed = straight_and_resumed(t2i, tiny_sd, image_folder, tmp_path, "--train_text_encoder",
-                                             "--save_single_file", "--save_precision", "fp32")
-    base = StableDiffusionPipeline.from_pretrained(str(tiny_sd), safety_checker=None)
-    trained = StableDiffusionPipeline.from_pretrained(str(straight), safety_checker=None)
-    again = StableDiffusionPipeline.from_pretrained(str(resumed), safety_checker=None)
-    assert moved(states(base.text_encoder), states(trained.text_encoder))
-    assert_equal(states(trained.text_encoder), states(again.text_encoder))
-    assert_equal(states(trained.unet), states(again.unet))
-    single = StableDiffusionPipeline.from_single_file(str(straight / "straight.safetensors"), config=str(tiny_sd),
-                                                      local_files_only=True, safety_checker=None)
-    assert_equal(states(trained.text_encoder), states(single.text_encoder))
 
 
 def test_sd1_text_encoder_lora_resumes_exactly_and_loads(tiny_sd, image_folder, tmp_path):
@@ -123,3 +110,27 @@ def test_train_text_encoder_frac_stops_the_encoder_after_that_fraction(tiny_sd, 
     with pytest.raises(SystemExit):
         t2i.parse_args([str(x) for x in sd_args(tiny_sd, image_folder, half, "--train_text_encoder_frac", "0.5")])
     assert "add --train_text_encoder" in capsys.readouterr().err
+
+
+def test_sd1_full_text_encoder_training_with_ema_resumes_exactly_and_exports_the_averages(tiny_sd, image_folder,
+                                                                                         tmp_path):
+    """--use_ema averages the trained text encoder too (issue 16): the folder and the single file hold
+    the averaged encoder and UNet, not the last raw weights."""
+    straight, resumed = straight_and_resumed(t2i, tiny_sd, image_folder, tmp_path, "--train_text_encoder", "--use_ema",
+                                             "--save_single_file", "--save_precision", "fp32")
+    last = straight / "checkpoint-4"
+    raw_encoder = states(CLIPTextModel.from_pretrained(str(last / "text_encoder")))
+    averaged = load_file(last / "text_encoder_ema" / "ema.safetensors")
+    exported = StableDiffusionPipeline.from_pretrained(str(straight), safety_checker=None)
+    encoder = states(exported.text_encoder)
+    assert averaged.keys() <= encoder.keys()
+    assert all(torch.equal(encoder[k], averaged[k]) for k in averaged)   # the folder holds the EMA weights
+    assert moved({k: raw_encoder[k] for k in averaged}, averaged)
+    assert moved(states(StableDiffusionPipeline.from_pretrained(str(tiny_sd), safety_checker=None).text_encoder), encoder)
+    assert_equal(states(exported.unet), states(UNet2DConditionModel.from_pretrained(str(last / "unet_ema"))))
+    single = StableDiffusionPipeline.from_single_file(str(straight / "straight.safetensors"), config=str(tiny_sd),
+                                                      local_files_only=True, safety_checker=None)
+    assert all(torch.equal(states(single.text_encoder)[k], averaged[k]) for k in averaged)
+    again = StableDiffusionPipeline.from_pretrained(str(resumed), safety_checker=None)
+    assert_equal(encoder, states(again.text_encoder))
+    assert_equal(states(exported.unet), states(again.unet))

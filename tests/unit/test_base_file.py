@@ -3,6 +3,8 @@ single-file VAE for SDXL."""
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 import shutil
 
@@ -11,6 +13,7 @@ import torch
 from diffusers import StableDiffusionPipeline
 from safetensors.torch import save_file
 
+from sdft import file_digest
 from sdft.errors import CliError
 from sdft.families import base_file
 from sdft.families.sd import StableDiffusion
@@ -55,7 +58,8 @@ def test_two_processes_converting_at_once_leave_one_complete_folder(tmp_path, mo
 
     monkeypatch.setattr(os, "rename", racing_rename)
     folder = base_file.converted_folder(inspected, StableDiffusionPipeline, str(base), tmp_path / "cache", True)
-    assert [p.name for p in (tmp_path / "cache").iterdir()] == [folder.name]   # no staging folder left
+    # no staging folder left; the hash index beside the folder
+    assert sorted(p.name for p in (tmp_path / "cache").iterdir()) == sorted([folder.name, file_digest.INDEX_NAME])
     pipe = StableDiffusionPipeline.from_pretrained(str(folder), safety_checker=None)
     expected = family.load(ModelSource(str(base))).unet.state_dict()
     assert all(torch.equal(pipe.unet.state_dict()[k], v) for k, v in expected.items())
@@ -73,3 +77,33 @@ def test_sdxl_vae_from_one_file(tiny_sdxl, tmp_path):
     save_file({"model.diffusion_model.x": torch.zeros(1)}, str(bad))
     with pytest.raises(CliError, match="holds no VAE weights"):
         base_file.check_vae_file(str(bad))
+
+
+def test_a_file_is_hashed_once_until_its_size_or_mtime_changes(tmp_path, monkeypatch):
+    hashed = []
+    real = file_digest.sha256_of
+    monkeypatch.setattr(file_digest, "sha256_of", lambda path: hashed.append(path) or real(path))
+    weights = tmp_path / "model.safetensors"
+    weights.write_bytes(b"a" * 1000)
+    index = tmp_path / "cache"
+    first = file_digest.remembered_sha256(weights, index)
+    assert first == hashlib.sha256(b"a" * 1000).hexdigest() and len(hashed) == 1
+    assert file_digest.remembered_sha256(tmp_path / "." / "model.safetensors", index) == first   # same file
+    assert len(hashed) == 1
+    stat = weights.stat()
+    weights.write_bytes(b"b" * 1000)   # same size, new content; a touched mtime is what tells
+    os.utime(weights, ns=(stat.st_atime_ns, stat.st_mtime_ns + 1))
+    assert file_digest.remembered_sha256(weights, index) == hashlib.sha256(b"b" * 1000).hexdigest()
+    os.utime(weights, ns=(stat.st_atime_ns, stat.st_mtime_ns + 1))
+    weights.write_bytes(b"b" * 999)    # size changed
+    os.utime(weights, ns=(stat.st_atime_ns, stat.st_mtime_ns + 1))
+    assert file_digest.remembered_sha256(weights, index) == hashlib.sha256(b"b" * 999).hexdigest()
+    assert len(hashed) == 3
+
+
+def test_a_damaged_hash_index_counts_as_empty(tmp_path):
+    weights = tmp_path / "model.ckpt"
+    weights.write_bytes(b"weights")
+    (tmp_path / file_digest.INDEX_NAME).write_text("{not json")
+    assert file_digest.remembered_sha256(weights, tmp_path) == hashlib.sha256(b"weights").hexdigest()
+    assert str(weights.resolve()) in json.loads((tmp_path / file_digest.INDEX_NAME).read_text())

@@ -203,15 +203,15 @@ def test_crash_during_save_leaves_older_checkpoints_and_latest_alone(accelerator
 def test_save_load_round_trip(accelerator, trained, tmp_path):
     unet, optimizer = trained
     module = accelerator.unwrap_model(unet)
-    ema = EMA(module, "unet", torch.device("cpu"))
-    ema.step(module.parameters())
+    ema = EMA({"unet": module}, torch.device("cpu"))
+    ema.step({"unet": module})
     weights = TrainedWeights(pipeline_cls=StableDiffusionPipeline, modules={"unet": module}, lora=False, ema=ema)
     checkpointer = Checkpointer(accelerator, tmp_path / "out", total_limit=None, weights=weights)
     position = Position(global_step=3, epoch=1, batches_in_epoch=2, seed=42)
 
     saved_weights = weights_of(unet, accelerator)
     saved_adam = {k: v.clone() for k, v in optimizer.optimizer.state[next(iter(module.parameters()))].items()}
-    saved_ema = [p.clone() for p in ema.ema.shadow_params]
+    saved_ema = [p.clone() for p in ema.averages["unet"].shadow_params]
     folder = checkpointer.save(position)
 
     assert folder == tmp_path / "out" / "checkpoint-3"
@@ -223,7 +223,7 @@ def test_save_load_round_trip(accelerator, trained, tmp_path):
     assert not list(folder.glob("model*.safetensors")) and not list(folder.glob("pytorch_model*.bin"))
 
     take_step(unet, optimizer)
-    ema.step(module.parameters())
+    ema.step({"unet": module})
     with torch.no_grad():
         for param in module.parameters():
             param.add_(1.0)
@@ -235,7 +235,7 @@ def test_save_load_round_trip(accelerator, trained, tmp_path):
     assert all(torch.equal(restored[k], saved_weights[k]) for k in saved_weights)
     adam = optimizer.optimizer.state[next(iter(module.parameters()))]
     assert all(torch.equal(adam[k], saved_adam[k]) for k in saved_adam)
-    assert all(torch.equal(a, b) for a, b in zip(ema.ema.shadow_params, saved_ema))
+    assert all(torch.equal(a, b) for a, b in zip(ema.averages["unet"].shadow_params, saved_ema))
 
 
 def test_total_limit_rotates_after_saving(accelerator, trained, tmp_path):
@@ -258,3 +258,31 @@ def test_saving_the_same_step_again_replaces_it(accelerator, trained, tmp_path):
     checkpointer.save(Position(global_step=4, epoch=1, seed=0))
     assert read_position(tmp_path / "checkpoint-4").epoch == 1
     assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint-4"]
+
+
+def test_ema_of_a_transformers_text_encoder_saves_loads_and_swaps(tmp_path):
+    """A trained CLIP encoder's average (issue 16), which EMAModel.save_pretrained cannot write: its
+    shadow weights and step count come back from the checkpoint folder."""
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    torch.manual_seed(0)
+    encoder = CLIPTextModel(CLIPTextConfig(hidden_size=8, intermediate_size=16, num_attention_heads=2,
+                                           num_hidden_layers=1, vocab_size=50, max_position_embeddings=8))
+    ema = EMA({"text_encoder": encoder}, torch.device("cpu"))
+    for _ in range(2):
+        with torch.no_grad():
+            for param in encoder.parameters():
+                param.add_(torch.randn_like(param))
+        ema.step({"text_encoder": encoder})
+    ema.save(tmp_path)
+    average = ema.averages["text_encoder"]
+    restored = EMA({"text_encoder": encoder}, torch.device("cpu"))
+    restored.load(tmp_path)
+    again = restored.averages["text_encoder"]
+    assert again.optimization_step == average.optimization_step == 2
+    assert all(torch.equal(a, b) for a, b in zip(again.shadow_params, average.shadow_params))
+    raw = [p.detach().clone() for p in encoder.parameters()]
+    with restored.swapped_in({"text_encoder": encoder}):
+        assert all(torch.equal(p, s) for p, s in zip(encoder.parameters(), average.shadow_params))
+    assert all(torch.equal(p, r) for p, r in zip(encoder.parameters(), raw))
+    assert not all(torch.equal(s, r) for s, r in zip(average.shadow_params, raw))

@@ -309,6 +309,12 @@ def test_sd3_bad_flags(db_base, capsys, extra, flag):
     assert flag in sd3_error(db_base + extra, capsys)
 
 
+def test_sd3_max_token_length_is_refused_with_the_reason_and_the_flag_to_use(db_base, capsys):
+    err = sd3_error(db_base + ["--max_token_length=225"], capsys)
+    assert "--max_token_length (75-token CLIP chunks) is for SD 1.x/2.x and SDXL" in err
+    assert "raise --max_sequence_length" in err and "CLIP-L/G part stays one 77-token sequence" in err
+
+
 def test_sd3_missing_instance_prompt(model_dir, workdir, capsys):
     assert "--instance_prompt" in sd3_error([f"--pretrained_model_name_or_path={model_dir}",
                                              f"--instance_data_dir={workdir}"], capsys)
@@ -344,7 +350,7 @@ def test_ema_decay_reaches_the_average():
 
     model = torch.nn.Linear(2, 2)
     model.config = {}
-    assert EMA(model, "unet", torch.device("cpu"), decay=0.995).ema.decay == 0.995
+    assert EMA({"unet": model}, torch.device("cpu"), decay=0.995).averages["unet"].decay == 0.995
 
 
 # --------------------------------------------------------------------------- sample sets (README, Samples)

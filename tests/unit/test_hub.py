@@ -96,6 +96,25 @@ def test_usage_snippet_is_valid_python(tmp_path, no_network):
     compile(usage_snippet(split_card(path)[1]), "<usage snippet of the model card>", "exec")
 
 
+@pytest.mark.parametrize("clip_skip, expected", [(None, None), (1, None), (2, "clip_skip=1"), (3, "clip_skip=2")])
+def test_card_snippet_translates_clip_skip_to_diffusers_numbering(tmp_path, no_network, clip_skip, expected):
+    """kohya/A1111's clip skip N is diffusers' clip_skip=N-1; 1 (the last layer) is diffusers' default."""
+    body = split_card(hub.write_model_card(tmp_path, card_info(clip_skip=clip_skip)))[1]
+    snippet = usage_snippet(body)
+    compile(snippet, "<usage snippet of the model card>", "exec")
+    if expected is None:
+        assert "clip_skip" not in snippet and "clip skip" not in body
+    else:
+        assert f'image = pipe("a ninja cat", {expected}).images[0]' in snippet
+        assert f"Trained with clip skip {clip_skip}" in body and "CLIPSetLastLayer" in body
+
+
+def test_card_notes_long_prompts(tmp_path, no_network):
+    body = split_card(hub.write_model_card(tmp_path, card_info(max_token_length=225)))[1]
+    assert "captions of up to 225 tokens, encoded in 75-token chunks" in body and "cut prompts at 77 tokens" in body
+    assert "225" not in split_card(hub.write_model_card(tmp_path, card_info()))[1]
+
+
 def test_card_metadata_names_only_hub_repos(tmp_path, no_network):
     # Local paths are not Hub ids: the Hub rejects a card whose `datasets` or `base_model` holds one
     # ('"datasets[0]" with value "/var/hf/images/" is not valid', huggingface/autotrain-advanced#648),
