@@ -757,6 +757,8 @@ def check_sharding(args: argparse.Namespace, given: Given) -> None:
     problems = refusals(config, shape)
     if problems:
         raise CliError(f"{config.describe()} (from the accelerate config) cannot run this: " + "; ".join(problems) + ".")
+    if config.engine == "deepspeed" and importlib.util.find_spec("deepspeed") is None:
+        raise CliError("The accelerate config asks for DeepSpeed, which is not installed: pip install deepspeed==0.19.8")
 
 
 def check_buckets(args: argparse.Namespace, given: Given) -> None:

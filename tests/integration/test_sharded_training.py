@@ -62,7 +62,7 @@ def max_difference(a: Path, b: Path) -> float:
     return max((wa[k] - wb[k]).abs().max().item() for k in wa)
 
 
-def test_fsdp2_checkpoints_in_shards_resumes_exactly_and_exports_what_ddp_writes(tiny_sd, image_folder, tmp_path):
+def test_fsdp2_and_two_machines_checkpoint_resume_exactly_and_export_what_ddp_writes(tiny_sd, image_folder, tmp_path):
     full, ddp, lora, ddp_lora, resumed = (tmp_path / name for name in ("full", "ddp", "lora", "ddp_lora", "resumed"))
     # lr 1e-4: AdamW divides by sqrt(v), which turns last-bit differences between a reduce-scatter and an
     # all-reduce of near-zero gradients into weight differences proportional to the learning rate.
@@ -82,7 +82,12 @@ def test_fsdp2_checkpoints_in_shards_resumes_exactly_and_exports_what_ddp_writes
     shutil.copytree(full, resumed, ignore=shutil.ignore_patterns("checkpoint-4", "unet"))
     launch(FSDP2, sd_args(tiny_sd, image_folder, resumed, *steps, "--checkpointing_steps", "2",
                           "--resume_from_checkpoint", "latest"))
-    launch(FSDP2, sd_args(tiny_sd, image_folder, lora, *lora_steps))
+    launch(FSDP2, sd_args(tiny_sd, image_folder, lora, *lora_steps, "--checkpointing_steps", "2"))
+    lora_resumed = tmp_path / "lora_resumed"
+    shutil.copytree(lora, lora_resumed, ignore=shutil.ignore_patterns(LORA.name))
+    launch(FSDP2, sd_args(tiny_sd, image_folder, lora_resumed, *lora_steps, "--checkpointing_steps", "2",
+                          "--resume_from_checkpoint", "latest"))
+    assert max_difference(lora / LORA, lora_resumed / LORA) == 0.0
     assert max_difference(full / UNET, resumed / UNET) == 0.0
 
     # Two machines, each with its own output folder: each keeps complete checkpoints and its own cache.

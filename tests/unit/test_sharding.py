@@ -99,3 +99,20 @@ def test_a_marker_written_a_moment_later_still_counts_as_shared(tmp_path):
     threading.Timer(0.3, marker.write_text, args=("x",)).start()
     assert appears(marker, seconds=3)
     assert not appears(tmp_path / "never", seconds=0.3)
+
+
+def test_deepspeed_without_the_package_names_the_install(monkeypatch):
+    import argparse
+    import importlib.util
+
+    from sdft.checks import check_sharding
+    from sdft.errors import CliError
+
+    monkeypatch.setenv("ACCELERATE_USE_DEEPSPEED", "true")
+    monkeypatch.setenv("ACCELERATE_DEEPSPEED_ZERO_STAGE", "2")
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "deepspeed" else real(name, *a))
+    flags = dict(use_lora=True, use_ema=False, fused_backward_pass=False, train_text_encoder=False,
+                 train_text_encoder_ti=False, save_single_file=False, validation_split=0.0, validation_data_dir=None)
+    with pytest.raises(CliError, match=r"pip install deepspeed==0\.19\.8"):
+        check_sharding(argparse.Namespace(**flags), set())
