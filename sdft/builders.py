@@ -36,7 +36,7 @@ from sdft.checkpointing import (
     resolve_resume,
 )
 from sdft.checks import dataset_config_defaults, subset_conflicts
-from sdft.data.archives import data_folder
+from sdft.data.archives import data_folder, is_archive
 from sdft.data.buckets import BucketPlan, BucketSettings, captioned_image_sizes
 from sdft.data.buckets import log_plan as log_buckets
 from sdft.data.caches import CacheSettings, cache_folder, fill_caches
@@ -66,7 +66,7 @@ from sdft.families.source import ModelSource
 from sdft.guards import NonFiniteGuard, check_precision_device
 from sdft.lora import WEIGHT_NAME, rank_and_alpha
 from sdft.model_spec import describe_base, training_metadata
-from sdft.nodes import Layout, output_layout
+from sdft.nodes import Layout, output_layout, refuse_unshared
 from sdft.noise_schedule import ZTSNR, check_zero_terminal_snr, markers_of, scheduler_with, settings_for
 from sdft.objectives import (
     DDPMObjective,
@@ -133,6 +133,18 @@ def build(args: argparse.Namespace, family: Family, make_objective, make_data, t
     seed = resolve_seed(args.seed, read_position(resume_dir) if resume_dir else None)
     set_seed(seed)
 
+    layout = output_layout(accelerator, output_dir)
+    if not layout.shared:
+        refuse_unshared(output_dir, {
+            "FSDP2 or DeepSpeed (checkpoints in parts from every process)": engine_of(accelerator) != DDP,
+            "--caption_model / --upscale_model / --mask_model (preprocessing split over all processes)":
+                bool(args.caption_model or args.upscale_model or args.mask_model),
+            "an archive as the data (extracted once)": args.cache_dir is None and any(
+                is_archive(path) for path in (args.train_data_dir, args.instance_data_dir) if path)})
+    # accelerate writes the optimizer, scheduler and sampler states from one process unless told to
+    # write them on every machine.
+    accelerator.project_configuration.save_on_each_node = not layout.shared
+
     # Data first: a bad dataset should fail before minutes of model loading.
     dataset = make_data(args, seed, accelerator, family)
     require_agreement(accelerator, run_facts(args, resume_dir, len(dataset)))
@@ -147,14 +159,6 @@ def build(args: argparse.Namespace, family: Family, make_objective, make_data, t
         hub_repo = hub.prepare_repo(args.hub_model_id or output_dir.name, args.hub_token)
     if accelerator.is_main_process:
         output_dir.mkdir(parents=True, exist_ok=True)
-    layout = output_layout(accelerator, output_dir)
-    if not layout.shared and engine_of(accelerator) != DDP:
-        raise CliError(f"--output_dir {output_dir} is not shared between the machines: sharded checkpoints "
-                       "(FSDP2, DeepSpeed) are written in parts by every process, so resuming needs one folder all "
-                       "machines see (a network file system).")
-    # accelerate writes the optimizer, scheduler and sampler states from one process unless told to
-    # write them on every machine.
-    accelerator.project_configuration.save_on_each_node = not layout.shared
 
     # Models, optimizer and loop settings.
     run = build_run(args, family, make_objective, accelerator, dataset, seed, layout)

@@ -20,6 +20,8 @@ from pathlib import Path
 
 from accelerate.utils import broadcast_object_list, gather_object
 
+from sdft.errors import CliError
+
 logger = logging.getLogger("sdft")
 VISIBLE_WITHIN_S = 5.0
 
@@ -68,6 +70,15 @@ def appears(path: Path, seconds: float) -> bool:
             return False
         time.sleep(0.2)
     return True
+
+
+def refuse_unshared(output_dir: Path, uses: dict[str, bool]) -> None:
+    """What writes to the output folder once for all machines cannot run when each machine has its
+    own: a clear error naming it, on every process alike (the layout is the same on all)."""
+    found = [what for what, used in uses.items() if used]
+    if found:
+        raise CliError(f"--output_dir {output_dir} is not shared between the machines, which {'; '.join(found)} "
+                       "needs: give every machine the same folder (a network file system).")
 
 
 def describe(layout: Layout, num_processes: int, output_dir: Path) -> None:

@@ -116,3 +116,12 @@ def test_deepspeed_without_the_package_names_the_install(monkeypatch):
                  train_text_encoder_ti=False, save_single_file=False, validation_split=0.0, validation_data_dir=None)
     with pytest.raises(CliError, match=r"pip install deepspeed==0\.19\.8"):
         check_sharding(argparse.Namespace(**flags), set())
+
+
+def test_what_writes_once_for_all_machines_is_refused_without_a_shared_folder(tmp_path):
+    from sdft.errors import CliError
+    from sdft.nodes import refuse_unshared
+
+    refuse_unshared(tmp_path, {"--caption_model": False})
+    with pytest.raises(CliError, match="not shared between the machines, which --caption_model"):
+        refuse_unshared(tmp_path, {"--caption_model": True, "FSDP2": False})
