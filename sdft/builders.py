@@ -27,9 +27,18 @@ from sdft import hub, memory_estimate
 from sdft.adapter_blocks import layer_rate_groups, parse_network_args
 from sdft.adapter_files import KOHYA_WEIGHT_NAME, load_adapter_file
 from sdft.adapters import add_adapter
-from sdft.checkpointing import Checkpointer, Position, TrainedWeights, read_position, resolve_resume
+from sdft.agreement import fingerprint, model_files, require_agreement
+from sdft.checkpointing import (
+    MANIFEST_FILE,
+    STATE_FILE,
+    Checkpointer,
+    Position,
+    TrainedWeights,
+    read_position,
+    resolve_resume,
+)
 from sdft.checks import dataset_config_defaults, subset_conflicts
-from sdft.data.archives import data_folder
+from sdft.data.archives import data_folder, is_archive
 from sdft.data.buckets import BucketPlan, BucketSettings, captioned_image_sizes
 from sdft.data.buckets import log_plan as log_buckets
 from sdft.data.caches import CacheSettings, cache_folder, fill_caches
@@ -59,6 +68,7 @@ from sdft.families.source import ModelSource
 from sdft.guards import NonFiniteGuard, check_precision_device
 from sdft.lora import WEIGHT_NAME, rank_and_alpha
 from sdft.model_spec import describe_base, training_metadata
+from sdft.nodes import Layout, output_layout, refuse_unshared
 from sdft.noise_schedule import ZTSNR, check_zero_terminal_snr, markers_of, scheduler_with, settings_for
 from sdft.objectives import (
     DDPMObjective,
@@ -82,6 +92,15 @@ from sdft.plots import Pictures
 from sdft.run_stats import RunStats
 from sdft.sample_prompts import SamplePrompt
 from sdft.sample_prompts import load as load_sample_prompts
+from sdft.sharding import (
+    DDP,
+    Sharding,
+    enable_cpu_fsdp,
+    engine_of,
+    fill_deepspeed_batch,
+    loadable_by_rank0,
+    wrap_by_blocks,
+)
 from sdft.stepping import OptimizerStepper, ParamUpdater
 from sdft.textual_inversion import TokenEmbeddings, TokenPlan, build_token_embeddings, check_abstractions_used, stop_step
 from sdft.trainable import (
@@ -116,8 +135,21 @@ def build(args: argparse.Namespace, family: Family, make_objective, make_data, t
     seed = resolve_seed(args.seed, read_position(resume_dir) if resume_dir else None)
     set_seed(seed)
 
+    layout = output_layout(accelerator, output_dir)
+    if not layout.shared:
+        refuse_unshared(output_dir, {
+            "FSDP2 or DeepSpeed (checkpoints in parts from every process)": engine_of(accelerator) != DDP,
+            "--caption_model / --upscale_model / --mask_model (preprocessing split over all processes)":
+                bool(args.caption_model or args.upscale_model or args.mask_model),
+            "an archive as the data (extracted once)": args.cache_dir is None and any(
+                is_archive(path) for path in (args.train_data_dir, args.instance_data_dir) if path)})
+    # accelerate writes the optimizer, scheduler and sampler states from one process unless told to
+    # write them on every machine.
+    accelerator.project_configuration.save_on_each_node = not layout.shared
+
     # Data first: a bad dataset should fail before minutes of model loading.
     dataset = make_data(args, seed, accelerator, family)
+    require_agreement(accelerator, run_facts(args, resume_dir, len(dataset)))
     if args.dry_run:
         dry_run(args, dataset, seed)
     plan = token_plan(args)
@@ -131,7 +163,7 @@ def build(args: argparse.Namespace, family: Family, make_objective, make_data, t
         output_dir.mkdir(parents=True, exist_ok=True)
 
     # Models, optimizer and loop settings.
-    run = build_run(args, family, make_objective, accelerator, dataset, seed)
+    run = build_run(args, family, make_objective, accelerator, dataset, seed, layout)
     run.export = export_plan(args, run, hub_repo)
 
     # Where the loop starts, and what watches it.
@@ -174,6 +206,9 @@ def make_accelerator(args: argparse.Namespace) -> Accelerator:
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S",
                         level=logging.INFO if accelerator.is_local_main_process else logging.WARNING)
     check_precision_device(accelerator.mixed_precision, accelerator.device)
+    if enable_cpu_fsdp(accelerator):
+        logger.info("FSDP2 on CPU processes (gloo): accelerate's FSDP path, switched on by sdft.sharding.")
+    wrap_by_blocks(accelerator)
     if args.allow_tf32 and torch.cuda.is_available():
         torch.backends.cuda.matmul.allow_tf32 = True
     return accelerator
@@ -214,6 +249,20 @@ def process_group_timeout(device: torch.device) -> timedelta | None:
         return None
 
 
+def run_facts(args: argparse.Namespace, resume_dir: Path | None, examples: int) -> dict[str, str]:
+    """What every process must see alike (sdft.agreement), fingerprinted by each."""
+    model = Path(args.pretrained_model_name_or_path)
+    resume = "none" if resume_dir is None else (
+        f"{resume_dir.name} ({fingerprint(resume_dir / STATE_FILE, resume_dir / MANIFEST_FILE)})")
+    data = [args.train_data_dir, args.instance_data_dir, args.class_data_dir, args.reg_data_dir, args.dataset_config]
+    return {
+        "the model files (--pretrained_model_name_or_path)": fingerprint(
+            *model_files(model), extra=f"{args.pretrained_model_name_or_path}@{args.revision}/{args.variant}"),
+        "the checkpoint to resume (--resume_from_checkpoint)": resume,
+        "the training data": f"{examples} examples, " + fingerprint(*data, extra=str(args.dataset_name)),
+    }
+
+
 def resolve_seed(requested: int | None, resumed: Position | None) -> int:
     """The data order depends on the seed, so a resumed run must keep the seed it started with."""
     if resumed is not None and resumed.seed is not None:
@@ -236,7 +285,8 @@ def weight_dtype_of(accelerator: Accelerator) -> torch.dtype:
 
 
 def build_run(args: argparse.Namespace, family: Family, make_objective, accelerator: Accelerator, dataset,
-              seed: int) -> Run:
+              seed: int, layout: Layout | None = None) -> Run:
+    layout = layout or Layout.single()
     weight_dtype = weight_dtype_of(accelerator)
     source = model_source(args, weight_dtype)
     trained_dtype = source.denoiser_dtype or torch.float32
@@ -250,7 +300,6 @@ def build_run(args: argparse.Namespace, family: Family, make_objective, accelera
         ema = EMA(ema_start(family, source, trained, args), accelerator.device, foreach=args.foreach_ema,
                   offload=args.offload_ema, decay=args.ema_decay, adapter_only=args.use_lora)
     objective = make_objective(args, models.noise_scheduler, accelerator.device)
-    params = trainable_params(trained) + (new_tokens.params() if new_tokens else [])
     groups = param_groups(trained, family.denoiser_role, args.text_encoder_lr, args.adam_weight_decay_text_encoder,
                           encoder_lrs(args, family), new_token_params=new_tokens.params() if new_tokens else None)
     if args.use_lora and args.network_args:   # per-block and per-pattern rates, before LoRA+ scales the up halves
@@ -269,19 +318,26 @@ def build_run(args: argparse.Namespace, family: Family, make_objective, accelera
     lr_scheduler = build_lr_scheduler(args.lr_scheduler, optimizer, warmup_steps=args.lr_warmup_steps,
                                       total_steps=max_train_steps, num_processes=accelerator.num_processes,
                                       num_cycles=args.lr_num_cycles, power=args.lr_power)
+    fill_deepspeed_batch(accelerator, args.train_batch_size)
+    loadable_by_rank0(accelerator, trained)
     *prepared, optimizer, lr_scheduler = accelerator.prepare(*trained.values(), optimizer, lr_scheduler)
     prepared = dict(zip(trained, prepared))
+    # After prepare: FSDP2 replaces the parameters with sharded ones, which clipping must see.
+    params = trainable_params(trained) + (new_tokens.params() if new_tokens else [])
+    sharding = Sharding(accelerator, engine_of(accelerator), prepared, adapter=lora_spec(args, family))
     stepper = build_stepper(args, optimizer, seed)
     eval_weights = EvalWeights(optimizer)
     weights = TrainedWeights(family.pipeline_cls, trained, lora=args.use_lora, ema=ema,
                              lora_key_format=family.lora_key_format, extras=[new_tokens] if new_tokens else [],
                              lora_metadata=file_metadata(args, family, models, trained, max_train_steps)
                              if args.use_lora else None,
-                             kohya_prefixes=family.kohya_text_encoder_prefixes if lycoris_only(args) else None)
+                             kohya_prefixes=family.kohya_text_encoder_prefixes if lycoris_only(args) else None,
+                             engine_saves_models=sharding.sharded)
     condition_cache, offloaded = precompute(family, models, dataset, accelerator,
                                             args.train_text_encoder or new_tokens is not None,
                                             caches=cache_settings(args), source=source,
-                                            epochs=math.ceil(max_train_steps / updates_per_epoch))
+                                            epochs=math.ceil(max_train_steps / updates_per_epoch),
+                                            split=(layout.index, layout.count))
     return Run(
         accelerator=accelerator, family=family, models=models,
         train_models=dataclasses.replace(models, **prepared), prepared=list(prepared.values()),
@@ -289,7 +345,7 @@ def build_run(args: argparse.Namespace, family: Family, make_objective, accelera
         optimizer=optimizer,
         lr_scheduler=lr_scheduler, dataloader=dataloader, dataset=dataset, sampler=sampler,
         checkpointer=Checkpointer(accelerator, Path(args.output_dir), args.checkpoints_total_limit, weights,
-                                  eval_weights),
+                                  eval_weights, writer=layout.writer),
         trained=weights, seed=seed, max_train_steps=max_train_steps, updates_per_epoch=updates_per_epoch,
         num_epochs=math.ceil(max_train_steps / updates_per_epoch), checkpointing_steps=args.checkpointing_steps,
         max_grad_norm=0.0 if stepper.fused else args.max_grad_norm, weight_dtype=weight_dtype,
@@ -306,7 +362,7 @@ def build_run(args: argparse.Namespace, family: Family, make_objective, accelera
         token_embeddings=new_tokens, masked_loss=args.masked_loss, stepper=stepper, eval_weights=eval_weights,
         val_loss=held_out_loss(args, accelerator, dataset, family, objective, weight_dtype, offloaded, seed,
                                caption_map=new_tokens.plan.apply_all if new_tokens else None),
-        scheduler_settings=settings_for(args.prediction_type, args.zero_terminal_snr),
+        scheduler_settings=settings_for(args.prediction_type, args.zero_terminal_snr), sharding=sharding,
     )
 
 
@@ -348,13 +404,13 @@ def held_out_loss(args: argparse.Namespace, accelerator: Accelerator, dataset, f
 
 
 def precompute(family: Family, models, dataset, accelerator: Accelerator, train_text_encoders: bool, *,
-               caches: CacheSettings, source: ModelSource,
-               caption_limit: int = 64, epochs: int = 1) -> tuple[TextCache | None, list[str]]:
+               caches: CacheSettings, source: ModelSource, caption_limit: int = 64, epochs: int = 1,
+               split: tuple[int, int] | None = None) -> tuple[TextCache | None, list[str]]:
     """Encode what will not change during training once (sdft.data.caches), then park the encoders
     on the CPU."""
     cache, offloaded = fill_caches(family, models, dataset, accelerator, caches, source,
                                    train_text_encoders=train_text_encoders, caption_limit=caption_limit,
-                                   epochs=epochs)
+                                   epochs=epochs, split=split)
     for role in offloaded:
         getattr(models, role).to("cpu")
     return cache, offloaded
@@ -457,6 +513,7 @@ def log_run(run: Run, num_examples: int, batch_size: int, accumulation: int) -> 
                 num_examples, run.num_epochs, batch_size, total_batch, accumulation)
     logger.info("  optimizer steps = %d, seed = %d, optimizer = %s", run.max_train_steps, run.seed,
                 type(run.optimizer.optimizer).__name__)
+    logger.info("  engine = %s", run.sharding.engine)
     timeout = process_group_timeout(run.accelerator.device)
     if timeout is not None:
         logger.info("  processes = %d, process-group timeout = %s", run.accelerator.num_processes, timeout)

@@ -188,8 +188,19 @@ class TrainedWeights:
     # LoHa/LoKr, which diffusers' LoRA files cannot hold: checkpoints in the kohya/LyCORIS layout,
     # with these text-encoder prefixes (sdft.adapter_files).
     kohya_prefixes: dict[str, str] | None = None
+    # FSDP2 / DeepSpeed: accelerate's save_state writes the (sharded) modules with the optimizer, and
+    # load_state reads them back; the diffusers-format copy is left to the export (sdft.sharding).
+    engine_saves_models: bool = False
 
     def save(self, directory: Path, step: int | None = None) -> None:
+        if not self.engine_saves_models:
+            self._save_modules(directory, step)
+        if self.ema is not None:
+            self.ema.save(directory)
+        for extra in self.extras:
+            extra.save(directory)
+
+    def _save_modules(self, directory: Path, step: int | None) -> None:
         if self.lora:
             metadata = self.lora_metadata
             if metadata and step is not None:
@@ -202,12 +213,16 @@ class TrainedWeights:
         else:
             for role, module in self.modules.items():
                 module.save_pretrained(directory / role)
-        if self.ema is not None:
-            self.ema.save(directory)
-        for extra in self.extras:
-            extra.save(directory)
 
     def load(self, directory: Path) -> None:
+        if not self.engine_saves_models:
+            self._load_modules(directory)
+        if self.ema is not None:
+            self.ema.load(directory)
+        for extra in self.extras:
+            extra.load(directory)
+
+    def _load_modules(self, directory: Path) -> None:
         if self.lora and self.kohya_prefixes is not None:
             load_kohya(directory / KOHYA_WEIGHT_NAME, self.modules, self.kohya_prefixes)
         elif self.lora:
@@ -217,10 +232,6 @@ class TrainedWeights:
                 saved = type(module).from_pretrained(directory / role, **_dtype_kwarg(module))
                 module.load_state_dict(saved.state_dict())
                 del saved
-        if self.ema is not None:
-            self.ema.load(directory)
-        for extra in self.extras:
-            extra.load(directory)
 
 
 def _dtype_kwarg(module: torch.nn.Module) -> dict:
@@ -239,8 +250,11 @@ def _load_weights_ourselves(models, input_dir) -> None:
 
 class Checkpointer:
     def __init__(self, accelerator: Accelerator, output_dir: str | Path, total_limit: int | None,
-                 weights: TrainedWeights, eval_weights: EvalWeights | None = None):
+                 weights: TrainedWeights, eval_weights: EvalWeights | None = None, writer: bool | None = None):
         self.accelerator = accelerator
+        # The process that finalizes the folder: the main one, or each machine's first when the
+        # machines do not share the output folder (sdft.nodes).
+        self.writer = accelerator.is_main_process if writer is None else writer
         # Schedule-free: a checkpoint holds the evaluation weights (what a user takes from it) and the
         # optimizer state in eval mode; loading switches back to the training point (sdft.optim.EvalWeights).
         self.eval_weights = eval_weights or EvalWeights.none()
@@ -258,16 +272,16 @@ class Checkpointer:
     def _save(self, position: Position) -> Path:
         final = self.output_dir / f"checkpoint-{position.global_step}"
         partial = self.output_dir / f".{final.name}.partial"
-        if self.accelerator.is_main_process and partial.exists():
+        if self.writer and partial.exists():
             shutil.rmtree(partial)  # left over from a crash during an earlier save
-        require_finite_weights(self.weights.modules, final.name)
+        require_finite_weights(self.weights.modules, final.name, self.accelerator)
         self.accelerator.wait_for_everyone()
         self.accelerator.save_state(str(partial))
-        if self.accelerator.is_main_process:
+        if self.writer:
             self.weights.save(partial, step=position.global_step)
             (partial / STATE_FILE).write_text(json.dumps(asdict(position), indent=2))
         self.accelerator.wait_for_everyone()
-        if self.accelerator.is_main_process:
+        if self.writer:
             write_manifest(partial)
             fsync_tree(partial)
             _replace_dir(partial, final)

@@ -54,6 +54,7 @@ from sdft.optim import (
     per_parameter,
     unused_adam_flags,
 )
+from sdft.sharding import EngineConfig, RunShape, refusals
 from sdft.textual_inversion import TokenPlan, check_abstractions_used
 
 Given = AbstractSet[str]   # the dests typed on the command line
@@ -746,6 +747,24 @@ def check_accelerators(args: argparse.Namespace, given: Given) -> None:
         raise CliError("--use_8bit_adam needs bitsandbytes: pip install bitsandbytes.")
 
 
+def check_sharding(args: argparse.Namespace, given: Given) -> None:
+    """FSDP2 / DeepSpeed come from the accelerate config (its environment); what they cannot do is
+    refused here, naming the flags, before any model loads."""
+    try:
+        config = EngineConfig.from_environ()
+    except ValueError as err:
+        raise CliError(f"accelerate config: {err}") from err
+    shape = RunShape(lora=args.use_lora, ema=args.use_ema, fused_backward=args.fused_backward_pass,
+                     text_encoders=args.train_text_encoder or args.train_text_encoder_ti,
+                     single_file=args.save_single_file,
+                     held_out_loss=bool(args.validation_split or args.validation_data_dir))
+    problems = refusals(config, shape)
+    if problems:
+        raise CliError(f"{config.describe()} (from the accelerate config) cannot run this: " + "; ".join(problems) + ".")
+    if config.engine == "deepspeed" and importlib.util.find_spec("deepspeed") is None:
+        raise CliError("The accelerate config asks for DeepSpeed, which is not installed: pip install deepspeed==0.19.8")
+
+
 def check_buckets(args: argparse.Namespace, given: Given) -> None:
     if not args.enable_bucket:
         typed = [f"--{name}" for name in ("min_bucket_reso", "max_bucket_reso", "bucket_reso_steps",
@@ -826,4 +845,4 @@ def read_config(args: argparse.Namespace, step_multiple: int) -> None:
 COMMON = [check_positive, check_model_path, check_lora, check_textual_inversion, check_ema, check_resume,
           check_validation, check_tracking_and_hub, check_accelerators, check_single_file, check_buckets,
           check_validation_loss, check_subject, check_optimizer, check_memory_flags, check_text_encoder_frac,
-          check_caches, check_output_dir, check_loss_type, check_dataset_config]
+          check_caches, check_output_dir, check_loss_type, check_dataset_config, check_sharding]

@@ -29,6 +29,7 @@ TRACKERS = ["tensorboard", "wandb", "comet_ml", "all", "none"]
 # What a flag means in a script that does not have it. `parse` sets these on the namespace, so the
 # builders read every flag as `args.<name>` in every script.
 WHEN_ABSENT = {
+    "train_data_dir": None,
     "pretrained_vae_model_name_or_path": None, "train_text_encoder": False, "text_encoder_lr": None,
     "adam_weight_decay_text_encoder": None, "proportion_empty_prompts": 0.0, "prediction_type": None,
     "zero_terminal_snr": False, "clip_skip": None, "max_token_length": None,

@@ -21,6 +21,7 @@ from typing import Callable
 import torch
 
 from sdft.errors import CliError, NonFiniteError
+from sdft.sharding import local_tensor
 
 logger = logging.getLogger("sdft")
 
@@ -83,9 +84,17 @@ def last_good_checkpoint(latest: Path | None) -> str:
     return f"The last good checkpoint is {latest} (resume with --resume_from_checkpoint latest)."
 
 
-def require_finite_weights(modules: dict[str, torch.nn.Module], what: str) -> None:
-    """Raise before writing `what` if any trained weight is NaN or infinite."""
+def require_finite_weights(modules: dict[str, torch.nn.Module], what: str, accelerator=None) -> None:
+    """Raise before writing `what` if any trained weight is NaN or infinite. Each process checks
+    the part it holds (a shard under FSDP2); with `accelerator` and several processes, the verdict
+    is all-reduced, so every process raises together instead of leaving the others in a collective."""
+    bad = None
     for role, module in modules.items():
         for name, param in module.named_parameters():
-            if param.requires_grad and not torch.isfinite(param.detach()).all():
-                raise NonFiniteError(f"Not writing {what}: the trained weight {role}.{name} is not finite. {CAUSES}")
+            if param.requires_grad and not torch.isfinite(local_tensor(param.detach())).all():
+                bad = bad or f"{role}.{name}"
+    if accelerator is not None and accelerator.num_processes > 1:
+        count = accelerator.reduce(torch.tensor([float(bad is not None)], device=accelerator.device), reduction="sum")
+        bad = bad or ("a weight on another process" if count.item() else None)
+    if bad is not None:
+        raise NonFiniteError(f"Not writing {what}: the trained weight {bad} is not finite. {CAUSES}")

@@ -10,6 +10,7 @@ import importlib
 import json
 import logging
 import shutil
+from contextlib import nullcontext
 from pathlib import Path
 
 import torch
@@ -181,11 +182,15 @@ def finish(run: Run) -> None:
     accelerator = run.accelerator
     accelerator.wait_for_everyone()
     new_tokens = run.token_embeddings
+    sharding = run.sharding
     with run.eval_weights.swapped_in():   # schedule-free: the averaged weights are the model
-        check_replicas_agree(accelerator, {**run.trained.modules, **(new_tokens.modules() if new_tokens else {})})
-        require_finite_weights(run.trained.modules, f"the model to {run.output_dir}")  # on every process
-        if accelerator.is_main_process:
-            save_outputs(run)
+        if sharding is None or not sharding.sharded:   # shards differ by design; the gather below is the check
+            check_replicas_agree(accelerator, {**run.trained.modules,
+                                               **(new_tokens.modules() if new_tokens else {})})
+        require_finite_weights(run.trained.modules, f"the model to {run.output_dir}", accelerator)
+        with full_modules(sharding, run.trained.modules) as modules:   # every process enters the gather
+            if accelerator.is_main_process:
+                save_outputs(run, modules)
         accelerator.wait_for_everyone()
     accelerator.end_training()
     plan = run.export
@@ -194,25 +199,30 @@ def finish(run: Run) -> None:
             raise HubError(f"Training finished and {run.output_dir} is complete, but the upload failed.")
 
 
-def save_outputs(run: Run) -> None:
+def full_modules(sharding, modules: dict[str, torch.nn.Module]):
+    return nullcontext(modules) if sharding is None else sharding.full_modules(modules)
+
+
+def save_outputs(run: Run, modules: dict[str, torch.nn.Module]) -> None:
+    """`modules`: the trained modules with their full weights (gathered from the shards when sharded)."""
     family, output_dir, trained, plan = run.family, run.output_dir, run.trained, run.export
     if trained.ema is not None:
-        trained.ema.copy_to(trained.modules)   # the denoiser and any fully trained text encoder
+        trained.ema.copy_to(modules)   # the denoiser and any fully trained text encoder
     extra = family.export_modules(run.models, run.source)
     new_tokens = run.token_embeddings
     embeddings_file = new_tokens.export(output_dir) if new_tokens is not None else None
     if new_tokens is not None and not plan.lora:
         extra.update(new_tokens.export_modules(run.source))   # from_pretrained alone knows the tokens
     if plan.lora:
-        export_lora(family, trained.modules, output_dir, kohya=plan.kohya_lora, dtype=plan.lora_dtype,
+        export_lora(family, modules, output_dir, kohya=plan.kohya_lora, dtype=plan.lora_dtype,
                     metadata=stamped(trained.lora_metadata, run.max_train_steps), diffusers=plan.diffusers_lora)
-        lycoris = None if plan.diffusers_lora else (plan.adapter, list(trained.modules))
+        lycoris = None if plan.diffusers_lora else (plan.adapter, list(modules))
         pipeline = (load_saved_lora(family, run.source, output_dir, run.weight_dtype, extra, lycoris)
                     if run.validation.enabled else None)
         if pipeline is not None and new_tokens is not None:
             new_tokens.load_into(pipeline, embeddings_file)
     else:
-        pipeline = export_pipeline(family, run.source, trained.modules, output_dir, plan.scheduler_settings, extra,
+        pipeline = export_pipeline(family, run.source, modules, output_dir, plan.scheduler_settings, extra,
                                    dtype=run.weight_dtype, load_back=run.validation.enabled)
         if plan.single_file_dtype is not None:
             save_single_file_output(run, extra)

@@ -27,6 +27,7 @@ from sdft.data.latent_cache import sample_from_moments, sample_latents
 from sdft.noise_schedule import scheduler_with
 from sdft.objectives import latent_mask, split_prior
 from sdft.preemption import stop_if_requested
+from sdft.sharding import plain_tensor
 from sdft.training_run import Run
 from sdft.validation import generate_shared, log_images, sample_rows, save_rows
 
@@ -147,7 +148,7 @@ def training_step(run_state: Run, batch: dict, micro_step: int) -> tuple[torch.T
         new_tokens.prepare_gradients(accelerator)
     grad_norm = None
     if accelerator.sync_gradients and run_state.max_grad_norm:
-        grad_norm = accelerator.clip_grad_norm_(run_state.params_to_clip, run_state.max_grad_norm)
+        grad_norm = plain_tensor(accelerator.clip_grad_norm_(run_state.params_to_clip, run_state.max_grad_norm))
     update = run_state.guard is None or run_state.guard.allows_step(loss, grad_norm, accelerator.sync_gradients)
     if update:
         run_state.stepper.step()  # optimizer.step() and zero_grad, or nothing when the backward pass did it

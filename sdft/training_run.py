@@ -20,6 +20,7 @@ from sdft.optim import EvalWeights
 from sdft.plots import Pictures
 from sdft.preemption import StopRequest
 from sdft.run_stats import RunStats
+from sdft.sharding import Sharding
 from sdft.stepping import OptimizerStepper
 from sdft.textual_inversion import TokenEmbeddings
 from sdft.validation import SampleCadence, ValidationPlan
@@ -96,6 +97,7 @@ class Run:
     eval_weights: EvalWeights = field(default_factory=EvalWeights.none)   # schedule-free: x for eval and export
     scheduler_settings: dict = field(default_factory=dict)  # what validation samples with (sdft.noise_schedule)
     sampled_steps: set[int] = field(default_factory=set)   # steps with a sample set, so none is made twice
+    sharding: Sharding | None = None                        # the engine (DDP, FSDP2, DeepSpeed) and its gathers
 
     def __enter__(self) -> "Run":
         self.stop.install()

@@ -23,6 +23,7 @@ from PIL import Image
 
 from sdft.sample_prompts import SamplePrompt
 from sdft.samplers import make_scheduler
+from sdft.sharding import DDP, engine_of
 
 logger = logging.getLogger(__name__)
 
@@ -131,12 +132,14 @@ def prompt_arguments(pipeline, plan: ValidationPlan, index: int, device: torch.d
 
 def generate_shared(pipeline, plan: ValidationPlan, accelerator) -> tuple[list[Image.Image], list[int]]:
     """Every process generates its share (prompt i on process i % N); every process gets all images
-    in prompt order, and which process made each."""
+    in prompt order, and which process made each. A sharded denoiser (FSDP2, ZeRO-3) gathers its
+    weights in every forward pass, which all processes must join: there each one makes every image."""
     rank, count = accelerator.process_index, accelerator.num_processes
-    mine = list(range(rank, len(plan.prompts), count))
+    sharded = engine_of(accelerator) != DDP
+    mine = list(range(len(plan.prompts))) if sharded else list(range(rank, len(plan.prompts), count))
     made = generate(pipeline, plan, accelerator.device, accelerator.autocast, mine)
-    pairs = [(index, image, rank) for index, image in zip(mine, made)]
-    if count > 1:
+    pairs = [(index, image, 0 if sharded else rank) for index, image in zip(mine, made)]
+    if count > 1 and not sharded:
         pairs = sorted(gather_object(pairs), key=lambda item: item[0])
     return [image for _, image, _ in pairs], [maker for _, _, maker in pairs]
 

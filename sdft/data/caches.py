@@ -35,11 +35,14 @@ class CacheSettings:
 
 
 def fill_caches(family, models, dataset, accelerator, settings: CacheSettings, source, *,
-                train_text_encoders: bool, caption_limit: int = 64, epochs: int = 1) -> tuple[TextCache | None, list[str]]:
+                train_text_encoders: bool, caption_limit: int = 64, epochs: int = 1,
+                split: tuple[int, int] | None = None) -> tuple[TextCache | None, list[str]]:
     """Fill the caches `settings` asks for; returns the text cache and the roles it made idle.
-    `epochs`: how many epochs the run trains, for the caption variants of caption augmentation."""
-    where = dict(process_index=accelerator.process_index, num_processes=accelerator.num_processes,
-                 show_progress=accelerator.is_local_main_process)
+    `epochs`: how many epochs the run trains, for the caption variants of caption augmentation.
+    `split`: (index, count) of this process among those sharing the cache folder (sdft.nodes), by
+    default all of them."""
+    index, count = split or (accelerator.process_index, accelerator.num_processes)
+    where = dict(process_index=index, num_processes=count, show_progress=accelerator.is_local_main_process)
     idle, results = [], {}
     if settings.latents:
         store = DiskStore(settings.folder / "latents") if settings.latents_to_disk else MemoryStore()

@@ -35,13 +35,19 @@ def launch_env(extra: dict | None = None) -> dict:
     return env
 
 
+def launch_command(script: str, args: list[str], *, num_processes: int = 1, mixed_precision: str = "no",
+                   engine: tuple[str, ...] = ("--multi_gpu",), num_machines: int = 1) -> list[str]:
+    """`engine`: the launcher's flags for several processes (DDP by default; e.g. ("--use_fsdp", ...))."""
+    command = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", str(num_processes),
+               "--num_machines", str(num_machines), "--mixed_precision", mixed_precision, "--dynamo_backend", "no"]
+    if num_processes > 1:
+        command += list(engine)
+    return command + [str(REPO / script), *map(str, args)]
+
+
 def accelerate_launch(script: str, args: list[str], *, num_processes: int = 1, mixed_precision: str = "no",
                       check: bool = True, env: dict | None = None) -> subprocess.CompletedProcess:
-    command = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", str(num_processes),
-               "--num_machines", "1", "--mixed_precision", mixed_precision, "--dynamo_backend", "no"]
-    if num_processes > 1:
-        command += ["--multi_gpu"]
-    command += [str(REPO / script), *map(str, args)]
+    command = launch_command(script, args, num_processes=num_processes, mixed_precision=mixed_precision)
     extra = {"ACCELERATE_USE_CPU": "1"} if num_processes > 1 else {}
     result = subprocess.run(command, cwd=REPO, env=launch_env({**extra, **(env or {})}),
                             capture_output=True, text=True, timeout=600)
