@@ -23,7 +23,7 @@ import torch
 from accelerate import Accelerator
 from accelerate.utils import InitProcessGroupKwargs, ProjectConfiguration, broadcast_object_list, set_seed
 
-from sdft import hub, memory_estimate
+from sdft import host_memory, hub, memory_estimate
 from sdft.adapter_files import KOHYA_WEIGHT_NAME, load_adapter_file
 from sdft.checkpointing import Checkpointer, Position, TrainedWeights, read_position, resolve_resume
 from sdft.data.archives import data_folder
@@ -265,7 +265,7 @@ def build_run(args: argparse.Namespace, family: Family, make_objective, accelera
                                       num_cycles=args.lr_num_cycles, power=args.lr_power)
     *prepared, optimizer, lr_scheduler = accelerator.prepare(*trained.values(), optimizer, lr_scheduler)
     prepared = dict(zip(trained, prepared))
-    stepper = build_stepper(args, optimizer, seed)
+    stepper = build_stepper(args, optimizer, seed, accelerator.device)
     eval_weights = EvalWeights(optimizer)
     weights = TrainedWeights(family.pipeline_cls, trained, lora=args.use_lora, ema=ema,
                              lora_key_format=family.lora_key_format, extras=[new_tokens] if new_tokens else [],
@@ -949,14 +949,16 @@ def model_source(args: argparse.Namespace, weight_dtype: torch.dtype) -> ModelSo
                        text_encoder_dtype=weight_dtype if bf16 and not trains_text_encoders else None)
 
 
-def build_stepper(args: argparse.Namespace, optimizer, seed: int) -> OptimizerStepper:
-    """`optimizer` is accelerate's wrapper; per-parameter updates use the torch optimizer inside it."""
+def build_stepper(args: argparse.Namespace, optimizer, seed: int, device: torch.device) -> OptimizerStepper:
+    """`optimizer` is accelerate's wrapper; per-parameter updates use the torch optimizer inside it. On
+    the CPU each step's freed temporaries go back to the system after the step (issue 26)."""
     fused, full_bf16 = args.fused_backward_pass, args.full_bf16
     if not (fused or full_bf16):
         return OptimizerStepper(optimizer)
     if fused and args.max_grad_norm:
         logger.info("Gradient clipping is off with --fused_backward_pass (no step ever holds all gradients).")
-    updater = ParamUpdater(getattr(optimizer, "optimizer", optimizer), seed=seed, stochastic_rounding=full_bf16)
+    updater = ParamUpdater(getattr(optimizer, "optimizer", optimizer), seed=seed, stochastic_rounding=full_bf16,
+                           release=host_memory.release_freed if device.type == "cpu" else None)
     return OptimizerStepper(optimizer, updater, fused=fused)
 
 
