@@ -105,7 +105,6 @@ def build(args: argparse.Namespace, family: Family, make_objective, make_data, t
     # The process: accelerator, memory estimate, resume point and seed.
     accelerator = make_accelerator(args)
     args = with_base_folder(args, family, accelerator)
-    check_memory(args, family, accelerator)
     output_dir = Path(args.output_dir)
     resume_dir = resolve_resume(args.resume_from_checkpoint, output_dir)
     if args.resume_from_checkpoint and resume_dir is None:
@@ -113,8 +112,10 @@ def build(args: argparse.Namespace, family: Family, make_objective, make_data, t
     seed = resolve_seed(args.seed, read_position(resume_dir) if resume_dir else None)
     set_seed(seed)
 
-    # Data first: a bad dataset should fail before minutes of model loading.
+    # Data first: a bad dataset should fail before minutes of model loading; the memory estimate
+    # needs it for the size of the text-encoder cache.
     dataset = make_data(args, seed, accelerator, family)
+    check_memory(args, family, accelerator, dataset)
     if args.dry_run:
         dry_run(args, dataset, seed)
     plan = token_plan(args)
@@ -903,7 +904,7 @@ def build_optimizer(args: argparse.Namespace, groups: list[dict], num_processes:
     return build_named(name, groups, lr, {**kwargs, **parse_optimizer_args(args.optimizer_args)})
 
 
-def check_memory(args: argparse.Namespace, family, accelerator: Accelerator) -> None:
+def check_memory(args: argparse.Namespace, family, accelerator: Accelerator, dataset=None) -> None:
     """Before any weight is loaded: the flags the accelerator decides, then the memory estimate
     (printed, and refused when it exceeds the device's memory unless --skip_memory_check)."""
     fused, full_bf16 = args.fused_backward_pass, args.full_bf16
@@ -919,15 +920,44 @@ def check_memory(args: argparse.Namespace, family, accelerator: Accelerator) -> 
     try:
         stats = memory_estimate.denoiser_stats(args.pretrained_model_name_or_path, family.denoiser_role,
                                                args.revision, args.cache_dir)
+        beside = memory_beside(args, family, accelerator, dataset)
     except (OSError, KeyError, AttributeError, ValueError) as err:  # the model loader reports a bad model better
         logger.warning("No memory estimate: the %s config could not be read (%s).", family.denoiser_role, err)
         return
     try:
         logger.info("%s", memory_estimate.check(stats, memory_setup(args, accelerator.mixed_precision),
                                                 family.denoiser_role, accelerator.device,
-                                                skip=args.skip_memory_check))
+                                                skip=args.skip_memory_check, beside=beside))
     except memory_estimate.DoesNotFit as err:
         raise CliError(str(err)) from err
+
+
+def memory_beside(args: argparse.Namespace, family, accelerator: Accelerator, dataset) -> list:
+    """The estimate's lines for what the run holds beside the trained model (issue 26): the frozen text
+    encoders and VAE at the dtype they are kept in, the caches and, on the CPU, the libraries."""
+    from diffusers import DiffusionPipeline
+
+    me, path, revision, cache_dir = memory_estimate, args.pretrained_model_name_or_path, args.revision, args.cache_dir
+    weight_dtype = weight_dtype_of(accelerator)
+    index = DiffusionPipeline.load_config(path, revision=revision, cache_dir=cache_dir)
+    text_roles = [] if args.train_text_encoder else sorted(
+        role for role, value in index.items() if role.startswith("text_encoder") and value and value[0])
+    lines = [me.frozen_line(role, me.component_params(path, role, revision, cache_dir), weight_dtype.itemsize)
+             for role in text_roles]
+    lines.append(me.frozen_line("vae", me.component_params(path, "vae", revision, cache_dir),
+                                family.vae_dtype(weight_dtype).itemsize))
+    in_ram = args.cache_text_encoder_outputs and not args.cache_text_encoder_outputs_to_disk
+    captions = dataset.distinct_captions(math.inf if in_ram else 64) if dataset is not None and text_roles else None
+    if captions:
+        values = me.caption_values(path, text_roles, revision, cache_dir,
+                                   family.text_settings().get("max_sequence_length", me.CACHED_TOKENS))
+        lines.append(me.text_cache_line(len(captions), values, weight_dtype.itemsize))
+    if args.cache_latents and not args.cache_latents_to_disk and dataset is not None:
+        channels = 16 if family.name == "sd3" else 4
+        lines.append(me.latent_cache_line(len(dataset) * (2 if args.random_flip else 1),
+                                          2 * channels * (args.resolution // 8) ** 2))
+    runtime = me.runtime_line(accelerator.device)
+    return lines + ([runtime] if runtime else [])
 
 
 def memory_setup(args: argparse.Namespace, mixed_precision: str) -> memory_estimate.TrainingSetup:

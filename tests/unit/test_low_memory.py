@@ -316,6 +316,25 @@ def test_what_the_accelerate_config_decides_is_checked_before_loading(base, proc
         assert text in str(error.value)
 
 
+def test_frozen_components_and_the_caption_cache_are_counted_from_the_configs(tiny_sdxl):
+    """What the estimate adds beside the trained model (issue 26) matches the loaded models."""
+    from sdft.families.sdxl import StableDiffusionXL
+    from sdft.families.source import ModelSource
+
+    family = StableDiffusionXL()
+    models = family.load(ModelSource(str(tiny_sdxl)))
+    for role in ("text_encoder", "text_encoder_2", "vae"):
+        loaded = sum(p.numel() for p in getattr(models, role).parameters())
+        assert me.component_params(str(tiny_sdxl), role) == loaded, role
+    encoded = family.encode_text(models, ["a red square"], torch.device("cpu"))
+    values = me.caption_values(str(tiny_sdxl), ["text_encoder", "text_encoder_2"])
+    assert values == sum(v.numel() for v in encoded.values())
+    assert me.text_cache_line(32, values, 2).bytes == 32 * 2 * values
+    frozen = me.frozen_line("text_encoder_2", 1000, 2)
+    assert (frozen.name, frozen.bytes) == ("text encoder 2", 2000) and "bf16" in frozen.arithmetic
+    assert me.runtime_line(torch.device("cuda")) is None and me.runtime_line(torch.device("cpu")).bytes > 0
+
+
 def test_parameter_count_is_printed_in_the_unit_that_fits():
     from sdft.memory_estimate import parameter_count
 
