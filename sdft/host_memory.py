@@ -7,8 +7,8 @@ between longer-lived tensors, stay resident as freed heap memory: issue 26 saw a
 resident memory climb through the first steps and keep creeping. `malloc_trim(0)` releases every free
 page of every heap (not only the top); `release_freed()` calls it after each optimizer step. Fixing the
 threshold instead (mallopt M_MMAP_THRESHOLD) would map and unmap every large temporary, and the page
-faults made the tensor arithmetic 4-5x slower on the development machine (benchmarks/README.md), so
-it is not done. Elsewhere than glibc this does nothing.
+faults made temporaries about 7x slower on the development machine (benchmarks/bench_heap_threshold.py),
+so it is not done. Elsewhere than glibc this does nothing.
 """
 
 from __future__ import annotations
