@@ -115,7 +115,7 @@ def run(bench: argparse.Namespace, extra: list[str]) -> dict:
     argv, output = train_argv(bench, extra)
     launcher = [str(Path(sys.executable).with_name("accelerate")), "launch", "--cpu", "--num_processes", "1",
                 "--num_machines", "1", "--mixed_precision", "bf16", "--dynamo_backend", "no"]
-    load_before, started = os.getloadavg(), time.time()
+    load_before, started, commit = os.getloadavg(), time.time(), bt.git_commit()   # the code that runs
     process = subprocess.Popen(launcher + argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     sampler = TreeSampler(process.pid)
     sampler.start()
@@ -129,7 +129,7 @@ def run(bench: argparse.Namespace, extra: list[str]) -> dict:
         "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "command": " ".join([Path(sys.executable).name, *sys.argv]),
         "launch": " ".join(launcher[1:] + [a.replace(str(bt.REPO), ".") for a in argv]),
-        "git_commit": bt.git_commit(), "versions": bt.versions(), "machine": bt.machine(),
+        "git_commit": commit, "versions": bt.versions(), "machine": bt.machine(),
         "family": bench.family, "model": bench.model, "steps": bench.steps, "num_images": bench.num_images,
         "text_cache_on_disk": bench.text_cache,
         "load_average_before": [round(x, 2) for x in load_before],
