@@ -140,7 +140,7 @@ def run(bench: argparse.Namespace, extra: list[str]) -> dict:
         "trainer_peak": summary_value(log, "peak memory"),
         "trainer_resident_at_step_ends": summary_value(log, "resident at step ends"),
         "estimate": estimate_lines(log),
-        "tree_rss_mib_every_5s": sampler.samples[::25],
+        "tree_rss_mib_every_1s": sampler.samples[::5],
     }
 
 
