@@ -920,10 +920,14 @@ def check_memory(args: argparse.Namespace, family, accelerator: Accelerator, dat
     try:
         stats = memory_estimate.denoiser_stats(args.pretrained_model_name_or_path, family.denoiser_role,
                                                args.revision, args.cache_dir)
-        beside = memory_beside(args, family, accelerator, dataset)
     except (OSError, KeyError, AttributeError, ValueError) as err:  # the model loader reports a bad model better
         logger.warning("No memory estimate: the %s config could not be read (%s).", family.denoiser_role, err)
         return
+    try:
+        beside = memory_beside(args, family, accelerator, dataset)
+    except (OSError, KeyError, AttributeError, ValueError, TypeError, IndexError) as err:
+        logger.warning("The memory estimate leaves out the frozen components and caches (%s).", err)
+        beside = None
     try:
         logger.info("%s", memory_estimate.check(stats, memory_setup(args, accelerator.mixed_precision),
                                                 family.denoiser_role, accelerator.device,
