@@ -12,8 +12,9 @@ Bytes per parameter, as the trainer and the optimizers allocate them:
   gradient is applied and freed in its hook (counted as the largest tensor's);
 - optimizer state: AdamW two moments (8 bytes in fp32, 2 with 8-bit Adam), Prodigy four tensors
   (16), Adafactor a row and a column vector per matrix and one value per element of the other
-  tensors (fp32); with --full_bf16 each parameter's update runs on a transient fp32 copy of that
-  one tensor, and the optimizer's state is fp32;
+  tensors (fp32); with --full_bf16 each parameter's update runs on an fp32 copy of that one
+  tensor, in a weight and a gradient buffer sized for the largest tensor and reused (the "update
+  copy" line), and the optimizer's state is fp32;
 - EMA: an fp32 copy of the denoiser on the accelerator, none there with --offload_ema.
 
 Parameter shapes come from the denoiser's config.json: the model is built on the meta device
