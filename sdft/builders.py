@@ -23,7 +23,7 @@ import torch
 from accelerate import Accelerator
 from accelerate.utils import InitProcessGroupKwargs, ProjectConfiguration, broadcast_object_list, set_seed
 
-from sdft import hub, memory_estimate
+from sdft import host_memory, hub, memory_estimate
 from sdft.adapter_blocks import layer_rate_groups, parse_network_args
 from sdft.adapter_files import KOHYA_WEIGHT_NAME, load_adapter_file
 from sdft.adapters import add_adapter
@@ -127,7 +127,6 @@ def build(args: argparse.Namespace, family: Family, make_objective, make_data, t
     # The process: accelerator, memory estimate, resume point and seed.
     accelerator = make_accelerator(args)
     args = with_base_folder(args, family, accelerator)
-    check_memory(args, family, accelerator)
     output_dir = Path(args.output_dir)
     resume_dir = resolve_resume(args.resume_from_checkpoint, output_dir)
     if args.resume_from_checkpoint and resume_dir is None:
@@ -150,6 +149,7 @@ def build(args: argparse.Namespace, family: Family, make_objective, make_data, t
     # Data first: a bad dataset should fail before minutes of model loading.
     dataset = make_data(args, seed, accelerator, family)
     require_agreement(accelerator, run_facts(args, resume_dir, len(dataset)))
+    check_memory(args, family, accelerator, dataset)   # needs the data for the size of the text-encoder cache
     if args.dry_run:
         dry_run(args, dataset, seed)
     plan = token_plan(args)
@@ -325,7 +325,7 @@ def build_run(args: argparse.Namespace, family: Family, make_objective, accelera
     # After prepare: FSDP2 replaces the parameters with sharded ones, which clipping must see.
     params = trainable_params(trained) + (new_tokens.params() if new_tokens else [])
     sharding = Sharding(accelerator, engine_of(accelerator), prepared, adapter=lora_spec(args, family))
-    stepper = build_stepper(args, optimizer, seed)
+    stepper = build_stepper(args, optimizer, seed, accelerator.device)
     eval_weights = EvalWeights(optimizer)
     weights = TrainedWeights(family.pipeline_cls, trained, lora=args.use_lora, ema=ema,
                              lora_key_format=family.lora_key_format, extras=[new_tokens] if new_tokens else [],
@@ -941,7 +941,7 @@ def build_optimizer(args: argparse.Namespace, groups: list[dict], num_processes:
     return build_named(name, groups, lr, {**kwargs, **parse_optimizer_args(args.optimizer_args)})
 
 
-def check_memory(args: argparse.Namespace, family, accelerator: Accelerator) -> None:
+def check_memory(args: argparse.Namespace, family, accelerator: Accelerator, dataset=None) -> None:
     """Before any weight is loaded: the flags the accelerator decides, then the memory estimate
     (printed, and refused when it exceeds the device's memory unless --skip_memory_check)."""
     fused, full_bf16 = args.fused_backward_pass, args.full_bf16
@@ -964,11 +964,44 @@ def check_memory(args: argparse.Namespace, family, accelerator: Accelerator) -> 
     add_adapters = partial(add_adapter, spec=lora_spec(args, family), is_denoiser=True)
     adapters = memory_estimate.adapter_stats(model, add_adapters) if args.use_lora else None
     try:
+        beside = memory_beside(args, family, accelerator, dataset)
+    except (OSError, KeyError, AttributeError, ValueError, TypeError, IndexError) as err:
+        logger.warning("The memory estimate leaves out the frozen components and caches (%s).", err)
+        beside = None
+    try:
         logger.info("%s", memory_estimate.check(stats, memory_setup(args, accelerator.mixed_precision, adapters),
                                                 family.denoiser_role, accelerator.device,
-                                                skip=args.skip_memory_check))
+                                                skip=args.skip_memory_check, beside=beside))
     except memory_estimate.DoesNotFit as err:
         raise CliError(str(err)) from err
+
+
+def memory_beside(args: argparse.Namespace, family, accelerator: Accelerator, dataset) -> list:
+    """The estimate's lines for what the run holds beside the trained model (issue 26): the frozen text
+    encoders and VAE at the dtype they are kept in, the caches and, on the CPU, the libraries."""
+    from diffusers import DiffusionPipeline
+
+    me, path, revision, cache_dir = memory_estimate, args.pretrained_model_name_or_path, args.revision, args.cache_dir
+    weight_dtype = weight_dtype_of(accelerator)
+    index = DiffusionPipeline.load_config(path, revision=revision, cache_dir=cache_dir)
+    text_roles = [] if args.train_text_encoder else sorted(
+        role for role, value in index.items() if role.startswith("text_encoder") and value and value[0])
+    lines = [me.frozen_line(role, me.component_params(path, role, revision, cache_dir), weight_dtype.itemsize)
+             for role in text_roles]
+    lines.append(me.frozen_line("vae", me.component_params(path, "vae", revision, cache_dir),
+                                family.vae_dtype(weight_dtype).itemsize))
+    in_ram = args.cache_text_encoder_outputs and not args.cache_text_encoder_outputs_to_disk
+    captions = dataset.distinct_captions(math.inf if in_ram else 64) if dataset is not None and text_roles else None
+    if captions:
+        values = me.caption_values(path, text_roles, revision, cache_dir,
+                                   family.text_settings().get("max_sequence_length", me.CACHED_TOKENS))
+        lines.append(me.text_cache_line(len(captions), values, weight_dtype.itemsize))
+    if args.cache_latents and not args.cache_latents_to_disk and dataset is not None:
+        channels = 16 if family.name == "sd3" else 4
+        lines.append(me.latent_cache_line(len(dataset) * (2 if args.random_flip else 1),
+                                          2 * channels * (args.resolution // 8) ** 2))
+    runtime = me.runtime_line(accelerator.device)
+    return lines + ([runtime] if runtime else [])
 
 
 def memory_setup(args: argparse.Namespace, mixed_precision: str,
@@ -991,14 +1024,16 @@ def model_source(args: argparse.Namespace, weight_dtype: torch.dtype) -> ModelSo
                        text_encoder_dtype=weight_dtype if bf16 and not trains_text_encoders else None)
 
 
-def build_stepper(args: argparse.Namespace, optimizer, seed: int) -> OptimizerStepper:
-    """`optimizer` is accelerate's wrapper; per-parameter updates use the torch optimizer inside it."""
+def build_stepper(args: argparse.Namespace, optimizer, seed: int, device: torch.device) -> OptimizerStepper:
+    """`optimizer` is accelerate's wrapper; per-parameter updates use the torch optimizer inside it. On
+    the CPU each step's freed temporaries go back to the system after the step (issue 26)."""
     fused, full_bf16 = args.fused_backward_pass, args.full_bf16
     if not (fused or full_bf16):
         return OptimizerStepper(optimizer)
     if fused and args.max_grad_norm:
         logger.info("Gradient clipping is off with --fused_backward_pass (no step ever holds all gradients).")
-    updater = ParamUpdater(getattr(optimizer, "optimizer", optimizer), seed=seed, stochastic_rounding=full_bf16)
+    updater = ParamUpdater(getattr(optimizer, "optimizer", optimizer), seed=seed, stochastic_rounding=full_bf16,
+                           release=host_memory.release_freed if device.type == "cpu" else None)
     return OptimizerStepper(optimizer, updater, fused=fused)
 
 

@@ -1,6 +1,8 @@
 """The memory a run's trained model needs, from its parameter shapes and the flags, before any
-weight is loaded: weights, gradients, optimizer state and EMA. Activations and the frozen
-components (VAE, text encoders) come on top and are not estimated.
+weight is loaded: weights, gradients, optimizer state and EMA; and, where the caller passes them
+(the trainer does), the frozen components (VAE, text encoders) at their dtype, the text-encoder and
+latent caches and, on the CPU, the libraries (see the end of this module). Activations are not
+estimated.
 
 Bytes per parameter, as the trainer and the optimizers allocate them:
 
@@ -10,8 +12,9 @@ Bytes per parameter, as the trainer and the optimizers allocate them:
   gradient is applied and freed in its hook (counted as the largest tensor's);
 - optimizer state: AdamW two moments (8 bytes in fp32, 2 with 8-bit Adam), Prodigy four tensors
   (16), Adafactor a row and a column vector per matrix and one value per element of the other
-  tensors (fp32); with --full_bf16 each parameter's update runs on a transient fp32 copy of that
-  one tensor, and the optimizer's state is fp32;
+  tensors (fp32); with --full_bf16 each parameter's update runs on an fp32 copy of that one
+  tensor, in a weight and a gradient buffer sized for the largest tensor and reused (the "update
+  copy" line), and the optimizer's state is fp32;
 - EMA: an fp32 copy of the denoiser on the accelerator, none there with --offload_ema.
 - LoRA (any --lora_type and --lora_targets, --conv_rank, --network_args): the adapters' own fp32
   weights, gradients, optimizer state and EMA, counted on the meta model with the run's adapters added
@@ -164,12 +167,14 @@ def parameter_count(count: int) -> str:
     return f"{count / 1e3:.0f} K" if count >= 1e3 else str(count)
 
 
-def describe(role: str, stats: ParamStats, lines: list[Line], capacity: int | None, where: str) -> str:
-    rows = [f"Memory estimate for training the {role} ({parameter_count(stats.count)} parameters), before "
-            "activations and the frozen components:"]
-    rows += [f"  {line.name:<12} {line.arithmetic:<68} = {line.bytes / GB:7.2f} GB" for line in lines]
+def describe(role: str, stats: ParamStats, lines: list[Line], capacity: int | None, where: str,
+             beside: bool = False) -> str:
+    """`beside`: the lines include what the run holds beside the trained model (frozen parts, caches)."""
+    rows = [f"Memory estimate for training the {role} ({parameter_count(stats.count)} parameters), "
+            + ("activations not counted:" if beside else "before activations and the frozen components:")]
+    rows += [f"  {line.name:<14} {line.arithmetic:<68} = {line.bytes / GB:7.2f} GB" for line in lines]
     summed = total(lines)
-    rows.append(f"  {'total':<12} {'':<68} = {summed / GB:7.2f} GB ({binary_size(summed)})"
+    rows.append(f"  {'total':<14} {'':<68} = {summed / GB:7.2f} GB ({binary_size(summed)})"
                 + (f" of {binary_size(capacity)} {where}" if capacity else ""))
     return "\n".join(rows)
 
@@ -188,12 +193,13 @@ class DoesNotFit(Exception):
     """The estimate exceeds the device's memory; the message holds the arithmetic."""
 
 
-def check(stats: ParamStats, setup: TrainingSetup, role: str, device: torch.device, *, skip: bool = False) -> str:
+def check(stats: ParamStats, setup: TrainingSetup, role: str, device: torch.device, *, skip: bool = False,
+          beside: list[Line] | None = None) -> str:
     """The estimate as text, to print; raises DoesNotFit with it when it exceeds the memory of
-    `device` (unless `skip`)."""
-    lines = estimate(stats, setup)
+    `device` (unless `skip`). `beside`: lines for the frozen components, caches and libraries."""
+    lines = estimate(stats, setup) + list(beside or [])
     capacity, where = device_memory(device)
-    description = describe(role, stats, lines, capacity, where)
+    description = describe(role, stats, lines, capacity, where, beside=bool(beside))
     if not skip and not fits(lines, capacity):
         raise DoesNotFit(refusal(description, capacity, where))
     return description
@@ -251,3 +257,68 @@ def denoiser_model(path: str, subfolder: str, revision: str | None = None, cache
         model = model_cls.from_config(config)
     model.requires_grad_(False)     # as the run freezes it before adding adapters
     return model
+
+
+# --------------------------------------------------------------------------- beside the trained model (issue 26)
+# What a run holds besides the trained weights, gradients, optimizer state and EMA: the frozen
+# components at the dtype they are kept in, the caches filled before training and, on the CPU, the
+# libraries; with these the total is what the whole process tree holds (activations aside).
+
+CACHED_TOKENS = 77    # CLIP's context: the tokens of one cached caption per encoder
+# Resident libraries (PyTorch, diffusers, transformers, accelerate) of a CPU run through `accelerate
+# launch`: the launcher 250 MiB and the trainer's own about 560 MiB, measured on a tiny SDXL run
+# (benchmarks/bench_launch_memory.py, 2026-12-07). On a GPU they live in host memory, not on the device.
+CPU_RUNTIME_BYTES = 810 * 2**20
+DTYPE_WIDTHS = {2: "bf16/fp16", 4: "fp32"}
+
+
+def frozen_line(role: str, count: int, width: int) -> Line:
+    return _line(role.replace("_", " "), count, width, f"frozen, {DTYPE_WIDTHS.get(width, f'{width}-byte')}")
+
+
+def text_cache_line(captions: int, values_per_caption: int, width: int) -> Line:
+    return Line("text cache", f"{captions} captions x {values_per_caption / 1e3:,.0f} K x {width} bytes "
+                              "(text-encoder outputs)", captions * values_per_caption * width)
+
+
+def latent_cache_line(images: int, values_per_image: int) -> Line:
+    return Line("latent cache", f"{images} images x {values_per_image / 1e3:,.1f} K x 4 bytes (VAE posteriors, fp32)",
+                images * values_per_image * 4)
+
+
+def runtime_line(device: torch.device) -> Line | None:
+    if device.type != "cpu":
+        return None
+    return Line("libraries", "PyTorch and co. in the trainer and accelerate's launcher (measured)",
+                CPU_RUNTIME_BYTES)
+
+
+def component_params(path: str, subfolder: str, revision: str | None = None, cache_dir: str | None = None) -> int:
+    """Parameters of a pipeline component (a diffusers or a transformers model) from its config alone."""
+    import transformers
+    from accelerate import init_empty_weights
+
+    try:
+        return denoiser_stats(path, subfolder, revision, cache_dir).count
+    except (KeyError, AttributeError, OSError, ValueError):   # not a diffusers config: a transformers one
+        config = transformers.AutoConfig.from_pretrained(path, subfolder=subfolder, revision=revision,
+                                                         cache_dir=cache_dir)
+        with init_empty_weights():
+            model = getattr(transformers, config.architectures[0])(config)
+        return sum(p.numel() for p in model.parameters())
+
+
+def caption_values(path: str, roles: list[str], revision: str | None = None, cache_dir: str | None = None,
+                   max_sequence_length: int = CACHED_TOKENS) -> int:
+    """Values of one cached caption: each encoder's hidden states (77 tokens; a T5 `max_sequence_length`)
+    and the pooled projections of the encoders that have one. About: SD3 pads the CLIP states to T5's width."""
+    import transformers
+
+    values = 0
+    for role in roles:
+        config = transformers.AutoConfig.from_pretrained(path, subfolder=role, revision=revision, cache_dir=cache_dir)
+        width = getattr(config, "hidden_size", None) or getattr(config, "d_model", 0)
+        tokens = CACHED_TOKENS if hasattr(config, "max_position_embeddings") else max_sequence_length
+        pooled = config.projection_dim if "WithProjection" in (config.architectures or [""])[0] else 0
+        values += tokens * width + pooled
+    return values

@@ -10,7 +10,9 @@ per step (the GPU's queue drains at each), so timing is off on the other process
 Step time is the sum of the phases (data, VAE, text encoders, denoiser, optimizer), so logging,
 checkpoints and validation count in the wall time but not in steps/s. Each step's phase times are
 kept too (`step_phase_s`, 40 bytes a step), so a reader such as benchmarks/bench_train.py can
-leave out any number of warm-up steps and break the first step down.
+leave out any number of warm-up steps and break the first step down. So is the process's resident
+memory at the end of each step (`step_rss`, read from /proc; 8 bytes a step): memory that climbs
+from step to step shows there, where the peak alone would not say when it was reached.
 """
 
 from __future__ import annotations
@@ -63,6 +65,7 @@ class RunStats:
     step_phase_s: dict[str, array] = field(default_factory=lambda: {p: array("d") for p in PHASES})  # per step
     images: int = 0
     sample_set_s: list[float] = field(default_factory=list)   # wall time of each in-run sample set
+    step_rss: array = field(default_factory=lambda: array("d"))   # bytes resident at the end of each step
     first_step_at: float | None = None
     last_step_at: float | None = None    # time.time() at the end of the latest optimizer step
     _lap_start: float = 0.0
@@ -114,6 +117,7 @@ class RunStats:
             self.step_phase_s[phase].append(seconds)
         self._this_step = dict.fromkeys(PHASES, 0.0)
         self.last_step_at = time.time()
+        self.step_rss.append(resident_bytes())
         if self.first_step_at is None:
             self.first_step_at = self.last_step_at
 
@@ -138,6 +142,8 @@ class RunStats:
             count, total_s = len(self.sample_set_s), sum(self.sample_set_s)
             out["sample sets"] = f"{count}, {total_s / count:.1f} s each, {total_s:.1f} s in all"
         out["peak memory"] = peak_memory(self.device)
+        if self.step_rss and self.step_rss[0] > 0:
+            out["resident at step ends"] = step_rss_text(self.step_rss)
         total = sum(self.phase_s.values())
         if total > 0:
             out["step time"] = ", ".join(f"{PHASE_NAMES[p]} {100 * s / total:.0f}%" for p, s in self.phase_s.items())
@@ -150,6 +156,24 @@ class RunStats:
             for key, value in summary.items():
                 logger.info("  %s: %s", key, value)
         return summary
+
+
+def resident_bytes() -> float:
+    """This process's resident memory now (Linux /proc/self/statm; 0 elsewhere)."""
+    try:
+        return int(Path("/proc/self/statm").read_text().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, IndexError):
+        return 0.0
+
+
+def step_rss_text(step_rss: array, shown: int = 8) -> str:
+    """ "8.12, 8.15, 8.15 GiB (steps 1-3)"; a long run shows its first and last steps and its maximum."""
+    gib = [value / 2**30 for value in step_rss]
+    if len(gib) <= shown:
+        return f"{', '.join(f'{v:.2f}' for v in gib)} GiB (steps 1-{len(gib)})"
+    head, tail = gib[:shown // 2], gib[-(shown // 2):]
+    return (f"{', '.join(f'{v:.2f}' for v in head)} ... {', '.join(f'{v:.2f}' for v in tail)} GiB "
+            f"(steps 1-{len(gib)}; max {max(gib):.2f} at step {gib.index(max(gib)) + 1})")
 
 
 def peak_memory(device: torch.device) -> str:

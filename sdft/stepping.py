@@ -13,6 +13,8 @@ PR #1259 measured SDXL full fine-tuning at about 10 GB this way).
 
 from __future__ import annotations
 
+from typing import Callable
+
 import torch
 
 MASK_BELOW_BF16 = 0xFFFF  # bf16 is the top 16 bits of an fp32: sign, 8 exponent bits, 7 mantissa bits
@@ -34,16 +36,54 @@ def stochastic_round_to_bf16(values: torch.Tensor, generator: torch.Generator | 
     return rounded.view(torch.float32).to(torch.bfloat16)  # exact: the low bits are zero
 
 
+def stochastic_round_into(target: torch.Tensor, values: torch.Tensor, generator: torch.Generator | None,
+                          scratch: torch.Tensor) -> None:
+    """`target.copy_(stochastic_round_to_bf16(values, generator))`, bit for bit, with the random and
+    rounded bits in `scratch` (int32, `values`' shape) instead of five tensors of `values`' size
+    allocated per call. `values` must be a contiguous fp32 tensor."""
+    bits = values.view(torch.int32)
+    torch.randint(0, MASK_BELOW_BF16 + 1, bits.shape, generator=generator, out=scratch)
+    rounded = scratch.add_(bits).bitwise_and_(~MASK_BELOW_BF16)
+    # A finite sum means every value is finite; only then may the non-finite fix-up be skipped.
+    if not torch.isfinite(values.sum()):
+        rounded = torch.where(torch.isfinite(values), rounded, bits & ~MASK_BELOW_BF16)
+    target.copy_(rounded.view(torch.float32))  # exact: the low bits are zero
+
+
+class UpdateScratch:
+    """Two fp32 buffers, each the size of the largest parameter, reused by every per-parameter update:
+    the weight's and the gradient's fp32 copies; once the optimizer has stepped, the gradient's buffer
+    holds the rounding bits. Per-tensor copies allocated and freed per parameter leave freed memory
+    in the C heap that a CPU process does not hand back to the system (benchmarks/README.md, issue 26)."""
+
+    def __init__(self, params: list[torch.Tensor]):
+        self.sizes = {}
+        for param in params:
+            self.sizes[param.device] = max(self.sizes.get(param.device, 0), param.numel())
+        self.buffers = {}
+
+    def pair(self, param: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """fp32 weight and gradient views of `param`'s shape (allocated on first use, then reused)."""
+        buffers, count = self.buffers.get(param.device), param.numel()
+        if buffers is None or buffers.shape[1] < count:  # a parameter that moved or grew since
+            size = max(self.sizes.get(param.device, 0), count)
+            buffers = self.buffers[param.device] = torch.empty((2, size), dtype=torch.float32, device=param.device)
+        return buffers[0, :count].view(param.shape), buffers[1, :count].view(param.shape)
+
+
 class ParamUpdater:
     """Applies the optimizer to one parameter and frees its gradient.
 
-    With `stochastic_rounding`, a bf16 parameter is stepped on a transient fp32 copy (the optimizer's
-    state is therefore fp32) and written back with `stochastic_round_to_bf16`; the random bits come
-    from (seed, optimizer step, parameter index), so a resumed run rounds exactly as an uninterrupted
-    one, whatever order the parameters are updated in."""
+    With `stochastic_rounding`, a bf16 parameter is stepped on an fp32 copy (the optimizer's state is
+    therefore fp32) and written back with `stochastic_round_to_bf16` (`stochastic_round_into`); the
+    copies live in an `UpdateScratch` sized for the largest parameter. The random bits come from
+    (seed, optimizer step, parameter index), so a resumed run rounds exactly as an uninterrupted one,
+    whatever order the parameters are updated in."""
 
-    def __init__(self, optimizer: torch.optim.Optimizer, *, seed: int = 0, stochastic_rounding: bool = False):
+    def __init__(self, optimizer: torch.optim.Optimizer, *, seed: int = 0, stochastic_rounding: bool = False,
+                 release: Callable[[], object] | None = None):
         self.optimizer = optimizer
+        self.release = release   # after each step's updates: hand freed memory back (sdft.host_memory)
         self.seed = seed
         self.stochastic_rounding = stochastic_rounding
         self.index = {}
@@ -51,8 +91,10 @@ class ParamUpdater:
             for param in group["params"]:
                 self.index[param] = (group_index, len(self.index))
         self.step_index = 0
+        self.scratch = None
         if stochastic_rounding:
             keep_state_dtypes(optimizer)
+            self.scratch = UpdateScratch([p for p in self.index if p.dtype == torch.bfloat16])
 
     @property
     def params(self) -> list[torch.Tensor]:
@@ -62,6 +104,11 @@ class ParamUpdater:
         """The optimizer step (0-based) whose updates follow; it seeds the rounding."""
         self.step_index = step_index
 
+    def end_step(self) -> None:
+        """Every parameter of the step has been updated."""
+        if self.release is not None:
+            self.release()
+
     def __call__(self, param: torch.Tensor) -> None:
         if param.grad is None:
             return
@@ -69,8 +116,9 @@ class ParamUpdater:
         rounded = self.stochastic_rounding and param.dtype == torch.bfloat16
         stored = param.data
         if rounded:
-            param.data = stored.float()
-            param.grad = param.grad.float()
+            weight, grad = self.scratch.pair(param)
+            param.data = weight.copy_(stored)
+            param.grad = grad.copy_(param.grad)
         groups = self.optimizer.param_groups
         self.optimizer.param_groups = [{**groups[group_index], "params": [param]}]
         try:
@@ -81,7 +129,7 @@ class ParamUpdater:
         if rounded:
             generator = torch.Generator(device=stored.device).manual_seed(
                 hash((self.seed, self.step_index, param_index)) & (2**63 - 1))
-            stored.copy_(stochastic_round_to_bf16(param.data, generator))
+            stochastic_round_into(stored, param.data.float().contiguous(), generator, grad.view(torch.int32))
             param.data = stored
 
 
@@ -120,9 +168,11 @@ class OptimizerStepper:
         if self.updater is None:
             self.optimizer.step()
             self.optimizer.zero_grad(set_to_none=True)
-        elif not self.fused and gradients_complete(self.optimizer):
-            for param in self.updater.params:
-                self.updater(param)
+        elif gradients_complete(self.optimizer):
+            if not self.fused:
+                for param in self.updater.params:
+                    self.updater(param)
+            self.updater.end_step()
 
     def remove_hooks(self) -> None:
         for hook in self.hooks:

@@ -92,6 +92,9 @@ def test_a_run_that_cannot_fit_stops_before_loading_with_the_arithmetic(tiny_sd,
     assert code == 1
     assert "Memory estimate for training the unet" in err and "AdamW: two fp32 moments" in err
     assert "does not fit the 10.0 MiB of memory on Test GPU" in err and "--skip_memory_check" in err
+    # Beside the trained UNet (issue 26): the frozen parts at their dtype, the caption cache, the libraries.
+    for line in ("text encoder ", "vae ", "frozen, fp32", "text cache ", "captions x", "libraries "):
+        assert line in err, line
     assert not out.exists()
 
     assert train(sd_args(tiny_sd, image_folder, out, "--max_train_steps", "1", "--skip_memory_check"),

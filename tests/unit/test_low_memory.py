@@ -13,7 +13,7 @@ import torch
 import train_text_to_image as t2i
 from sdft import memory_estimate as me
 from sdft.optim import AdafactorSettings, AdamSettings, build_adafactor, build_adamw
-from sdft.stepping import OptimizerStepper, ParamUpdater, stochastic_round_to_bf16
+from sdft.stepping import OptimizerStepper, ParamUpdater, stochastic_round_into, stochastic_round_to_bf16
 
 # --------------------------------------------------------------------------- stochastic rounding
 
@@ -38,6 +38,19 @@ def test_stochastic_rounding_keeps_exact_and_non_finite_values():
 
 
 # --------------------------------------------------------------------------- per-parameter updates
+
+
+def test_in_place_rounding_is_bit_identical_to_stochastic_round_to_bf16():
+    x = torch.randn(3, 1000) * torch.logspace(-30, 30, 1000)
+    x[1, ::7] = float("nan")   # the fix-up path: non-finite values, as stochastic_round_to_bf16 keeps them
+    x[1, 3], x[1, 5], x[2, 9] = float("inf"), -float("inf"), 3.4e38
+    for row in x:
+        expected = stochastic_round_to_bf16(row, torch.Generator().manual_seed(3))
+        target = torch.empty(row.shape, dtype=torch.bfloat16)
+        scratch = torch.empty_like(row, dtype=torch.int32)
+        stochastic_round_into(target, row.clone(), torch.Generator().manual_seed(3), scratch)
+        assert torch.equal(target.view(torch.int16), expected.view(torch.int16))
+
 
 
 def tiny_module(dtype=torch.float32) -> torch.nn.Module:
@@ -103,6 +116,46 @@ def test_full_bf16_with_stochastic_rounding_moves_weights_that_plain_bf16_leaves
     assert sum(plain_moved) == 0.0, "plain bf16 rounding drops the small updates"
     assert all(moved > 0 for moved in rounded_moved), "stochastic rounding moves every tensor"
     assert all(p.dtype == torch.bfloat16 for p in module.parameters())
+
+
+def fresh_copy_updates(module, optimizer, steps: int, seed: int = 0) -> None:
+    """The update as it was before the scratch buffers (issue 26): a new fp32 copy of each weight and
+    gradient per call, written back with stochastic_round_to_bf16; the reference for bit-identity."""
+    generator = torch.Generator().manual_seed(0)
+    params = list(module.parameters())
+    for step in range(steps):
+        module(torch.randn(5, 8, generator=generator).to(torch.bfloat16)).float().pow(2).mean().backward()
+        for index, param in enumerate(params):
+            stored = param.data
+            param.data, param.grad = stored.float(), param.grad.float()
+            groups = optimizer.param_groups
+            optimizer.param_groups = [{**groups[0], "params": [param]}]
+            optimizer.step()
+            optimizer.param_groups = groups
+            rounding = torch.Generator().manual_seed(hash((seed, step, index)) & (2**63 - 1))
+            stored.copy_(stochastic_round_to_bf16(param.data, rounding))
+            param.data, param.grad = stored, None
+
+
+@pytest.mark.parametrize("name", ["adafactor", "adamw"])
+def test_scratch_buffer_updates_are_bit_identical_to_fresh_fp32_copies(name):
+    def build(module):
+        groups = [{"params": list(module.parameters())}]
+        return (build_adafactor(groups, AdafactorSettings(lr=1e-2, weight_decay=1e-2)) if name == "adafactor"
+                else build_adamw(groups, AdamSettings(lr=1e-2)))
+
+    reference = tiny_module(torch.bfloat16)
+    fresh_copy_updates(reference, build(reference), steps=4)
+    module = tiny_module(torch.bfloat16)
+    optimizer = build(module)
+    updater = ParamUpdater(optimizer, seed=0, stochastic_rounding=True)
+    train_steps(module, optimizer, OptimizerStepper(optimizer, updater, fused=True))
+    largest = max(p.numel() for p in module.parameters())
+    assert updater.scratch.buffers[torch.device("cpu")].shape == (2, largest), "one pair, the largest tensor's size"
+    for expected, param in zip(reference.parameters(), module.parameters()):
+        assert param.dtype == torch.bfloat16
+        assert torch.equal(param.view(torch.int16), expected.view(torch.int16))
+    assert not torch.equal(module[0].weight, tiny_module(torch.bfloat16)[0].weight), "training moved the weights"
 
 
 def test_optimizer_state_of_bf16_weights_stays_fp32_through_a_state_dict_round_trip():
@@ -261,6 +314,25 @@ def test_what_the_accelerate_config_decides_is_checked_before_loading(base, proc
         check_memory(args, StableDiffusion(), accelerator)
     for text in named:
         assert text in str(error.value)
+
+
+def test_frozen_components_and_the_caption_cache_are_counted_from_the_configs(tiny_sdxl):
+    """What the estimate adds beside the trained model (issue 26) matches the loaded models."""
+    from sdft.families.sdxl import StableDiffusionXL
+    from sdft.families.source import ModelSource
+
+    family = StableDiffusionXL()
+    models = family.load(ModelSource(str(tiny_sdxl)))
+    for role in ("text_encoder", "text_encoder_2", "vae"):
+        loaded = sum(p.numel() for p in getattr(models, role).parameters())
+        assert me.component_params(str(tiny_sdxl), role) == loaded, role
+    encoded = family.encode_text(models, ["a red square"], torch.device("cpu"))
+    values = me.caption_values(str(tiny_sdxl), ["text_encoder", "text_encoder_2"])
+    assert values == sum(v.numel() for v in encoded.values())
+    assert me.text_cache_line(32, values, 2).bytes == 32 * 2 * values
+    frozen = me.frozen_line("text_encoder_2", 1000, 2)
+    assert (frozen.name, frozen.bytes) == ("text encoder 2", 2000) and "bf16" in frozen.arithmetic
+    assert me.runtime_line(torch.device("cuda")) is None and me.runtime_line(torch.device("cpu")).bytes > 0
 
 
 def test_parameter_count_is_printed_in_the_unit_that_fits():

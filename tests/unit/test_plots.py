@@ -5,13 +5,14 @@ from __future__ import annotations
 import json
 import logging
 import sys
+from array import array
 
 import pytest
 import torch
 from PIL import Image
 
 from sdft import plots
-from sdft.run_stats import RunStats
+from sdft.run_stats import RunStats, step_rss_text
 
 
 def write_round(validation_dir, folder, colours):
@@ -110,6 +111,22 @@ def test_run_stats_keeps_each_steps_phases():
     assert all(len(seconds) == 2 for seconds in stats.step_phase_s.values())
     assert stats.phase_s["denoiser"] == pytest.approx(sum(stats.step_phase_s["denoiser"]))
     assert stats.first_step_at <= stats.last_step_at
+
+
+def test_run_summary_shows_the_resident_memory_at_each_step_end():
+    """Issue 26: memory that climbs from step to step shows in the summary, not only the peak."""
+    stats = RunStats(enabled=True, device=torch.device("cpu"))
+    held = []
+    for _ in stats.batches([{"captions": ["a"]}] * 3):
+        held.append(torch.ones(64 * 2**20, dtype=torch.uint8))  # 64 MiB more resident each step
+        stats.lap("denoiser")
+        stats.end_step()
+    assert len(stats.step_rss) == 3
+    assert stats.step_rss[2] - stats.step_rss[0] >= 2 * 60 * 2**20
+    line = stats.summary()["resident at step ends"]
+    assert line.endswith("GiB (steps 1-3)") and line.count(",") == 2
+    long_run = step_rss_text(array("d", [2**30 * (1 + i / 100) for i in range(20)]))
+    assert long_run.startswith("1.00, 1.01, 1.02, 1.03 ... 1.16, 1.17, 1.18, 1.19 GiB (steps 1-20; max 1.19 at step 20)")
 
 
 def test_grid_keeps_the_raw_rows_of_in_run_sets_beside_an_ema_only_final_set(tmp_path):
