@@ -118,6 +118,25 @@ def peft_config(module: torch.nn.Module, spec: LoraSpec, targets: list[str]):
                       alpha_pattern=alpha_pattern, **common, **extra)
 
 
+def adapter_parameter_count(module: torch.nn.Module, spec: LoraSpec) -> int:
+    """Trained parameters of the adapter on the denoiser `module` (built on the meta device is enough),
+    counted as LoRA: rank x (inputs + outputs) per adapted layer, a 3x3 convolution's inputs times
+    its kernel; for the memory estimate (LoHa and LoKr differ by small factors)."""
+    targets = targets_for(module, spec, is_denoiser=True)
+    conv_rank, _ = spec.conv
+    total = 0
+    for name, layer in module.named_modules():
+        if not isinstance(layer, (torch.nn.Linear, torch.nn.Conv2d)) or not any(
+                name == t or name.endswith("." + t) for t in targets):
+            continue
+        if isinstance(layer, torch.nn.Linear):
+            total += spec.rank * (layer.in_features + layer.out_features)
+        else:
+            rank = conv_rank if is_spatial_conv(layer) else spec.rank
+            total += rank * (layer.in_channels * layer.kernel_size[0] * layer.kernel_size[1] + layer.out_channels)
+    return total
+
+
 def add_adapter(module: torch.nn.Module, spec: LoraSpec, is_denoiser: bool) -> None:
     module.add_adapter(peft_config(module, spec, targets_for(module, spec, is_denoiser)))
 

@@ -922,7 +922,7 @@ def check_memory(args: argparse.Namespace, family, accelerator: Accelerator) -> 
         raise CliError(f"--full_bf16 needs --mixed_precision bf16; this run's is '{accelerator.mixed_precision}'.")
     try:
         stats = memory_estimate.denoiser_stats(args.pretrained_model_name_or_path, family.denoiser_role,
-                                               args.revision, args.cache_dir)
+                                               args.revision, args.cache_dir, adapter=lora_spec(args, family))
     except (OSError, KeyError, AttributeError, ValueError) as err:  # the model loader reports a bad model better
         logger.warning("No memory estimate: the %s config could not be read (%s).", family.denoiser_role, err)
         return
@@ -940,7 +940,7 @@ def memory_setup(args: argparse.Namespace, mixed_precision: str) -> memory_estim
         full_bf16=args.full_bf16, fused_backward_pass=args.fused_backward_pass,
         gradient_accumulation_steps=args.gradient_accumulation_steps,
         mixed_precision=mixed_precision, ema=args.use_ema,
-        offload_ema=args.offload_ema)
+        offload_ema=args.offload_ema, base_precision=base_precision(args).denoiser)
 
 
 def model_source(args: argparse.Namespace, weight_dtype: torch.dtype) -> ModelSource:

@@ -5,7 +5,9 @@ components (VAE, text encoders) come on top and are not estimated.
 Bytes per parameter, as the trainer and the optimizers allocate them:
 
 - weights: fp32 (4) for full fine-tuning, bf16 (2) with --full_bf16; with LoRA the denoiser is
-  frozen in the mixed-precision dtype and the adapters are negligible;
+  frozen in the mixed-precision dtype, its Linear weights in fp8/int8 (1) or nf4 (~0.52) with
+  --base_precision (sdft.quantization.STORAGE_BYTES), and the adapters (when counted) train in fp32
+  with a gradient and the optimizer's state each;
 - gradients: one per weight in the weight's dtype, except with --fused_backward_pass, where each
   gradient is applied and freed in its hook (counted as the largest tensor's);
 - optimizer state: AdamW two moments (8 bytes in fp32, 2 with 8-bit Adam), Prodigy four tensors
@@ -22,9 +24,12 @@ from __future__ import annotations
 
 import math
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
+
+from sdft.adapters import LoraSpec, adapter_parameter_count
+from sdft.quantization import STORAGE_BYTES
 
 GB = 1e9
 GIB = 2**30
@@ -37,6 +42,8 @@ class ParamStats:
     count: int
     largest: int                  # elements of the largest tensor
     adafactor_values: int         # elements of Adafactor's second-moment state
+    linear: int = 0               # elements of the Linear layers' weights (what --base_precision stores)
+    adapters: int = 0             # trained parameters of the LoRA adapters, when counted
 
     @classmethod
     def of_shapes(cls, shapes: list[tuple[int, ...]]) -> "ParamStats":
@@ -45,8 +52,10 @@ class ParamStats:
         return cls(sum(numels), max(numels, default=0), sum(factored))
 
     @classmethod
-    def of_module(cls, module: torch.nn.Module) -> "ParamStats":
-        return cls.of_shapes([tuple(p.shape) for p in module.parameters()])
+    def of_module(cls, module: torch.nn.Module, adapters: int = 0) -> "ParamStats":
+        stats = cls.of_shapes([tuple(p.shape) for p in module.parameters()])
+        linear = sum(layer.weight.numel() for layer in module.modules() if isinstance(layer, torch.nn.Linear))
+        return replace(stats, linear=linear, adapters=adapters)
 
 
 @dataclass(frozen=True)
@@ -62,6 +71,7 @@ class TrainingSetup:
     mixed_precision: str = "no"       # no | fp16 | bf16
     ema: bool = False
     offload_ema: bool = False
+    base_precision: str | None = None   # LoRA: the frozen Linear weights stored in fp8 | int8 | nf4
 
 
 @dataclass(frozen=True)
@@ -78,8 +88,7 @@ def _line(name: str, values: int, width: int, what: str) -> Line:
 def estimate(stats: ParamStats, setup: TrainingSetup) -> list[Line]:
     """The estimate, line by line (weights, gradients, optimizer state, EMA)."""
     if setup.lora:
-        width = 2 if setup.mixed_precision in ("fp16", "bf16") else 4
-        return [_line("weights", stats.count, width, f"frozen, {setup.mixed_precision}; LoRA adapters not counted")]
+        return lora_lines(stats, setup)
     width = 2 if setup.full_bf16 else 4
     kind = "bf16" if setup.full_bf16 else "fp32"
     lines = [_line("weights", stats.count, width, kind)]
@@ -95,6 +104,26 @@ def estimate(stats: ParamStats, setup: TrainingSetup) -> list[Line]:
             lines.append(Line("EMA", "on the CPU (--offload_ema)", 0))
         else:
             lines.append(_line("EMA", stats.count, 4, "fp32"))
+    return lines
+
+
+def lora_lines(stats: ParamStats, setup: TrainingSetup) -> list[Line]:
+    """The frozen denoiser by storage precision, and the adapters with their gradients and state."""
+    width = 2 if setup.mixed_precision in ("fp16", "bf16") else 4
+    if setup.base_precision is None:
+        lines = [_line("weights", stats.count, width, f"frozen, {setup.mixed_precision}"
+                       + ("" if stats.adapters else "; LoRA adapters not counted"))]
+    else:
+        stored = STORAGE_BYTES[setup.base_precision]
+        rest = stats.count - stats.linear
+        lines = [Line("weights", f"{stats.linear / 1e6:,.1f} M x {stored:.2f} bytes (Linear, {setup.base_precision}) + "
+                      f"{rest / 1e6:,.1f} M x {width} ({setup.mixed_precision})",
+                      round(stats.linear * stored) + rest * width)]
+    if stats.adapters:
+        adapters = ParamStats(stats.adapters, 0, stats.adapters)
+        state = optimizer_line(adapters, setup)
+        lines.append(_line("adapters", stats.adapters, 8, "fp32 weights and gradients"))
+        lines.append(Line("adapter opt.", state.arithmetic, state.bytes))
     return lines
 
 
@@ -194,8 +223,10 @@ def device_memory(device: torch.device) -> tuple[int | None, str]:
     return None, device.type
 
 
-def denoiser_stats(path: str, subfolder: str, revision: str | None = None, cache_dir: str | None = None) -> ParamStats:
-    """Parameter shapes of a diffusers model from its config alone (nothing is loaded or allocated)."""
+def denoiser_stats(path: str, subfolder: str, revision: str | None = None, cache_dir: str | None = None,
+                   adapter: LoraSpec | None = None) -> ParamStats:
+    """Parameter shapes of a diffusers model from its config alone (nothing is loaded or allocated),
+    and the parameter count of `adapter` on it."""
     import diffusers
     from accelerate import init_empty_weights
     from diffusers.configuration_utils import ConfigMixin
@@ -207,4 +238,4 @@ def denoiser_stats(path: str, subfolder: str, revision: str | None = None, cache
     model_cls = getattr(diffusers, config["_class_name"])
     with init_empty_weights():
         model = model_cls.from_config(config)
-    return ParamStats.of_module(model)
+    return ParamStats.of_module(model, adapters=adapter_parameter_count(model, adapter) if adapter else 0)
