@@ -4,6 +4,7 @@ same seed, data and 20 steps, the per-step training loss read back from the run'
 
     flock /tmp/sdft-heavy.lock .venv/bin/python benchmarks/bench_quantized.py            # bf16, int8, fp8, nf4
     flock /tmp/sdft-heavy.lock .venv/bin/python benchmarks/bench_quantized.py int8 --text-encoders
+    flock /tmp/sdft-heavy.lock .venv/bin/python benchmarks/bench_quantized.py --family sd --model sd15-shaped
 
 Results: benchmarks/quantized_results.jsonl (one line per case, with bench_train.py's own line) and
 the table in benchmarks/quantized_base.md.
@@ -36,18 +37,19 @@ def losses(logs: Path) -> list[float]:
     return [values[step] for step in sorted(values)]
 
 
-def run_case(fmt: str | None, text_encoders: bool, resolution: int, model: str) -> dict:
+def run_case(fmt: str | None, text_encoders: bool, resolution: int, family: str, model: str) -> dict:
     extra = ["--report_to", "tensorboard"]
     if fmt:
         extra += ["--base_precision", fmt] + (["--text_encoder_precision", fmt] if text_encoders else [])
     before = BENCH_RESULTS.read_text().count("\n") if BENCH_RESULTS.exists() else 0
-    subprocess.run([sys.executable, str(HERE / "bench_train.py"), "--family", "sdxl", "--model", model,
+    subprocess.run([sys.executable, str(HERE / "bench_train.py"), "--family", family, "--model", model,
                     "--use-lora", "--mixed-precision", "bf16", "--resolution", str(resolution), "--steps", str(STEPS),
                     "--warmup-steps", str(WARMUP), "--keep-output", "--", *extra], check=True)
     line = json.loads(BENCH_RESULTS.read_text().splitlines()[before])
     output = Path(line["train_args"][line["train_args"].index("--output_dir") + 1])
     output = output if output.is_absolute() else HERE.parent / output
-    result = {"model": model, "case": fmt or "bf16", "text_encoders": fmt if fmt and text_encoders else "bf16",
+    result = {"family": family, "model": model, "case": fmt or "bf16",
+              "text_encoders": fmt if fmt and text_encoders else "bf16",
               "peak_rss_mib": line["peak_rss_mib"], "peak_rss_mib_incl_save": line["peak_rss_mib_incl_save"],
               "rss_mib_at_last_step": line["rss_mib_at_last_step"], "steps_per_s": line["steps_per_s"],
               "load_average_1min": line["load_average_1min"], "date": line["date"], "git_commit": line["git_commit"],
@@ -61,10 +63,11 @@ def main(argv: list[str]) -> int:
     parser.add_argument("cases", nargs="*", default=["bf16", "int8", "fp8", "nf4"])
     parser.add_argument("--text-encoders", action="store_true", help="quantize the text encoders too")
     parser.add_argument("--resolution", type=int, default=64)
-    parser.add_argument("--model", default="sdxl-shaped", help="sdxl-shaped, or tiny to try the script")
+    parser.add_argument("--family", default="sdxl", choices=["sd", "sdxl", "sd3"])
+    parser.add_argument("--model", default="sdxl-shaped", help="bench_train.py's --model (sd15-shaped for --family sd)")
     args = parser.parse_args(argv)
     for case in args.cases:
-        result = run_case(None if case == "bf16" else case, args.text_encoders, args.resolution, args.model)
+        result = run_case(None if case == "bf16" else case, args.text_encoders, args.resolution, args.family, args.model)
         with RESULTS.open("a") as handle:
             handle.write(json.dumps(result) + "\n")
         print(json.dumps({k: v for k, v in result.items() if k != "losses"}), flush=True)
