@@ -466,7 +466,7 @@ def export_plan(args: argparse.Namespace, run: Run, hub_repo: str | None) -> Exp
         single_file_dtype=SAVE_PRECISIONS.get(args.save_precision, run.weight_dtype) if single_file else None,
         metadata=file_metadata(args, run.family, run.models, run.trained.modules, run.max_train_steps)
         if single_file else {},
-        card=model_card(args, run), hub_repo=hub_repo, hub_token=args.hub_token,
+        card=model_card(args, run), hub_repo=hub_repo, hub_token=args.hub_token, base_precision=base_precision(args),
     )
 
 

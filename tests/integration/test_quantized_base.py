@@ -15,7 +15,10 @@ import train_dreambooth_sd3 as sd3_script
 import train_text_to_image as t2i
 import train_text_to_image_sdxl as sdxl_script
 from sdft.cli import run
-from sdft.quantization import quantized_size
+from sdft.families.sd import StableDiffusion
+from sdft.families.source import ModelSource
+from sdft.output import load_saved_lora
+from sdft.quantization import BasePrecision, quantized_size
 from sdft.tiny import build_sd3
 from tests.integration.conftest import generate, sd_args
 
@@ -65,6 +68,10 @@ def test_lora_on_an_nf4_unet_loads_on_the_full_precision_base(tiny_sd, image_fol
     assert seen["trained dtypes"] == {torch.float32}
     assert f"quantized base (denoiser {fmt}; torchao)" in (output / "README.md").read_text()
     assert_loads(StableDiffusionPipeline.from_pretrained(str(tiny_sd)), output)
+    # The final images' pipeline: the same file on the base quantized as the run's was.
+    final = load_saved_lora(StableDiffusion(), ModelSource(str(tiny_sd)), output, torch.float32,
+                            precision=BasePrecision(denoiser=fmt))
+    assert quantized_size(final.unet) == seen["unet"] and adapted_layers(final.unet) > 0
 
 
 def test_fp8_base_alias_quantizes_sdxl_unet_and_text_encoders_with_val_loss(tiny_sdxl, image_folder, tmp_path, seen):
