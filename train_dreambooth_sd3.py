@@ -38,6 +38,7 @@ def build_parser() -> argparse.ArgumentParser:
     cli.add_text_encoder_optimizer_args(parser)
     cli.add_optimizer_args(parser, choice=True)
     cli.add_memory_args(parser)
+    cli.add_quantization_args(parser)
     cli.add_precision_args(parser, xformers=False)
     cli.add_flow_objective_args(parser)
     cli.add_flow_recipe_args(parser)

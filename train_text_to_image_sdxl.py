@@ -43,6 +43,7 @@ def build_parser() -> argparse.ArgumentParser:
     cli.add_training_args(parser)
     cli.add_optimizer_args(parser, choice=True)
     cli.add_memory_args(parser)
+    cli.add_quantization_args(parser)
     cli.add_precision_args(parser, npu=True)
     cli.add_text_encoding_args(parser)
     cli.add_ddpm_objective_args(parser, prediction_types=PREDICTION_TYPES)

@@ -89,6 +89,8 @@ from sdft.optim import (
     scaled_lr,
 )
 from sdft.plots import Pictures
+from sdft.quantization import BasePrecision, quantize_frozen
+from sdft.quantization import resolve as resolve_precision
 from sdft.run_stats import RunStats
 from sdft.sample_prompts import SamplePrompt
 from sdft.sample_prompts import load as load_sample_prompts
@@ -289,8 +291,9 @@ def build_run(args: argparse.Namespace, family: Family, make_objective, accelera
     layout = layout or Layout.single()
     weight_dtype = weight_dtype_of(accelerator)
     source = model_source(args, weight_dtype)
-    trained_dtype = source.denoiser_dtype or torch.float32
+    trained_dtype = torch.bfloat16 if args.full_bf16 else torch.float32
     models = load_models(family, source)
+    quantize_frozen(family.components(models), family.denoiser_role, base_precision(args), weight_dtype)
     if args.zero_terminal_snr:
         models.noise_scheduler = scheduler_with(models.noise_scheduler, ZTSNR)
     placement = Placement(accelerator.device, weight_dtype, family.vae_dtype(weight_dtype), trained_dtype)
@@ -535,7 +538,7 @@ def export_plan(args: argparse.Namespace, run: Run, hub_repo: str | None) -> Exp
         single_file_dtype=SAVE_PRECISIONS.get(args.save_precision, run.weight_dtype) if single_file else None,
         metadata=file_metadata(args, run.family, run.models, run.trained.modules, run.max_train_steps)
         if single_file else {},
-        card=model_card(args, run), hub_repo=hub_repo, hub_token=args.hub_token,
+        card=model_card(args, run), hub_repo=hub_repo, hub_token=args.hub_token, base_precision=base_precision(args),
     )
 
 
@@ -573,7 +576,8 @@ def model_card(args: argparse.Namespace, run: Run) -> hub.CardInfo:
                   "batch size per device": args.train_batch_size, "resolution": args.resolution,
                   "mixed precision": run.accelerator.mixed_precision,
                   **({"LoRA rank": args.rank} if args.use_lora else {}),
-                  **({"EMA": "yes"} if run.trained.ema is not None else {})},
+                  **({"EMA": "yes"} if run.trained.ema is not None else {}),
+                  **({"base weights": base_precision(args).describe()} if base_precision(args).any else {})},
         ui_files=ui_files(args, run), clip_skip=args.clip_skip, max_token_length=args.max_token_length,
     )
 
@@ -1011,7 +1015,7 @@ def memory_setup(args: argparse.Namespace, mixed_precision: str,
         full_bf16=args.full_bf16, fused_backward_pass=args.fused_backward_pass,
         gradient_accumulation_steps=args.gradient_accumulation_steps,
         mixed_precision=mixed_precision, ema=args.use_ema,
-        offload_ema=args.offload_ema, adapters=adapters)
+        offload_ema=args.offload_ema, adapters=adapters, base_precision=base_precision(args).denoiser)
 
 
 def model_source(args: argparse.Namespace, weight_dtype: torch.dtype) -> ModelSource:
@@ -1019,9 +1023,15 @@ def model_source(args: argparse.Namespace, weight_dtype: torch.dtype) -> ModelSo
     are read from disk in bf16 (the training precision) instead of fp32 first."""
     bf16 = args.full_bf16
     trains_text_encoders = args.train_text_encoder and not args.use_lora
+    precision = base_precision(args)   # --base_precision: read in the training dtype, quantized as read
     return ModelSource(args.pretrained_model_name_or_path, args.revision, args.variant, args.cache_dir,
-                       denoiser_dtype=torch.bfloat16 if bf16 else None,
-                       text_encoder_dtype=weight_dtype if bf16 and not trains_text_encoders else None)
+                       denoiser_dtype=torch.bfloat16 if bf16 else weight_dtype if precision.denoiser else None,
+                       text_encoder_dtype=weight_dtype if (bf16 and not trains_text_encoders) or precision.text_encoders
+                       else None, denoiser_storage=precision.denoiser)
+
+
+def base_precision(args: argparse.Namespace) -> BasePrecision:
+    return resolve_precision(args.base_precision, args.text_encoder_precision, args.fp8_base, args.fp8_base_unet)
 
 
 def build_stepper(args: argparse.Namespace, optimizer, seed: int, device: torch.device) -> OptimizerStepper:

@@ -18,7 +18,7 @@ from typing import AbstractSet, Sequence
 
 import torch
 
-from sdft import sample_prompts, samplers
+from sdft import quantization, sample_prompts, samplers
 from sdft.adapter_blocks import parse_network_args
 from sdft.checkpointing import resolve_resume
 from sdft.cli import TRACKERS
@@ -710,6 +710,32 @@ def check_memory_flags(args: argparse.Namespace, given: Given) -> None:
             raise CliError(f"--full_bf16 needs --mixed_precision bf16, got --mixed_precision {args.mixed_precision}.")
 
 
+def check_base_precision(args: argparse.Namespace, given: Given) -> None:
+    """--base_precision/--text_encoder_precision (and kohya's --fp8_base/--fp8_base_unet): only
+    frozen weights can be quantized (sdft.quantization)."""
+    aliases = [f"--{name}" for name in ("fp8_base", "fp8_base_unet") if getattr(args, name)]
+    if aliases and args.base_precision not in (None, "fp8"):
+        raise CliError(f"{aliases[0]} means --base_precision fp8; it contradicts --base_precision {args.base_precision}.")
+    precision = quantization.resolve(args.base_precision, args.text_encoder_precision, args.fp8_base,
+                                     args.fp8_base_unet)
+    base_flag = f"--base_precision {args.base_precision}" if args.base_precision else next(iter(aliases), None)
+    text_flag = (f"--text_encoder_precision {args.text_encoder_precision}" if args.text_encoder_precision
+                 else "--fp8_base" if args.fp8_base else None)
+    named = " and ".join(dict.fromkeys(flag for flag in (base_flag, text_flag) if flag))
+    if not named:
+        return
+    if args.full_bf16:
+        raise CliError(f"{named} cannot be combined with --full_bf16: a quantized base trains adapters, which stay "
+                       "fp32, and --full_bf16 is for full fine-tuning; drop one of them.")
+    if precision.denoiser and args.train_unet and not args.use_lora:
+        raise CliError(f"{base_flag} stores the denoiser quantized, and a quantized weight cannot be trained: this is "
+                       "a full fine-tune; add --use_lora to train adapters on it, or drop the flag.")
+    if precision.text_encoders and args.train_text_encoder and not args.use_lora:
+        raise CliError(f"{text_flag} stores the text encoders quantized, and a quantized weight cannot be trained: "
+                       "--train_text_encoder trains them fully here; add --use_lora, or drop one of the flags.")
+    quantization.require_library(named)
+
+
 def check_text_encoder_frac(args: argparse.Namespace, given: Given) -> None:
     if "train_text_encoder_frac" in given and not args.train_text_encoder:
         raise CliError("--train_text_encoder_frac is the fraction of steps the text encoders train; add "
@@ -844,5 +870,6 @@ def read_config(args: argparse.Namespace, step_multiple: int) -> None:
 # Run by every script, before its own checks.
 COMMON = [check_positive, check_model_path, check_lora, check_textual_inversion, check_ema, check_resume,
           check_validation, check_tracking_and_hub, check_accelerators, check_single_file, check_buckets,
-          check_validation_loss, check_subject, check_optimizer, check_memory_flags, check_text_encoder_frac,
-          check_caches, check_output_dir, check_loss_type, check_dataset_config, check_sharding]
+          check_validation_loss, check_subject, check_optimizer, check_base_precision, check_memory_flags,
+          check_text_encoder_frac, check_caches, check_output_dir, check_loss_type, check_dataset_config,
+          check_sharding]

@@ -270,6 +270,23 @@ def add_memory_args(parser: argparse.ArgumentParser) -> None:
                         "exceeds the accelerator's memory (the machine's RAM on the CPU). Default: refuse.")
 
 
+def add_quantization_args(parser: argparse.ArgumentParser) -> None:
+    g = parser.add_argument_group("quantized frozen base (LoRA)")
+    g.add_argument("--base_precision", choices=["fp8", "int8", "nf4"], default=None,
+                   help="Store the frozen denoiser's Linear weights in fp8, int8 (1 byte per weight) or nf4 "
+                        "(about half a byte) while the adapters train in fp32 and every layer computes in the "
+                        "training dtype; needs --use_lora and torchao (pip install -r "
+                        "requirements-quantization.txt). The saved LoRA is for the full-precision base. "
+                        "Default: the training dtype (--mixed_precision).")
+    g.add_argument("--text_encoder_precision", choices=["fp8", "int8", "nf4"], default=None,
+                   help="The same for the text encoders (frozen, or trained through LoRA). Default: the "
+                        "training dtype.")
+    g.add_argument("--fp8_base", action="store_true",
+                   help="kohya's name for --base_precision fp8 --text_encoder_precision fp8.")
+    g.add_argument("--fp8_base_unet", action="store_true",
+                   help="kohya's name for --base_precision fp8 (the text encoders keep the training dtype).")
+
+
 def add_text_encoder_frac_arg(g) -> None:
     g.add_argument("--train_text_encoder_frac", type=float, default=1.0,
                    help="With --train_text_encoder: train the text encoders for this fraction of the steps "

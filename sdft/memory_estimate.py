@@ -7,7 +7,9 @@ estimated.
 Bytes per parameter, as the trainer and the optimizers allocate them:
 
 - weights: fp32 (4) for full fine-tuning, bf16 (2) with --full_bf16; with LoRA the denoiser is
-  frozen in the mixed-precision dtype and the adapters are negligible;
+  frozen in the mixed-precision dtype, its Linear weights in fp8/int8 (1) or nf4 (~0.52) with
+  --base_precision (sdft.quantization.STORAGE_BYTES), and the adapters (when counted) train in fp32
+  with a gradient and the optimizer's state each;
 - gradients: one per weight in the weight's dtype, except with --fused_backward_pass, where each
   gradient is applied and freed in its hook (counted as the largest tensor's);
 - optimizer state: AdamW two moments (8 bytes in fp32, 2 with 8-bit Adam), Prodigy four tensors
@@ -29,9 +31,11 @@ from __future__ import annotations
 import logging
 import math
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
+
+from sdft.quantization import STORAGE_BYTES
 
 logger = logging.getLogger(__name__)
 
@@ -46,6 +50,7 @@ class ParamStats:
     count: int
     largest: int                  # elements of the largest tensor
     adafactor_values: int         # elements of Adafactor's second-moment state
+    linear: int = 0               # elements of the Linear layers' weights (what --base_precision stores)
 
     @classmethod
     def of_shapes(cls, shapes: list[tuple[int, ...]]) -> "ParamStats":
@@ -55,7 +60,9 @@ class ParamStats:
 
     @classmethod
     def of_module(cls, module: torch.nn.Module) -> "ParamStats":
-        return cls.of_shapes([tuple(p.shape) for p in module.parameters()])
+        stats = cls.of_shapes([tuple(p.shape) for p in module.parameters()])
+        linear = sum(layer.weight.numel() for layer in module.modules() if isinstance(layer, torch.nn.Linear))
+        return replace(stats, linear=linear)
 
 
 @dataclass(frozen=True)
@@ -72,6 +79,7 @@ class TrainingSetup:
     ema: bool = False
     offload_ema: bool = False
     adapters: ParamStats | None = None   # LoRA: the trainable adapter parameters (adapter_stats); None: unknown
+    base_precision: str | None = None   # LoRA: the frozen Linear weights stored in fp8 | int8 | nf4
 
 
 @dataclass(frozen=True)
@@ -88,10 +96,8 @@ def _line(name: str, values: int, width: int, what: str) -> Line:
 def estimate(stats: ParamStats, setup: TrainingSetup) -> list[Line]:
     """The estimate, line by line (weights, gradients, optimizer state, EMA)."""
     if setup.lora:
-        width = 2 if setup.mixed_precision in ("fp16", "bf16") else 4
-        if setup.adapters is None:
-            return [_line("weights", stats.count, width, f"frozen, {setup.mixed_precision}; LoRA adapters not counted")]
-        return [_line("weights", stats.count, width, f"frozen, {setup.mixed_precision}"), *adapter_lines(setup)]
+        lines = [frozen_weights_line(stats, setup)]
+        return lines + (adapter_lines(setup) if setup.adapters is not None else [])
     width = 2 if setup.full_bf16 else 4
     kind = "bf16" if setup.full_bf16 else "fp32"
     lines = [_line("weights", stats.count, width, kind)]
@@ -108,6 +114,18 @@ def estimate(stats: ParamStats, setup: TrainingSetup) -> list[Line]:
         else:
             lines.append(_line("EMA", stats.count, 4, "fp32"))
     return lines
+
+
+def frozen_weights_line(stats: ParamStats, setup: TrainingSetup) -> Line:
+    """The frozen denoiser under LoRA: in the training dtype, or its Linear weights at --base_precision."""
+    width = 2 if setup.mixed_precision in ("fp16", "bf16") else 4
+    unknown = "; LoRA adapters not counted" if setup.adapters is None else ""
+    if setup.base_precision is None:
+        return _line("weights", stats.count, width, f"frozen, {setup.mixed_precision}{unknown}")
+    stored, rest = STORAGE_BYTES[setup.base_precision], stats.count - stats.linear
+    return Line("weights", f"{stats.linear / 1e6:,.1f} M x {stored:.2f} bytes (Linear, {setup.base_precision}) + "
+                f"{rest / 1e6:,.1f} M x {width} ({setup.mixed_precision}){unknown}",
+                round(stats.linear * stored) + rest * width)
 
 
 def adapter_lines(setup: TrainingSetup) -> list[Line]:

@@ -27,6 +27,7 @@ from sdft.guards import require_finite_weights
 from sdft.lora import save_lora
 from sdft.model_spec import stamped
 from sdft.noise_schedule import scheduler_with
+from sdft.quantization import BasePrecision, quantize_frozen
 from sdft.single_file import save_single_file
 from sdft.training_run import Run
 from sdft.validation import generate, log_images, save_images
@@ -146,12 +147,15 @@ def export_single_file(components: dict[str, torch.nn.Module], output_dir: Path,
 
 
 def load_saved_lora(family, source, output_dir: Path, dtype: torch.dtype, extra_modules: dict | None = None,
-                    lycoris: tuple[LoraSpec, list[str]] | None = None):
+                    lycoris: tuple[LoraSpec, list[str]] | None = None, precision: BasePrecision | None = None):
     """Final images come from the file users get: the base pipeline plus load_lora_weights, or for
     LoHa/LoKr (`lycoris` = the adapter and the trained roles) the same adapters rebuilt on the
-    pipeline and filled from the kohya/LyCORIS file."""
+    pipeline and filled from the kohya/LyCORIS file. A run on a quantized base quantizes this base
+    the same way, before it moves to the accelerator, so the images fit where the run did."""
     pipeline = family.pipeline_cls.from_pretrained(source.path, **(extra_modules or {}), revision=source.revision,
                                                    variant=source.variant, dtype=dtype)
+    if precision is not None and precision.any:
+        quantize_frozen(family.components(pipeline), family.denoiser_role, precision, dtype)
     if lycoris is None:
         pipeline.load_lora_weights(str(output_dir))
         return pipeline
@@ -217,8 +221,8 @@ def save_outputs(run: Run, modules: dict[str, torch.nn.Module]) -> None:
         export_lora(family, modules, output_dir, kohya=plan.kohya_lora, dtype=plan.lora_dtype,
                     metadata=stamped(trained.lora_metadata, run.max_train_steps), diffusers=plan.diffusers_lora)
         lycoris = None if plan.diffusers_lora else (plan.adapter, list(modules))
-        pipeline = (load_saved_lora(family, run.source, output_dir, run.weight_dtype, extra, lycoris)
-                    if run.validation.enabled else None)
+        pipeline = (load_saved_lora(family, run.source, output_dir, run.weight_dtype, extra, lycoris,
+                                    plan.base_precision) if run.validation.enabled else None)
         if pipeline is not None and new_tokens is not None:
             new_tokens.load_into(pipeline, embeddings_file)
     else:

@@ -19,6 +19,7 @@ from sdft.hub import CardInfo
 from sdft.optim import EvalWeights
 from sdft.plots import Pictures
 from sdft.preemption import StopRequest
+from sdft.quantization import BasePrecision
 from sdft.run_stats import RunStats
 from sdft.sharding import Sharding
 from sdft.stepping import OptimizerStepper
@@ -43,6 +44,8 @@ class ExportPlan:
     metadata: dict[str, str] = field(default_factory=dict)   # ss_*/modelspec.* header of single files
     card: CardInfo | None = None             # the model card, less what only the end of the run knows
     hub_repo: str | None = None              # --push_to_hub: the repository prepared at start-up
+    # --base_precision/--text_encoder_precision: the final images' base is quantized as the run's was
+    base_precision: BasePrecision = field(default_factory=BasePrecision)
     hub_token: str | None = None
 
 

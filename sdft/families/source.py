@@ -17,6 +17,9 @@ class ModelSource:
     # --full_bf16 with frozen text encoders: read them in the training precision too (an fp32 copy,
     # freed after the cast, stays in the allocator's heap: ~3 GB of SDXL's peak, benchmarks/README.md)
     text_encoder_dtype: torch.dtype | None = None
+    # --base_precision: the denoiser's Linear weights stored in fp8/int8/nf4 as they are read
+    # (sdft.quantization), from denoiser_dtype, the training dtype they compute in
+    denoiser_storage: str | None = None
 
     def hub_kwargs(self) -> dict:
         """For configs and tokenizers, which have no weight variants."""

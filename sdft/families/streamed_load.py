@@ -25,6 +25,7 @@ from diffusers.utils.hub_utils import _add_variant, _get_model_file
 from safetensors import safe_open
 
 from sdft.families.source import ModelSource
+from sdft.quantization import quantize_linears
 
 CHUNK_BYTES = 256 * 2**20   # fp32 pages resident at once while reading; small next to a UNet
 
@@ -39,9 +40,14 @@ def load_denoiser(model_cls: type[ModelMixin], source: ModelSource, subfolder: s
     if source.denoiser_dtype is not None and model_cls._keep_in_fp32_modules is None:
         files = _safetensors_files(source, subfolder, kwargs["revision"])
     if files is None:
-        return model_cls.from_pretrained(source.path, subfolder=subfolder, **kwargs)
+        model = model_cls.from_pretrained(source.path, subfolder=subfolder, **kwargs)
+        if source.denoiser_storage is not None:
+            quantize_linears(model, source.denoiser_storage, source.denoiser_dtype)
+        return model
     config = model_cls.load_config(source.path, subfolder=subfolder, revision=kwargs["revision"],
                                    cache_dir=source.cache_dir)
+    if source.denoiser_storage is not None:
+        return _build_quantized(model_cls, config, files, source.denoiser_dtype, source)
     return _build_streamed(model_cls, config, files, source.denoiser_dtype, source.path)
 
 
@@ -64,8 +70,7 @@ def _safetensors_files(source: ModelSource, subfolder: str, revision: str | None
     return [_get_model_file(source.path, weights_name=shard, **where) for shard in shards]
 
 
-def _build_streamed(model_cls: type[ModelMixin], config: dict, files: list[str], dtype: torch.dtype,
-                    name_or_path: str) -> ModelMixin:
+def _empty_model(model_cls: type[ModelMixin], config: dict, dtype: torch.dtype) -> ModelMixin:
     # Built under the target default dtype, as from_pretrained does, so buffers created in
     # __init__ (not in the file) get the same dtype.
     previous = torch.get_default_dtype()
@@ -75,6 +80,12 @@ def _build_streamed(model_cls: type[ModelMixin], config: dict, files: list[str],
             model = model_cls.from_config(config)
     finally:
         torch.set_default_dtype(previous)
+    return model
+
+
+def _build_streamed(model_cls: type[ModelMixin], config: dict, files: list[str], dtype: torch.dtype,
+                    name_or_path: str) -> ModelMixin:
+    model = _empty_model(model_cls, config, dtype)
     state: dict[str, torch.Tensor] = {}
     for file in files:
         state.update(_read_cast(file, dtype))
@@ -83,18 +94,42 @@ def _build_streamed(model_cls: type[ModelMixin], config: dict, files: list[str],
     return model.eval()
 
 
+def _build_quantized(model_cls: type[ModelMixin], config: dict, files: list[str], dtype: torch.dtype,
+                     source: ModelSource) -> ModelMixin:
+    """--base_precision: each chunk's Linear weights are quantized as soon as they are read, so the
+    model is never held whole in `dtype` (sdft.quantization)."""
+    model = _empty_model(model_cls, config, dtype)
+    for file in files:
+        for chunk in _chunks(file, dtype):
+            model.load_state_dict(chunk, strict=False, assign=True)
+            quantize_linears(model, source.denoiser_storage, dtype)
+    missing = [name for name, param in model.named_parameters() if param.is_meta]
+    if missing:
+        raise KeyError(f"{files[0]}: no weight for {', '.join(missing[:5])}")
+    model.register_to_config(_name_or_path=source.path)
+    return model.eval()
+
+
 def _read_cast(file: str, dtype: torch.dtype) -> dict[str, torch.Tensor]:
-    """Every tensor of one safetensors file, floating ones cast to dtype, reopening the file
-    every CHUNK_BYTES so the memory map of what was already read is released."""
+    """Every tensor of one safetensors file, floating ones cast to dtype."""
+    out: dict[str, torch.Tensor] = {}
+    for chunk in _chunks(file, dtype):
+        out.update(chunk)
+    return out
+
+
+def _chunks(file: str, dtype: torch.dtype):
+    """The tensors of one safetensors file, floating ones cast to dtype, CHUNK_BYTES at a time,
+    reopening the file for each chunk so the memory map of what was already read is released."""
     with safe_open(file, framework="pt") as handle:
         keys = list(handle.keys())
-    out: dict[str, torch.Tensor] = {}
     while keys:
         read = 0
+        out: dict[str, torch.Tensor] = {}
         with safe_open(file, framework="pt") as handle:
             while keys and read < CHUNK_BYTES:
                 tensor = handle.get_tensor(keys[0])
                 read += tensor.numel() * tensor.element_size()
                 # .to copies out of the map; a tensor already in dtype is cloned for the same reason
                 out[keys.pop(0)] = tensor.to(dtype, copy=True) if tensor.is_floating_point() else tensor.clone()
-    return out
+        yield out

@@ -392,3 +392,23 @@ def test_sd3_prompt_files_take_flow_samplers_only(workdir, capsys):
     prompts.write_text("a photo of sks dog --ss heun --w 48\n")
     assert sd3.parse_args(argv + ["--sample_slg", "7,8,9"]).sample_slg == "7,8,9"
     assert "--sample_slg must be comma-separated" in parse_error(argv + ["--sample_slg", "7;8"], capsys, sd3)
+
+
+@pytest.mark.parametrize("flags, named", [
+    (["--base_precision", "int8"], "--base_precision int8"),                     # full fine-tune of the UNet
+    (["--fp8_base_unet"], "--fp8_base_unet"),
+    (["--use_lora", "--base_precision", "nf4", "--full_bf16", "--mixed_precision", "bf16"], "--full_bf16"),
+    (["--use_lora", "--fp8_base", "--base_precision", "int8"], "--fp8_base"),
+    (["--text_encoder_precision", "fp8", "--train_text_encoder"], "--text_encoder_precision fp8"),
+])
+def test_quantized_base_refusals_name_the_flags(base, flags, named, capsys):
+    """A quantized weight cannot be trained, and --full_bf16 is for full fine-tunes: refused at parse time."""
+    err = parse_error(base + flags, capsys)
+    assert named in err and ("--use_lora" in err or "--full_bf16" in err or "contradicts" in err), err
+
+
+def test_quantized_base_without_torchao_names_the_pip_install(base, capsys, monkeypatch):
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "torchao" else real(name, *a))
+    err = parse_error(base + ["--use_lora", "--base_precision", "int8"], capsys)
+    assert "--base_precision int8 needs torchao" in err and "pip install -r requirements-quantization.txt" in err
