@@ -23,7 +23,7 @@ import torch
 from accelerate import Accelerator
 from accelerate.utils import InitProcessGroupKwargs, ProjectConfiguration, broadcast_object_list, set_seed
 
-from sdft import hub, memory_estimate
+from sdft import block_swap, hub, memory_estimate
 from sdft.adapter_files import KOHYA_WEIGHT_NAME, load_adapter_file
 from sdft.checkpointing import Checkpointer, Position, TrainedWeights, read_position, resolve_resume
 from sdft.data.archives import data_folder
@@ -266,6 +266,7 @@ def build_run(args: argparse.Namespace, family: Family, make_objective, accelera
     *prepared, optimizer, lr_scheduler = accelerator.prepare(*trained.values(), optimizer, lr_scheduler)
     prepared = dict(zip(trained, prepared))
     stepper = build_stepper(args, optimizer, seed)
+    swap_blocks(args.blocks_to_swap, getattr(models, family.denoiser_role), stepper, accelerator.device)
     eval_weights = EvalWeights(optimizer)
     weights = TrainedWeights(family.pipeline_cls, trained, lora=args.use_lora, ema=ema,
                              lora_key_format=family.lora_key_format, extras=[new_tokens] if new_tokens else [],
@@ -914,6 +915,8 @@ def check_memory(args: argparse.Namespace, family, accelerator: Accelerator) -> 
     if fused and accelerator.mixed_precision == "fp16":
         raise CliError("--fused_backward_pass cannot be used with fp16 mixed precision (set in the accelerate "
                        "config here); use --mixed_precision bf16.")
+    if args.blocks_to_swap and accelerator.num_processes > 1:
+        raise CliError(f"--blocks_to_swap works with one process only, not {accelerator.num_processes}.")
     if full_bf16 and accelerator.mixed_precision != "bf16":
         raise CliError(f"--full_bf16 needs --mixed_precision bf16; this run's is '{accelerator.mixed_precision}'.")
     try:
@@ -958,6 +961,18 @@ def build_stepper(args: argparse.Namespace, optimizer, seed: int) -> OptimizerSt
         logger.info("Gradient clipping is off with --fused_backward_pass (no step ever holds all gradients).")
     updater = ParamUpdater(getattr(optimizer, "optimizer", optimizer), seed=seed, stochastic_rounding=full_bf16)
     return OptimizerStepper(optimizer, updater, fused=fused)
+
+
+def swap_blocks(count: int | None, denoiser: torch.nn.Module, stepper: OptimizerStepper,
+                device: torch.device) -> block_swap.BlockSwapper | None:
+    """--blocks_to_swap, after accelerate placed the models; with the fused backward pass the swapped
+    blocks' updates run on the host when each block leaves the accelerator."""
+    if not count:
+        return None
+    swapper = block_swap.install(denoiser, count, device)
+    if swapper is not None:
+        swapper.on_release = stepper.defer([p for i in swapper.swapped for p in swapper.trained(i)])
+    return swapper
 
 
 def tracker_config(args: argparse.Namespace) -> dict:

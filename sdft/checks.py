@@ -649,11 +649,21 @@ def check_memory_flags(args: argparse.Namespace, given: Given) -> None:
         if args.mixed_precision == "fp16":
             raise CliError("--fused_backward_pass cannot be used with --mixed_precision fp16 (the gradient scaler "
                            "checks all gradients before a step); use --mixed_precision bf16.")
+    if args.blocks_to_swap is not None:
+        check_block_swap(args)
     if args.full_bf16:
         if args.use_lora:
             raise CliError("--full_bf16 is for full fine-tuning; LoRA weights are kept in fp32 (drop --full_bf16).")
         if args.mixed_precision in ("no", "fp16"):
             raise CliError(f"--full_bf16 needs --mixed_precision bf16, got --mixed_precision {args.mixed_precision}.")
+
+
+def check_block_swap(args: argparse.Namespace) -> None:
+    if args.blocks_to_swap < 1:
+        raise CliError(f"--blocks_to_swap must be at least 1, got {args.blocks_to_swap}.")
+    if args.use_ema:
+        raise CliError("--blocks_to_swap cannot be used with --use_ema: the EMA copy lives on the accelerator while "
+                       "the swapped blocks' weights live in host memory; drop one of them.")
 
 
 def check_text_encoder_frac(args: argparse.Namespace, given: Given) -> None:

@@ -264,6 +264,13 @@ def add_memory_args(parser: argparse.ArgumentParser) -> None:
                    help="Keep the trained model's weights in bf16 (2 bytes per parameter instead of 4; needs "
                         "--mixed_precision bf16), with each update computed in fp32 and written back by "
                         "stochastic rounding so small updates are not lost. Default: fp32 weights.")
+    g.add_argument("--blocks_to_swap", type=int, default=None,
+                   help="Keep this many of the denoiser's blocks (SD3 transformer blocks; SD/SDXL down, mid and up "
+                        "blocks, the last ones in running order) in host memory and copy each to the accelerator "
+                        "just before it runs, the next one prefetched on a side stream (kohya's flag). Their "
+                        "gradients and optimizer state stay in host memory and their optimizer step runs there. "
+                        "Full fine-tunes and adapters, one process; not with --use_ema. No effect without an "
+                        "accelerator. Default: every block on the accelerator.")
     g.add_argument("--skip_memory_check", action="store_true",
                    help="Start even when the estimated memory of weights, gradients, optimizer state and EMA "
                         "exceeds the accelerator's memory (the machine's RAM on the CPU). Default: refuse.")
