@@ -651,6 +651,8 @@ def check_memory_flags(args: argparse.Namespace, given: Given) -> None:
                            "checks all gradients before a step); use --mixed_precision bf16.")
     if args.blocks_to_swap is not None:
         check_block_swap(args)
+    if "compile_mode" in given and not args.torch_compile:
+        raise CliError("--compile_mode is the mode of --torch_compile; add --torch_compile.")
     if args.full_bf16:
         if args.use_lora:
             raise CliError("--full_bf16 is for full fine-tuning; LoRA weights are kept in fp32 (drop --full_bf16).")
