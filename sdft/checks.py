@@ -666,6 +666,10 @@ def check_block_swap(args: argparse.Namespace) -> None:
     if args.use_ema:
         raise CliError("--blocks_to_swap cannot be used with --use_ema: the EMA copy lives on the accelerator while "
                        "the swapped blocks' weights live in host memory; drop one of them.")
+    if args.torch_compile and args.compile_mode in ("reduce-overhead", "max-autotune"):
+        raise CliError(f"--compile_mode {args.compile_mode} records CUDA graphs, which need the weights at fixed "
+                       "addresses; --blocks_to_swap moves them every step. Use --compile_mode default or "
+                       "max-autotune-no-cudagraphs.")
 
 
 def check_text_encoder_frac(args: argparse.Namespace, given: Given) -> None:
