@@ -1,7 +1,8 @@
 """--torch_compile through the real entry point, in-process, on the tiny SD3 model (its blocks are of
 two kinds, the cheapest to compile): per-step losses match an eager run within 1e-4 with LoRA, gradient
 checkpointing and three bucket shapes (compiling in at most two steps: torch's automatic dynamic
-shapes), and with a fused full fine-tune; the run summary reports the compile time apart.
+shapes), with a fused full fine-tune, and with blocks swapped (between two CPU "devices", so the
+swapper's hooks run around the compiled forwards); the run summary reports the compile time apart.
 
 Inductor works on this CPU (it needs a C++ compiler, g++ here), but compiling takes minutes on 2 shared
 cores from a cold cache, too long for the suite: these tests use torch's "aot_eager" backend (dynamo
@@ -104,3 +105,18 @@ def test_compiled_full_finetune_with_fused_backward_pass_matches_eager(tiny_sd3,
                                         caplog)
     assert len(eager) == 5
     assert re.search(r"compile time: [\d.]+ s in [12] step", log)
+
+
+def test_compiled_blocks_swapped_between_two_cpu_devices_match_eager(tiny_sd3, tmp_path, losses, caplog, monkeypatch):
+    import torch
+
+    from sdft import block_swap
+
+    monkeypatch.setattr(block_swap, "swap_devices", lambda device: (torch.device("cpu"), torch.device("cpu")))
+    data = make_images(tmp_path / "dog", num_images=4, layout="images")
+    flags = [*STEPS, "--max_train_steps", "4", "--use_lora", "--rank", "4", "--gradient_checkpointing"]
+    eager, compiled, log = eager_then_compiled(
+        lambda name: sd3_args(tiny_sd3, data, tmp_path / name, *flags,
+                              *(["--blocks_to_swap", "2"] if name == "compiled" else [])), losses, caplog)
+    assert len(compiled) == 4
+    assert "Block swap: 2 of the denoiser's 2 blocks" in log
