@@ -921,8 +921,9 @@ def check_memory(args: argparse.Namespace, family, accelerator: Accelerator) -> 
     if fused and accelerator.mixed_precision == "fp16":
         raise CliError("--fused_backward_pass cannot be used with fp16 mixed precision (set in the accelerate "
                        "config here); use --mixed_precision bf16.")
-    if args.torch_compile and regional_compile.missing_compiler(accelerator.device):
-        raise CliError(regional_compile.missing_compiler(accelerator.device))
+    no_compiler = regional_compile.missing_compiler(accelerator.device) if args.torch_compile else None
+    if no_compiler:
+        raise CliError(no_compiler)
     if args.blocks_to_swap and accelerator.num_processes > 1:
         raise CliError(f"--blocks_to_swap works with one process only, not {accelerator.num_processes}.")
     if full_bf16 and accelerator.mixed_precision != "bf16":
