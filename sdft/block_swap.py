@@ -236,8 +236,10 @@ class BlockSwapper:
 
 
 def install(denoiser: torch.nn.Module, count: int, device: torch.device,
-            on_release: Callable[[list[torch.nn.Parameter]], None] | None = None) -> BlockSwapper | None:
-    """--blocks_to_swap on the run's denoiser; None (and a log line) where it has no effect."""
+            defer: Callable[[list], Callable | None] | None = None) -> BlockSwapper | None:
+    """--blocks_to_swap on the run's denoiser, after accelerate placed it; None (and a log line) where
+    it has no effect. `defer(params)` (sdft.stepping.OptimizerStepper.defer) hands the swapped blocks'
+    fused updates to the swapper, which applies them on the host as each block leaves."""
     devices = swap_devices(device)
     if devices is None:
         logger.warning("--blocks_to_swap %d has no effect on %s: there is no accelerator to swap blocks to.",
@@ -247,7 +249,9 @@ def install(denoiser: torch.nn.Module, count: int, device: torch.device,
     if count > len(blocks):
         logger.warning("--blocks_to_swap %d: this denoiser has %d blocks; swapping all of them.", count, len(blocks))
         count = len(blocks)
-    swapper = BlockSwapper(blocks, count, *devices, on_release=on_release)
+    swapper = BlockSwapper(blocks, count, *devices)
+    if defer is not None:
+        swapper.on_release = defer([p for i in swapper.swapped for p in swapper.trained(i)])
     logger.info("Block swap: %d of the denoiser's %d blocks live in %s memory and move to %s as they run.",
                 count, len(blocks), devices[0], devices[1])
     return swapper

@@ -268,7 +268,9 @@ def build_run(args: argparse.Namespace, family: Family, make_objective, accelera
     *prepared, optimizer, lr_scheduler = accelerator.prepare(*trained.values(), optimizer, lr_scheduler)
     prepared = dict(zip(trained, prepared))
     stepper = build_stepper(args, optimizer, seed)
-    swap_blocks(args.blocks_to_swap, getattr(models, family.denoiser_role), stepper, accelerator.device)
+    if args.blocks_to_swap:
+        block_swap.install(getattr(models, family.denoiser_role), args.blocks_to_swap, accelerator.device,
+                           defer=stepper.defer)
     if args.torch_compile:
         count = regional_compile.compile_blocks(getattr(models, family.denoiser_role), args.compile_mode or "default")
         logger.info("torch.compile (%s): %d denoiser blocks compile as they first run.", args.compile_mode or "default",
@@ -970,18 +972,6 @@ def build_stepper(args: argparse.Namespace, optimizer, seed: int) -> OptimizerSt
         logger.info("Gradient clipping is off with --fused_backward_pass (no step ever holds all gradients).")
     updater = ParamUpdater(getattr(optimizer, "optimizer", optimizer), seed=seed, stochastic_rounding=full_bf16)
     return OptimizerStepper(optimizer, updater, fused=fused)
-
-
-def swap_blocks(count: int | None, denoiser: torch.nn.Module, stepper: OptimizerStepper,
-                device: torch.device) -> block_swap.BlockSwapper | None:
-    """--blocks_to_swap, after accelerate placed the models; with the fused backward pass the swapped
-    blocks' updates run on the host when each block leaves the accelerator."""
-    if not count:
-        return None
-    swapper = block_swap.install(denoiser, count, device)
-    if swapper is not None:
-        swapper.on_release = stepper.defer([p for i in swapper.swapped for p in swapper.trained(i)])
-    return swapper
 
 
 def tracker_config(args: argparse.Namespace) -> dict:
