@@ -23,7 +23,7 @@ import torch
 from accelerate import Accelerator
 from accelerate.utils import InitProcessGroupKwargs, ProjectConfiguration, broadcast_object_list, set_seed
 
-from sdft import host_memory, hub, memory_estimate
+from sdft import block_swap, host_memory, hub, memory_estimate, regional_compile
 from sdft.adapter_blocks import layer_rate_groups, parse_network_args
 from sdft.adapter_files import KOHYA_WEIGHT_NAME, load_adapter_file
 from sdft.adapters import add_adapter
@@ -177,6 +177,8 @@ def build(args: argparse.Namespace, family: Family, make_objective, make_data, t
         accelerator.init_trackers(tracker_name, config=tracker_config(args))
         run.pictures = Pictures.attach(accelerator, output_dir)
     run.stats = RunStats(accelerator.is_main_process, accelerator.device, accelerator.num_processes)
+    if args.torch_compile:
+        run.stats.watch_compiling(regional_compile.compile_clock())
     log_run(run, len(dataset), args.train_batch_size, args.gradient_accumulation_steps)
     run.guard = NonFiniteGuard(accelerator, args.skip_nan_steps, run.position,
                                last_checkpoint=partial(resolve_resume, "latest", output_dir),
@@ -329,6 +331,13 @@ def build_run(args: argparse.Namespace, family: Family, make_objective, accelera
     params = trainable_params(trained) + (new_tokens.params() if new_tokens else [])
     sharding = Sharding(accelerator, engine_of(accelerator), prepared, adapter=lora_spec(args, family))
     stepper = build_stepper(args, optimizer, seed, accelerator.device)
+    if args.blocks_to_swap:
+        block_swap.install(getattr(models, family.denoiser_role), args.blocks_to_swap, accelerator.device,
+                           defer=stepper.defer)
+    if args.torch_compile:
+        count = regional_compile.compile_blocks(getattr(models, family.denoiser_role), args.compile_mode or "default")
+        logger.info("torch.compile (%s): %d denoiser blocks compile as they first run.", args.compile_mode or "default",
+                    count)
     eval_weights = EvalWeights(optimizer)
     weights = TrainedWeights(family.pipeline_cls, trained, lora=args.use_lora, ema=ema,
                              lora_key_format=family.lora_key_format, extras=[new_tokens] if new_tokens else [],
@@ -956,6 +965,11 @@ def check_memory(args: argparse.Namespace, family, accelerator: Accelerator, dat
     if fused and accelerator.mixed_precision == "fp16":
         raise CliError("--fused_backward_pass cannot be used with fp16 mixed precision (set in the accelerate "
                        "config here); use --mixed_precision bf16.")
+    no_compiler = regional_compile.missing_compiler(accelerator.device) if args.torch_compile else None
+    if no_compiler:
+        raise CliError(no_compiler)
+    if args.blocks_to_swap and accelerator.num_processes > 1:
+        raise CliError(f"--blocks_to_swap works with one process only, not {accelerator.num_processes}.")
     if full_bf16 and accelerator.mixed_precision != "bf16":
         raise CliError(f"--full_bf16 needs --mixed_precision bf16; this run's is '{accelerator.mixed_precision}'.")
     try:

@@ -703,6 +703,10 @@ def check_memory_flags(args: argparse.Namespace, given: Given) -> None:
         if args.mixed_precision == "fp16":
             raise CliError("--fused_backward_pass cannot be used with --mixed_precision fp16 (the gradient scaler "
                            "checks all gradients before a step); use --mixed_precision bf16.")
+    if args.blocks_to_swap is not None:
+        check_block_swap(args)
+    if "compile_mode" in given and not args.torch_compile:
+        raise CliError("--compile_mode is the mode of --torch_compile; add --torch_compile.")
     if args.full_bf16:
         if args.use_lora:
             raise CliError("--full_bf16 is for full fine-tuning; LoRA weights are kept in fp32 (drop --full_bf16).")
@@ -734,6 +738,18 @@ def check_base_precision(args: argparse.Namespace, given: Given) -> None:
         raise CliError(f"{text_flag} stores the text encoders quantized, and a quantized weight cannot be trained: "
                        "--train_text_encoder trains them fully here; add --use_lora, or drop one of the flags.")
     quantization.require_library(named)
+
+
+def check_block_swap(args: argparse.Namespace) -> None:
+    if args.blocks_to_swap < 1:
+        raise CliError(f"--blocks_to_swap must be at least 1, got {args.blocks_to_swap}.")
+    if args.use_ema:
+        raise CliError("--blocks_to_swap cannot be used with --use_ema: the EMA copy lives on the accelerator while "
+                       "the swapped blocks' weights live in host memory; drop one of them.")
+    if args.torch_compile and args.compile_mode in ("reduce-overhead", "max-autotune"):
+        raise CliError(f"--compile_mode {args.compile_mode} records CUDA graphs, which need the weights at fixed "
+                       "addresses; --blocks_to_swap moves them every step. Use --compile_mode default or "
+                       "max-autotune-no-cudagraphs.")
 
 
 def check_text_encoder_frac(args: argparse.Namespace, given: Given) -> None:

@@ -16,6 +16,7 @@ import os
 import sys
 from typing import AbstractSet, Callable, Iterable, Sequence
 
+from sdft import regional_compile
 from sdft.errors import CliError, Finished, UserError
 from sdft.objectives import FLOW_TIMESTEP_SAMPLING, HUBER_SCHEDULES, LOSS_TYPES
 from sdft.optim import CURATED, LR_SCHEDULERS
@@ -265,6 +266,21 @@ def add_memory_args(parser: argparse.ArgumentParser) -> None:
                    help="Keep the trained model's weights in bf16 (2 bytes per parameter instead of 4; needs "
                         "--mixed_precision bf16), with each update computed in fp32 and written back by "
                         "stochastic rounding so small updates are not lost. Default: fp32 weights.")
+    g.add_argument("--blocks_to_swap", type=int, default=None,
+                   help="Keep this many of the denoiser's blocks (SD3 transformer blocks; SD/SDXL down, mid and up "
+                        "blocks, the last ones in running order) in host memory and copy each to the accelerator "
+                        "just before it runs, the next one prefetched on a side stream (kohya's flag). Their "
+                        "gradients and optimizer state stay in host memory and their optimizer step runs there. "
+                        "Full fine-tunes and adapters, one process; not with --use_ema. No effect without an "
+                        "accelerator. Default: every block on the accelerator.")
+    g.add_argument("--torch_compile", action="store_true",
+                   help="Compile each of the denoiser's blocks with torch.compile (inductor) when it first runs: "
+                        "regional compilation, so the first step compiles one graph per kind of block. Bucket "
+                        "shapes use torch's automatic dynamic shapes (one recompile at the second shape, none "
+                        "after). The run summary reports the compile time apart. Default: eager.")
+    g.add_argument("--compile_mode", type=str, default=None, choices=regional_compile.MODES,
+                   help="torch.compile's mode with --torch_compile (reduce-overhead and max-autotune use CUDA "
+                        "graphs). Default: default.")
     g.add_argument("--skip_memory_check", action="store_true",
                    help="Start even when the estimated memory of weights, gradients, optimizer state and EMA "
                         "exceeds the accelerator's memory (the machine's RAM on the CPU). Default: refuse.")

@@ -8,11 +8,13 @@ a phase's GPU time to whichever phase happens to wait for it. That costs a few s
 per step (the GPU's queue drains at each), so timing is off on the other processes.
 
 Step time is the sum of the phases (data, VAE, text encoders, denoiser, optimizer), so logging,
-checkpoints and validation count in the wall time but not in steps/s. Each step's phase times are
-kept too (`step_phase_s`, 40 bytes a step), so a reader such as benchmarks/bench_train.py can
-leave out any number of warm-up steps and break the first step down. So is the process's resident
-memory at the end of each step (`step_rss`, read from /proc; 8 bytes a step): memory that climbs
-from step to step shows there, where the peak alone would not say when it was reached.
+checkpoints and validation count in the wall time but not in steps/s; with --torch_compile the
+steps that compiled are left out of the steady rates too, and the compile time is reported apart.
+Each step's phase times are kept too (`step_phase_s`, 40 bytes a step), so a reader such as
+benchmarks/bench_train.py can leave out any number of warm-up steps and break the first step down.
+So is the process's resident memory at the end of each step (`step_rss`, read from /proc; 8 bytes a
+step): memory that climbs from step to step shows there, where the peak alone would not say when it
+was reached.
 """
 
 from __future__ import annotations
@@ -67,8 +69,12 @@ class RunStats:
     sample_set_s: list[float] = field(default_factory=list)   # wall time of each in-run sample set
     step_rss: array = field(default_factory=lambda: array("d"))   # bytes resident at the end of each step
     first_step_at: float | None = None
+    compile_clock: object | None = None   # sdft.regional_compile.CompileClock with --torch_compile
+    compile_s: float = 0.0                 # compiling during this run's steps (also inside step_s)
+    compile_steps: set[int] = field(default_factory=set)   # steps that compiled: left out of steady rates
     last_step_at: float | None = None    # time.time() at the end of the latest optimizer step
     _lap_start: float = 0.0
+    _compile_mark: float = 0.0
     _step_start: float = 0.0
     _this_step: dict[str, float] = field(default_factory=lambda: dict.fromkeys(PHASES, 0.0))
 
@@ -112,6 +118,7 @@ class RunStats:
         if not self.enabled:
             return
         self.step_s.append(self._lap_start - self._step_start)
+        self._count_compiling()
         self._step_start = 0.0
         for phase, seconds in self._this_step.items():
             self.step_phase_s[phase].append(seconds)
@@ -120,6 +127,19 @@ class RunStats:
         self.step_rss.append(resident_bytes())
         if self.first_step_at is None:
             self.first_step_at = self.last_step_at
+
+    def watch_compiling(self, clock) -> None:
+        """Charge compile time from now on (a clock with `seconds`, see sdft.regional_compile)."""
+        self.compile_clock, self._compile_mark = clock, clock.seconds
+
+    def _count_compiling(self) -> None:
+        if self.compile_clock is None:
+            return
+        spent = self.compile_clock.seconds - self._compile_mark
+        if spent > 0:
+            self.compile_s += spent
+            self.compile_steps.add(len(self.step_s) - 1)
+            self._compile_mark = self.compile_clock.seconds
 
     def sampled(self, seconds: float) -> None:
         """A sample set took `seconds` (wall time, not part of any step)."""
@@ -133,11 +153,14 @@ class RunStats:
         out = {"steps": str(steps), "images seen": str(self.images), "wall time": f"{wall:.1f} s"}
         if self.first_step_at is not None:
             out["time to first step"] = f"{self.first_step_at - self.started:.1f} s"
-        steady = sum(self.step_s[1:])
-        if steps > 1 and steady > 0:
+        if self.compile_clock is not None:
+            out["compile time"] = f"{self.compile_s:.1f} s in {len(self.compile_steps)} step(s), left out of steady rates"
+        steady_steps = [s for i, s in enumerate(self.step_s) if i > 0 and i not in self.compile_steps]
+        steady = sum(steady_steps)
+        if steady_steps and steady > 0:
             per_step = self.images / steps
-            out["steady steps/s"] = f"{(steps - 1) / steady:.2f}"
-            out["steady images/s"] = f"{(steps - 1) * per_step / steady:.1f}"
+            out["steady steps/s"] = f"{len(steady_steps) / steady:.2f}"
+            out["steady images/s"] = f"{len(steady_steps) * per_step / steady:.1f}"
         if self.sample_set_s:
             count, total_s = len(self.sample_set_s), sum(self.sample_set_s)
             out["sample sets"] = f"{count}, {total_s / count:.1f} s each, {total_s:.1f} s in all"

@@ -13,7 +13,7 @@ PR #1259 measured SDXL full fine-tuning at about 10 GB this way).
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 
@@ -151,14 +151,29 @@ class OptimizerStepper:
         self.updater = updater
         self.fused = fused
         self.hooks = []
+        self.deferred: set[torch.Tensor] = set()   # updated by another owner (see `defer`)
         if fused:
             if updater is None:
                 raise ValueError("a fused backward pass needs a ParamUpdater")
             self.hooks = [p.register_post_accumulate_grad_hook(self._gradient_ready) for p in updater.params]
 
     def _gradient_ready(self, param: torch.Tensor) -> None:
-        if gradients_complete(self.optimizer):
+        if param not in self.deferred and gradients_complete(self.optimizer):
             self.updater(param)
+
+    def defer(self, params) -> Callable[[list[torch.Tensor]], None] | None:
+        """With the fused backward pass: `params` are updated when their owner says so, through the
+        returned function (sdft.block_swap applies a swapped block's updates once it is back on the
+        host). None when updates run after the backward pass anyway."""
+        if not self.fused:
+            return None
+        self.deferred |= set(params)
+        return self.apply_deferred
+
+    def apply_deferred(self, params: list[torch.Tensor]) -> None:
+        if gradients_complete(self.optimizer):
+            for param in params:
+                self.updater(param)
 
     def begin(self, step_index: int) -> None:
         if self.updater is not None:

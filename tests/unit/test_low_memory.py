@@ -277,6 +277,11 @@ def base(tmp_path, monkeypatch) -> list[str]:
     (["--full_bf16", "--mixed_precision=bf16", "--use_lora"], ["--full_bf16"]),
     (["--optimizer=sgd"], ["--optimizer 'sgd'", "adafactor"]),
     (["--fused_backward_pass", "--train_text_encoder_ti"], ["--fused_backward_pass", "--train_text_encoder_ti"]),
+    (["--blocks_to_swap=0"], ["--blocks_to_swap", "at least 1"]),
+    (["--blocks_to_swap=2", "--use_ema"], ["--blocks_to_swap", "--use_ema"]),
+    (["--compile_mode=max-autotune"], ["--compile_mode", "--torch_compile"]),
+    (["--blocks_to_swap=2", "--torch_compile", "--compile_mode=reduce-overhead"],
+     ["--compile_mode reduce-overhead", "--blocks_to_swap", "max-autotune-no-cudagraphs"]),
 ])
 def test_impossible_combinations_name_the_flags(base, capsys, extra, named):
     with pytest.raises(SystemExit) as exit_info:
