@@ -53,6 +53,7 @@ from sdft.families.base_file import converted_folder, is_single_file, offline
 from sdft.families.base_file import inspect as inspect_base_file
 from sdft.families.protocol import Family
 from sdft.families.source import ModelSource
+from sdft.fused_reduce import ReducingUpdater, prepare_without_ddp
 from sdft.guards import NonFiniteGuard, check_precision_device
 from sdft.lora import WEIGHT_NAME, rank_and_alpha
 from sdft.model_spec import describe_base, training_metadata
@@ -263,9 +264,11 @@ def build_run(args: argparse.Namespace, family: Family, make_objective, accelera
     lr_scheduler = build_lr_scheduler(args.lr_scheduler, optimizer, warmup_steps=args.lr_warmup_steps,
                                       total_steps=max_train_steps, num_processes=accelerator.num_processes,
                                       num_cycles=args.lr_num_cycles, power=args.lr_power)
+    if args.fused_backward_pass and accelerator.num_processes > 1:
+        prepare_without_ddp(accelerator, trained.values())   # the fused hooks reduce the gradients
     *prepared, optimizer, lr_scheduler = accelerator.prepare(*trained.values(), optimizer, lr_scheduler)
     prepared = dict(zip(trained, prepared))
-    stepper = build_stepper(args, optimizer, seed)
+    stepper = build_stepper(args, optimizer, seed, accelerator.num_processes)
     eval_weights = EvalWeights(optimizer)
     weights = TrainedWeights(family.pipeline_cls, trained, lora=args.use_lora, ema=ema,
                              lora_key_format=family.lora_key_format, extras=[new_tokens] if new_tokens else [],
@@ -907,10 +910,6 @@ def check_memory(args: argparse.Namespace, family, accelerator: Accelerator) -> 
     """Before any weight is loaded: the flags the accelerator decides, then the memory estimate
     (printed, and refused when it exceeds the device's memory unless --skip_memory_check)."""
     fused, full_bf16 = args.fused_backward_pass, args.full_bf16
-    if fused and accelerator.num_processes > 1:
-        # DDP all-reduces gradients in buckets after the hooks would already have applied the local ones.
-        raise CliError(f"--fused_backward_pass works with one process only, not {accelerator.num_processes}: the "
-                       "updates would use each process's own gradients before they are averaged.")
     if fused and accelerator.mixed_precision == "fp16":
         raise CliError("--fused_backward_pass cannot be used with fp16 mixed precision (set in the accelerate "
                        "config here); use --mixed_precision bf16.")
@@ -949,14 +948,17 @@ def model_source(args: argparse.Namespace, weight_dtype: torch.dtype) -> ModelSo
                        text_encoder_dtype=weight_dtype if bf16 and not trains_text_encoders else None)
 
 
-def build_stepper(args: argparse.Namespace, optimizer, seed: int) -> OptimizerStepper:
-    """`optimizer` is accelerate's wrapper; per-parameter updates use the torch optimizer inside it."""
+def build_stepper(args: argparse.Namespace, optimizer, seed: int, num_processes: int) -> OptimizerStepper:
+    """`optimizer` is accelerate's wrapper; per-parameter updates use the torch optimizer inside it.
+    On several processes the fused hooks average each bucket of gradients before stepping it."""
     fused, full_bf16 = args.fused_backward_pass, args.full_bf16
     if not (fused or full_bf16):
         return OptimizerStepper(optimizer)
     if fused and args.max_grad_norm:
         logger.info("Gradient clipping is off with --fused_backward_pass (no step ever holds all gradients).")
     updater = ParamUpdater(getattr(optimizer, "optimizer", optimizer), seed=seed, stochastic_rounding=full_bf16)
+    if fused and num_processes > 1:
+        updater = ReducingUpdater(updater, num_processes)
     return OptimizerStepper(optimizer, updater, fused=fused)
 
 

@@ -19,7 +19,7 @@ from sdft.cli import run
 from sdft.families.sd import StableDiffusion
 from sdft.optim import CURATED
 from sdft.validation_loss import ValidationLoss
-from tests.integration.conftest import sd_args
+from tests.integration.conftest import accelerate_launch, sd_args
 
 pytestmark = pytest.mark.integration
 FAST = ["--train_batch_size", "1", "--report_to", "none", "--checkpointing_steps", "100"]
@@ -140,3 +140,18 @@ def test_fused_backward_pass_with_accumulation_equals_the_unfused_run(tiny_sd, i
     assert any(not torch.equal(plain[k], base[k]) for k in base), "training moved the weights"
     for key in plain:
         torch.testing.assert_close(fused[key], plain[key], rtol=0, atol=1e-6, msg=key)
+
+
+def test_fused_backward_pass_on_two_processes_equals_ddp_and_resumes_exactly(tiny_sd, image_folder, tmp_path):
+    """The fused hooks average each bucket of gradients across the processes before stepping it
+    (DDP is not used); the replicas agree, equal DDP's run within 1e-6 and resume exactly."""
+    flags = sd_args(tiny_sd, image_folder, tmp_path / "unused", *FAST, "--max_train_steps", "6",
+                    "--checkpointing_steps", "3", "--gradient_accumulation_steps", "2", "--mixed_precision", "no")
+    result = accelerate_launch("tests/integration/fused_two_process.py", [tmp_path, *flags], num_processes=2)
+    assert (result.stdout + result.stderr).count("identical on all 2 processes") == 3
+    plain, fused, resumed = (unet_weights(tmp_path / name) for name in ("plain", "fused", "resumed"))
+    base = unet_weights(tiny_sd)
+    assert any(not torch.equal(plain[k], base[k]) for k in base), "training moved the weights"
+    for key in plain:
+        torch.testing.assert_close(fused[key], plain[key], rtol=0, atol=1e-6, msg=key)
+        assert torch.equal(resumed[key], fused[key]), f"{key}: the resumed run differs"
