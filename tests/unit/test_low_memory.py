@@ -243,7 +243,6 @@ def test_the_low_memory_command_line_parses(base):
 
 
 @pytest.mark.parametrize("processes, precision, flags, named", [
-    (2, "bf16", ["--fused_backward_pass"], ["--fused_backward_pass", "one process", "not 2"]),
     (1, "fp16", ["--fused_backward_pass"], ["--fused_backward_pass", "fp16", "--mixed_precision bf16"]),
     (1, "no", ["--full_bf16"], ["--full_bf16", "--mixed_precision bf16", "'no'"]),
 ])
