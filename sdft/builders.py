@@ -21,7 +21,7 @@ from pathlib import Path
 
 import torch
 from accelerate import Accelerator
-from accelerate.utils import InitProcessGroupKwargs, ProjectConfiguration, broadcast_object_list, set_seed
+from accelerate.utils import DistributedType, InitProcessGroupKwargs, ProjectConfiguration, broadcast_object_list, set_seed
 
 from sdft import hub, memory_estimate
 from sdft.adapter_files import KOHYA_WEIGHT_NAME, load_adapter_file
@@ -96,6 +96,7 @@ from sdft.validation import SampleCadence, ValidationPlan, plan_prompts
 from sdft.validation_loss import ValidationLoss
 
 logger = logging.getLogger("sdft")
+SHARDED = (DistributedType.FSDP, DistributedType.DEEPSPEED, DistributedType.MEGATRON_LM)
 
 SAVE_PRECISIONS = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
 
@@ -910,6 +911,10 @@ def check_memory(args: argparse.Namespace, family, accelerator: Accelerator) -> 
     """Before any weight is loaded: the flags the accelerator decides, then the memory estimate
     (printed, and refused when it exceeds the device's memory unless --skip_memory_check)."""
     fused, full_bf16 = args.fused_backward_pass, args.full_bf16
+    if fused and accelerator.distributed_type in SHARDED:
+        # sdft.fused_reduce replaces DDP's reducer; a sharded model's gradients are its shards.
+        raise CliError(f"--fused_backward_pass works with plain data parallelism (accelerate's multi-GPU or multi-CPU "
+                       f"launch), not with {accelerator.distributed_type}; drop one of them.")
     if fused and accelerator.mixed_precision == "fp16":
         raise CliError("--fused_backward_pass cannot be used with fp16 mixed precision (set in the accelerate "
                        "config here); use --mixed_precision bf16.")
