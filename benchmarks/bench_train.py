@@ -411,7 +411,7 @@ def run_benchmark(bench: argparse.Namespace, extra: list[str]) -> dict:
         **cpu_use(sampler, stats.first_step_at, stats.last_step_at),
         "load_average_1min": {"before": round(load_before, 2), "after": round(os.getloadavg()[0], 2)},
         # What the trainer was told about memory, and what sdft.memory_estimate expected of the trained weights.
-        "optimizer_flag": args.optimizer, "fused_backward_pass": args.fused_backward_pass,
+        "optimizer_flag": args.optimizer_type or args.optimizer, "fused_backward_pass": args.fused_backward_pass,
         "full_bf16": args.full_bf16, "estimated_mib": round(estimated / 2**20),
         # Sampled over main() (saving included), so not comparable to peak_rss_mib at the last step.
         "peak_rss_anon_mib": round(sampler.peak("RssAnon")), "peak_rss_file_mib": round(sampler.peak("RssFile")),

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import torch
 from accelerate import Accelerator
-from accelerate.utils import InitProcessGroupKwargs, ProjectConfiguration, broadcast_object_list, set_seed
+from accelerate.utils import DistributedType, InitProcessGroupKwargs, ProjectConfiguration, broadcast_object_list, set_seed
 
 from sdft import block_swap, host_memory, hub, memory_estimate, regional_compile
 from sdft.adapter_blocks import layer_rate_groups, parse_network_args
@@ -65,6 +65,7 @@ from sdft.families.base_file import converted_folder, is_single_file, offline
 from sdft.families.base_file import inspect as inspect_base_file
 from sdft.families.protocol import Family
 from sdft.families.source import ModelSource
+from sdft.fused_reduce import ReducingUpdater, prepare_without_ddp
 from sdft.guards import NonFiniteGuard, check_precision_device
 from sdft.lora import WEIGHT_NAME, rank_and_alpha
 from sdft.model_spec import describe_base, training_metadata
@@ -119,6 +120,7 @@ from sdft.validation import SampleCadence, ValidationPlan, plan_prompts
 from sdft.validation_loss import ValidationLoss
 
 logger = logging.getLogger("sdft")
+SHARDED = (DistributedType.FSDP, DistributedType.DEEPSPEED, DistributedType.MEGATRON_LM)
 
 SAVE_PRECISIONS = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
 
@@ -325,12 +327,14 @@ def build_run(args: argparse.Namespace, family: Family, make_objective, accelera
                                       num_cycles=args.lr_num_cycles, power=args.lr_power)
     fill_deepspeed_batch(accelerator, args.train_batch_size)
     loadable_by_rank0(accelerator, trained)
+    if args.fused_backward_pass and accelerator.num_processes > 1:
+        prepare_without_ddp(accelerator, trained.values())   # the fused hooks reduce the gradients
     *prepared, optimizer, lr_scheduler = accelerator.prepare(*trained.values(), optimizer, lr_scheduler)
     prepared = dict(zip(trained, prepared))
     # After prepare: FSDP2 replaces the parameters with sharded ones, which clipping must see.
     params = trainable_params(trained) + (new_tokens.params() if new_tokens else [])
     sharding = Sharding(accelerator, engine_of(accelerator), prepared, adapter=lora_spec(args, family))
-    stepper = build_stepper(args, optimizer, seed, accelerator.device)
+    stepper = build_stepper(args, optimizer, seed, accelerator.device, accelerator.num_processes)
     if args.blocks_to_swap:
         block_swap.install(getattr(models, family.denoiser_role), args.blocks_to_swap, accelerator.device,
                            defer=stepper.defer)
@@ -958,10 +962,10 @@ def check_memory(args: argparse.Namespace, family, accelerator: Accelerator, dat
     """Before any weight is loaded: the flags the accelerator decides, then the memory estimate
     (printed, and refused when it exceeds the device's memory unless --skip_memory_check)."""
     fused, full_bf16 = args.fused_backward_pass, args.full_bf16
-    if fused and accelerator.num_processes > 1:
-        # DDP all-reduces gradients in buckets after the hooks would already have applied the local ones.
-        raise CliError(f"--fused_backward_pass works with one process only, not {accelerator.num_processes}: the "
-                       "updates would use each process's own gradients before they are averaged.")
+    if fused and accelerator.distributed_type in SHARDED:
+        # sdft.fused_reduce replaces DDP's reducer; a sharded model's gradients are its shards.
+        raise CliError(f"--fused_backward_pass works with plain data parallelism (accelerate's multi-GPU or multi-CPU "
+                       f"launch), not with {accelerator.distributed_type}; drop one of them.")
     if fused and accelerator.mixed_precision == "fp16":
         raise CliError("--fused_backward_pass cannot be used with fp16 mixed precision (set in the accelerate "
                        "config here); use --mixed_precision bf16.")
@@ -1048,9 +1052,11 @@ def base_precision(args: argparse.Namespace) -> BasePrecision:
     return resolve_precision(args.base_precision, args.text_encoder_precision, args.fp8_base, args.fp8_base_unet)
 
 
-def build_stepper(args: argparse.Namespace, optimizer, seed: int, device: torch.device) -> OptimizerStepper:
+def build_stepper(args: argparse.Namespace, optimizer, seed: int, device: torch.device,
+                  num_processes: int = 1) -> OptimizerStepper:
     """`optimizer` is accelerate's wrapper; per-parameter updates use the torch optimizer inside it. On
-    the CPU each step's freed temporaries go back to the system after the step (issue 26)."""
+    the CPU each step's freed temporaries go back to the system after the step (issue 26); on several
+    processes the fused hooks average each bucket of gradients before stepping it."""
     fused, full_bf16 = args.fused_backward_pass, args.full_bf16
     if not (fused or full_bf16):
         return OptimizerStepper(optimizer)
@@ -1058,6 +1064,8 @@ def build_stepper(args: argparse.Namespace, optimizer, seed: int, device: torch.
         logger.info("Gradient clipping is off with --fused_backward_pass (no step ever holds all gradients).")
     updater = ParamUpdater(getattr(optimizer, "optimizer", optimizer), seed=seed, stochastic_rounding=full_bf16,
                            release=host_memory.release_freed if device.type == "cpu" else None)
+    if fused and num_processes > 1:
+        updater = ReducingUpdater(updater, num_processes)
     return OptimizerStepper(optimizer, updater, fused=fused)
 
 

@@ -258,7 +258,8 @@ def add_memory_args(parser: argparse.ArgumentParser) -> None:
                    help="Apply each parameter's optimizer update as soon as its gradient is complete, during the "
                         "backward pass, and free that gradient, so the gradients of the whole model are never "
                         "held at once. Any optimizer with a per-tensor step (AdamW, AdamW8bit, PagedAdamW8bit, "
-                        "Lion, Lion8bit, Adafactor, CAME, AdEMAMix, SGDNesterov); one process; with gradient "
+                        "Lion, Lion8bit, Adafactor, CAME, AdEMAMix, SGDNesterov); on several processes each bucket "
+                        "of gradients is averaged across them in the hooks before its step (no DDP); with gradient "
                         "accumulation the gradients add up as usual and the last micro-batch's backward pass "
                         "applies them (the saving is then at that pass only); gradient clipping is off with it. "
                         "Default: update after the backward pass.")

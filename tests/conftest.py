@@ -36,6 +36,14 @@ def tiny_sdxl(tmp_path_factory):
     return build_sdxl(tmp_path_factory.mktemp("models") / "tiny-sdxl")
 
 
+@pytest.fixture(scope="session")
+def tiny_sd3(tmp_path_factory):
+    """One tiny SD3 model per test process, shared by every test that only reads it."""
+    from sdft.tiny import build_sd3
+
+    return build_sd3(tmp_path_factory.mktemp("models") / "tiny-sd3")
+
+
 @pytest.fixture()
 def one_thread():
     """Tiny models run fastest on one thread (extra threads only contend on a shared machine), and

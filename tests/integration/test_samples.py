@@ -15,7 +15,6 @@ import train_text_to_image as t2i
 from sdft.cli import run
 from sdft.plots import grid_size_px
 from sdft.sample_prompts import SamplePrompt
-from sdft.tiny import build_sd3
 from sdft.validation import ValidationPlan, generate
 from tests.integration.conftest import accelerate_launch, sd_args
 
@@ -33,11 +32,6 @@ SIZES = [(32, 32), (48, 32), (32, 64), (64, 48)]   # (width, height) of the four
 @pytest.fixture(autouse=True)
 def _one_thread(fresh_accelerate_state, one_thread):
     """Tiny models run fastest on one thread; several oversubscribe the shared cores."""
-
-
-@pytest.fixture(scope="module")
-def tiny_sd3(tmp_path_factory):
-    return build_sd3(tmp_path_factory.mktemp("models") / "tiny-sd3")
 
 
 @pytest.mark.parametrize("family, sampler, scheduler, options, extra", [

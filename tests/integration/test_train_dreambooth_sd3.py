@@ -10,17 +10,12 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from sdft.tiny import build_sd3, make_images
+from sdft.tiny import make_images
 from tests.integration.conftest import accelerate_launch
 from tests.integration.conftest import generate as generate_image
 
 pytestmark = pytest.mark.integration
 SCRIPT = "train_dreambooth_sd3.py"
-
-
-@pytest.fixture(scope="module")
-def tiny_sd3(tmp_path_factory) -> Path:
-    return build_sd3(tmp_path_factory.mktemp("models") / "tiny-sd3")
 
 
 @pytest.fixture(scope="module")

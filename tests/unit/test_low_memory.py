@@ -301,7 +301,7 @@ def test_the_low_memory_command_line_parses(base):
 
 
 @pytest.mark.parametrize("processes, precision, flags, named", [
-    (2, "bf16", ["--fused_backward_pass"], ["--fused_backward_pass", "one process", "not 2"]),
+    (2, "bf16", ["--fused_backward_pass"], ["--fused_backward_pass", "plain data parallelism", "FSDP"]),
     (1, "fp16", ["--fused_backward_pass"], ["--fused_backward_pass", "fp16", "--mixed_precision bf16"]),
     (1, "no", ["--full_bf16"], ["--full_bf16", "--mixed_precision bf16", "'no'"]),
 ])
@@ -314,7 +314,10 @@ def test_what_the_accelerate_config_decides_is_checked_before_loading(base, proc
     from sdft.families.sd import StableDiffusion
 
     args = t2i.parse_args(base + flags)
-    accelerator = SimpleNamespace(num_processes=processes, mixed_precision=precision, device=torch.device("cpu"))
+    from accelerate.utils import DistributedType
+
+    accelerator = SimpleNamespace(num_processes=processes, mixed_precision=precision, device=torch.device("cpu"),
+                                  distributed_type=DistributedType.FSDP if processes > 1 else DistributedType.NO)
     with pytest.raises(CliError) as error:
         check_memory(args, StableDiffusion(), accelerator)
     for text in named:
