@@ -958,9 +958,8 @@ def build_optimizer(args: argparse.Namespace, groups: list[dict], num_processes:
     return build_named(name, groups, lr, {**kwargs, **parse_optimizer_args(args.optimizer_args)})
 
 
-def check_memory(args: argparse.Namespace, family, accelerator: Accelerator, dataset=None) -> None:
-    """Before any weight is loaded: the flags the accelerator decides, then the memory estimate
-    (printed, and refused when it exceeds the device's memory unless --skip_memory_check)."""
+def check_accelerator_flags(args: argparse.Namespace, accelerator) -> None:
+    """The flag combinations the accelerator (processes, engine, precision, device) decides."""
     fused, full_bf16 = args.fused_backward_pass, args.full_bf16
     if fused and accelerator.distributed_type in SHARDED:
         # sdft.fused_reduce replaces DDP's reducer; a sharded model's gradients are its shards.
@@ -974,8 +973,20 @@ def check_memory(args: argparse.Namespace, family, accelerator: Accelerator, dat
         raise CliError(no_compiler)
     if args.blocks_to_swap and accelerator.num_processes > 1:
         raise CliError(f"--blocks_to_swap works with one process only, not {accelerator.num_processes}.")
+    if full_bf16 and not fused and accelerator.num_processes > 1 and accelerator.distributed_type not in SHARDED:
+        # Found 2026-12-07: under DDP the replicas' bf16 weights end up different (the export's check
+        # stops the run); the fused pass reduces the gradients itself (sdft.fused_reduce) and agrees.
+        raise CliError(f"--full_bf16 on {accelerator.num_processes} processes needs --fused_backward_pass for now: "
+                       "without it the processes' bf16 weights drift apart. Add --fused_backward_pass, or drop "
+                       "--full_bf16 to keep fp32 weights under --mixed_precision bf16.")
     if full_bf16 and accelerator.mixed_precision != "bf16":
         raise CliError(f"--full_bf16 needs --mixed_precision bf16; this run's is '{accelerator.mixed_precision}'.")
+
+
+def check_memory(args: argparse.Namespace, family, accelerator: Accelerator, dataset=None) -> None:
+    """Before any weight is loaded: the flags the accelerator decides, then the memory estimate
+    (printed, and refused when it exceeds the device's memory unless --skip_memory_check)."""
+    check_accelerator_flags(args, accelerator)
     try:
         model = memory_estimate.denoiser_model(args.pretrained_model_name_or_path, family.denoiser_role,
                                                args.revision, args.cache_dir)
