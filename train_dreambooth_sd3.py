@@ -18,7 +18,6 @@ train_dreambooth_sd3.py and train_dreambooth_lora_sd3.py work unchanged.
 from __future__ import annotations
 
 import argparse
-import sys
 from functools import partial
 
 from sdft import checks, cli, output, trainer
@@ -81,4 +80,4 @@ def main(args: argparse.Namespace) -> Run:
 
 
 if __name__ == "__main__":
-    sys.exit(cli.run(main, parse_args()))
+    cli.leave(cli.run(main, parse_args()))

@@ -17,7 +17,6 @@ as in the SD3 script); new tokens: `--train_text_encoder_ti` (with `--train_unet
 from __future__ import annotations
 
 import argparse
-import sys
 from functools import partial
 
 from sdft import checks, cli, output, trainer
@@ -81,4 +80,4 @@ def main(args: argparse.Namespace) -> Run:
 
 
 if __name__ == "__main__":
-    sys.exit(cli.run(main, parse_args()))
+    cli.leave(cli.run(main, parse_args()))

@@ -19,7 +19,6 @@ Pivotal tuning on DreamBooth data: `--instance_data_dir=dog --instance_prompt="a
 from __future__ import annotations
 
 import argparse
-import sys
 from functools import partial
 
 from sdft import checks, cli, output, trainer
@@ -87,4 +86,4 @@ def main(args: argparse.Namespace) -> Run:
 
 
 if __name__ == "__main__":
-    sys.exit(cli.run(main, parse_args()))
+    cli.leave(cli.run(main, parse_args()))

@@ -857,10 +857,21 @@ def given_flags(parser: argparse.ArgumentParser, argv: Sequence[str]) -> set[str
 # --------------------------------------------------------------------------- the process wrapper
 
 
+# A finished run of a launched worker, kept alive until `leave` (see there).
+_FINISHED: list[object] = []
+
+
+def launched_worker() -> bool:
+    """One of several processes started by `accelerate launch` / torchrun."""
+    return int(os.environ.get("WORLD_SIZE", "1")) > 1
+
+
 def run(main: Callable[[argparse.Namespace], object], args: argparse.Namespace) -> int:
     """Entry-point wrapper: a bad input ends the run with its message instead of a traceback."""
     try:
-        main(args)
+        finished = main(args)
+        if launched_worker():
+            _FINISHED.append(finished)
     except Finished:
         return 0
     except Interrupted as err:
@@ -872,3 +883,17 @@ def run(main: Callable[[argparse.Namespace], object], args: argparse.Namespace) 
         print(f"error: {err}", file=sys.stderr)
         return 1
     return 0
+
+
+def leave(code: int) -> None:
+    """Ends a script's process with `code`. A launched worker leaves without Python's teardown once its
+    run has returned (all processes passed the final barrier; every file is written and closed):
+    freeing DDP's reducer after accelerate destroyed the process group runs gloo's destructor with the
+    GIL held, and it joins a gloo thread that is waiting for the GIL to free a finished collective's
+    tensors. That deadlock hung a 2-process run at exit on a loaded machine (2026-12-08)."""
+    if launched_worker():
+        logging.shutdown()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    sys.exit(code)

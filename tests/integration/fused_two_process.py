@@ -19,6 +19,7 @@ import torch.distributed as dist
 from accelerate.state import AcceleratorState, GradientState
 
 import train_text_to_image as t2i
+from sdft import cli
 from sdft.cli import run
 
 
@@ -26,6 +27,7 @@ def train(argv: list[str]) -> None:
     try:
         code = run(t2i.main, t2i.parse_args(argv))
     finally:
+        cli._FINISHED.clear()   # free the run now, while the process group it used is still alive
         AcceleratorState._reset_state(reset_partial_state=True)
         GradientState._reset_state()
     if code != 0:
