@@ -24,6 +24,9 @@ import torch  # noqa: E402
 from accelerate import init_empty_weights  # noqa: E402
 from diffusers import UNet2DConditionModel  # noqa: E402
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from shaped_models import SDXL_UNET  # noqa: E402
+
 from sdft.optim import AdafactorSettings, build_adafactor  # noqa: E402
 from sdft.stepping import ParamUpdater  # noqa: E402
 
@@ -33,13 +36,7 @@ def rss():
 
 torch.manual_seed(0)
 with init_empty_weights():  # SDXL base 1.0's UNet config; 4 of the 10 transformer layers of its first up block
-    unet = UNet2DConditionModel(
-        sample_size=128, block_out_channels=(320, 640, 1280), layers_per_block=2,
-        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
-        up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
-        transformer_layers_per_block=(1, 2, 10), attention_head_dim=(5, 10, 20), cross_attention_dim=2048,
-        use_linear_projection=True, addition_embed_type="text_time", addition_time_embed_dim=256,
-        projection_class_embeddings_input_dim=2816)
+    unet = UNet2DConditionModel(**SDXL_UNET)
 part = torch.nn.ModuleList([*unet.up_blocks[0].attentions[0].transformer_blocks[:4], unet.up_blocks[0].resnets[0]])
 part = part.to_empty(device="cpu").to(torch.bfloat16)
 g = torch.Generator().manual_seed(0)

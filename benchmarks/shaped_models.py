@@ -10,6 +10,16 @@ from pathlib import Path
 
 import torch
 
+# stabilityai/stable-diffusion-xl-base-1.0 unet/config.json (the keys that differ from diffusers' defaults)
+SDXL_UNET = dict(
+    sample_size=128, block_out_channels=(320, 640, 1280), layers_per_block=2,
+    down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+    up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+    transformer_layers_per_block=(1, 2, 10), attention_head_dim=(5, 10, 20), cross_attention_dim=2048,
+    use_linear_projection=True, addition_embed_type="text_time", addition_time_embed_dim=256,
+    projection_class_embeddings_input_dim=2816,  # 6 size/crop numbers x 256 + bigG's pooled 1280
+)
+
 
 def clip_l_config(tokenizer, **overrides):
     """CLIP ViT-L/14's text tower (SD 1.5's text_encoder/config.json; SDXL's and SD3's first encoder)
@@ -76,15 +86,7 @@ def build_sdxl_shaped(output: Path, base: Path) -> Path:
     tokenizer_2 = CLIPTokenizer.from_pretrained(base, subfolder="tokenizer_2")  # pads with "!" (id 0), as bigG's
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(0)
-        # stabilityai/stable-diffusion-xl-base-1.0 unet/config.json (the keys that differ from diffusers' defaults)
-        unet = UNet2DConditionModel(
-            sample_size=128, block_out_channels=(320, 640, 1280), layers_per_block=2,
-            down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
-            up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
-            transformer_layers_per_block=(1, 2, 10), attention_head_dim=(5, 10, 20), cross_attention_dim=2048,
-            use_linear_projection=True, addition_embed_type="text_time", addition_time_embed_dim=256,
-            projection_class_embeddings_input_dim=2816,  # 6 size/crop numbers x 256 + bigG's pooled 1280
-        )
+        unet = UNet2DConditionModel(**SDXL_UNET)
         vae = sd_vae(sample_size=1024, scaling_factor=0.13025)  # vae/config.json: SD 1.5's VAE, new scaling
         text_encoder = CLIPTextModel(clip_l_config(tokenizer))
         text_encoder_2 = CLIPTextModelWithProjection(open_clip_bigg_config(tokenizer_2))

@@ -18,17 +18,12 @@ import train_dreambooth_sd3 as sd3_script
 import train_text_to_image_sdxl as sdxl_script
 from sdft import block_swap, builders
 from sdft.cli import run
-from sdft.tiny import build_sd3, make_images
+from sdft.tiny import make_images
 from tests.integration.conftest import sd_args
 
 pytestmark = pytest.mark.integration
 
 STEPS = ["--max_train_steps", "4", "--checkpointing_steps", "100", "--mixed_precision", "no", "--train_batch_size", "1"]
-
-
-@pytest.fixture(scope="module")
-def tiny_sd3(tmp_path_factory) -> Path:
-    return build_sd3(tmp_path_factory.mktemp("models") / "tiny-sd3")
 
 
 @pytest.fixture(scope="module")

@@ -21,7 +21,7 @@ import train_dreambooth_sd3 as sd3_script
 from sdft.adapter_files import KOHYA_WEIGHT_NAME
 from sdft.cli import run
 from sdft.lora import WEIGHT_NAME
-from sdft.tiny import build_sd3, make_images
+from sdft.tiny import make_images
 from tests.integration.conftest import generate
 from tests.integration.test_adapter_runs import merge_file, merged_at_finish, metadata  # noqa: F401
 
@@ -47,11 +47,6 @@ def comfy_sd3_key_map(pipe) -> dict[str, tuple[str, str]]:
             names.update({f"{prefix}_text_model_encoder_layers_{n}_{layer.replace('.', '_')}":
                           (role, f"text_model.encoder.layers.{n}.{layer}.weight") for layer in CLIP_LAYERS})
     return names
-
-
-@pytest.fixture(scope="module")
-def tiny_sd3(tmp_path_factory):
-    return build_sd3(tmp_path_factory.mktemp("models") / "tiny-sd3")
 
 
 @pytest.fixture(scope="module")

@@ -22,16 +22,11 @@ from accelerate import Accelerator
 import train_dreambooth_sd3 as sd3_script
 from sdft import regional_compile
 from sdft.cli import run
-from sdft.tiny import build_sd3, make_images
+from sdft.tiny import make_images
 
 pytestmark = pytest.mark.integration
 STEPS = ["--checkpointing_steps", "100", "--mixed_precision", "no", "--train_batch_size", "1"]
 INDUCTOR = os.environ.get("SDFT_TEST_INDUCTOR") == "1"
-
-
-@pytest.fixture(scope="module")
-def tiny_sd3(tmp_path_factory):
-    return build_sd3(tmp_path_factory.mktemp("models") / "tiny-sd3")
 
 
 def sd3_args(model, data, output, *extra) -> list:
